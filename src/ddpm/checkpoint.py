@@ -1,0 +1,98 @@
+"""Checkpoints: the weights plus the resolved config that rebuilds model, schedule and image shape.
+
+Files are written atomically (temporary file, fsync, rename) and read with ``weights_only=True``, so a
+crash never leaves half a checkpoint and loading one never runs code.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ddpm.config import ConfigError
+from ddpm.schedules import Schedule, build_schedule
+from ddpm.unet import build_model
+
+FORMAT = "ddpm-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(ConfigError):
+    """A file that is missing, unreadable or not a checkpoint of this tool."""
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(path: Path, *, step: int, model: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": FORMAT, "version": VERSION, "step": step, "model": model, "config": config}
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def link_checkpoint(src: Path, dst: Path) -> None:
+    """Make ``dst`` the same checkpoint as ``src`` atomically: a hard link where possible, else a copy."""
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+    _fsync_dir(dst.parent)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint of this tool; CheckpointError (one line) for anything else."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"ckpt={path} does not exist")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"ckpt={path} was refused: it holds objects that only an unsafe load could rebuild "
+            f"({str(e).strip().splitlines()[-1]})"
+        ) from e
+    except Exception as e:  # the unpickler fails in many ways on a file that is not a checkpoint
+        raise CheckpointError(
+            f"ckpt={path} is not a readable checkpoint (truncated, or another format)"
+        ) from e
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"ckpt={path} is not a ddpm checkpoint (no '{FORMAT}' marker)")
+    if payload.get("version") != VERSION:
+        version = payload.get("version")
+        raise CheckpointError(f"ckpt={path} has format version {version}; this ddpm reads version {VERSION}")
+    return payload
+
+
+def load_model(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, Schedule, dict[str, Any]]:
+    """Rebuild the U-Net and the schedule from a checkpoint alone; returns (model, schedule, payload)."""
+    from omegaconf import OmegaConf
+
+    payload = load_checkpoint(path)
+    config = OmegaConf.create(payload["config"])
+    try:
+        model = build_model(config.model, config.data.channels)
+        model.load_state_dict(payload["model"])
+        schedule = build_schedule(config.schedule, config.timesteps)
+    except (RuntimeError, KeyError, AttributeError) as e:
+        reason = str(e).splitlines()[0]
+        raise CheckpointError(f"ckpt={path} does not match this ddpm's U-Net: {reason}") from e
+    return model.to(device).eval(), schedule.to(device), payload

@@ -1,0 +1,110 @@
+"""Console entry points ``ddpm-train`` and ``ddpm-sample``: Hydra parses the command line, the library does
+the work, and a bad input ends in one line on stderr (the full trace with HYDRA_FULL_ERROR=1)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException, MissingConfigException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ddpm.checkpoint import load_model
+from ddpm.config import ConfigError, register_configs, validate_sample
+from ddpm.images import save_grid, save_individual
+from ddpm.sampling import generate
+from ddpm.train import resolve_device, train
+
+CONFIGS = "pkg://ddpm.configs"
+USER_WANTS_TRACE = os.environ.get("HYDRA_FULL_ERROR") == "1"
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path=CONFIGS, config_name="train")
+def _train(cfg: DictConfig) -> None:
+    with one_line_errors("ddpm-train"):
+        require(cfg)
+        train(cfg, Path(HydraConfig.get().runtime.output_dir))
+
+
+@hydra.main(version_base="1.3", config_path=CONFIGS, config_name="sample")
+def _sample(cfg: DictConfig) -> None:
+    with one_line_errors("ddpm-sample"):
+        require(cfg)
+        sample(cfg)
+
+
+def require(cfg: DictConfig) -> None:
+    """Name the first mandatory key (``???`` in the YAML) the user left unset."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{missing[0]} is required: add {missing[0]}=... to the command line")
+
+
+def sample(cfg: DictConfig) -> None:
+    validate_sample(cfg)
+    device = resolve_device(cfg.device)
+    model, schedule, payload = load_model(cfg.ckpt, device)
+    data = payload["config"]["data"]
+    shape = (data["channels"], data["image_size"], data["image_size"])
+    out = Path(cfg.out) if cfg.out is not None else default_out(Path(cfg.ckpt), cfg.seed)
+    images = generate(model, schedule, cfg.n, shape, cfg.seed, cfg.batch_size, device)
+    save_grid(images, out / "grid.png")
+    if cfg.save_images:
+        save_individual(images, out / "images")
+    where = f"{out / 'grid.png'}" + (f" and {cfg.n} images in {out / 'images'}" if cfg.save_images else "")
+    print(f"ddpm-sample: {cfg.n} samples from {cfg.ckpt} (step {payload['step']}) -> {where}")
+
+
+def default_out(ckpt: Path, seed: int) -> Path:
+    """<run>/generated/<checkpoint>_seed<seed>, beside the run that wrote the checkpoint."""
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    return run_dir / "generated" / f"{ckpt.stem}_seed{seed}"
+
+
+def one_line(e: BaseException) -> str:
+    """The message of a config error on one line, without OmegaConf's full_key/object_type trailer."""
+    if isinstance(e, MissingConfigException) and e.options and e.missing_cfg_file:
+        group, _, value = e.missing_cfg_file.rpartition("/")
+        return f"{group}={value} is invalid: choose one of {', '.join(sorted(e.options))}"
+    trailer = ("full_key:", "object_type=", "reference_type=", "Set the environment variable")
+    lines = [ln.strip() for ln in str(e).splitlines()]
+    text = " ".join(ln for ln in lines if ln and not ln.startswith(trailer))
+    if isinstance(e, HydraException) and isinstance(e.__cause__, OmegaConfBaseException):
+        text = f"{text.rstrip('.')}: {one_line(e.__cause__)}"
+    return text
+
+
+@contextmanager
+def one_line_errors(prog: str) -> Iterator[None]:
+    """Turn a config error into one line on stderr and exit status 2 (a trace with HYDRA_FULL_ERROR=1).
+
+    Used around Hydra's composition and inside each job: a SystemExit passes through Hydra untouched,
+    where an exception would be reported again with the job's overrides."""
+    try:
+        yield
+    except (ConfigError, HydraException, OmegaConfBaseException) as e:
+        if USER_WANTS_TRACE:
+            raise
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run(task: Callable[[], None], prog: str) -> None:
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # let composition errors reach us, not Hydra's multi-line report
+    with one_line_errors(prog):
+        task()
+
+
+def train_main() -> None:
+    run(_train, "ddpm-train")
+
+
+def sample_main() -> None:
+    run(_sample, "ddpm-sample")

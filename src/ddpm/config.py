@@ -1,0 +1,222 @@
+"""Config schemas and the checks that run before any work.
+
+The values live in the YAML files under ``configs/``; the dataclasses here only give each key its type,
+so Hydra rejects a misspelt key or a wrong type when it merges the overrides. ``validate_train`` then
+checks what types cannot express (ranges, divisibility), so a bad run stops before it writes anything.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class ConfigError(ValueError):
+    """A bad value in the user's config; its message is one line naming the value and the valid choices."""
+
+
+class Loss(Enum):
+    l1 = "l1"
+    l2 = "l2"
+    huber = "huber"
+
+
+# ---------------------------------------------------------------------------------------------- schedules
+@dataclass
+class ScheduleConfig:
+    name: str = MISSING
+
+
+@dataclass
+class LinearSchedule(ScheduleConfig):
+    beta_start: float = MISSING
+    beta_end: float = MISSING
+
+
+@dataclass
+class QuadraticSchedule(ScheduleConfig):
+    beta_start: float = MISSING
+    beta_end: float = MISSING
+
+
+@dataclass
+class SigmoidSchedule(ScheduleConfig):
+    beta_start: float = MISSING
+    beta_end: float = MISSING
+    start: float = MISSING  # the sigmoid is evaluated on linspace(start, end, T)
+    end: float = MISSING
+
+
+@dataclass
+class CosineSchedule(ScheduleConfig):
+    s: float = MISSING  # offset that keeps beta_1 from being vanishingly small (Nichol & Dhariwal)
+    max_beta: float = MISSING  # clip near t = T, where the cosine formula sends beta to 1
+
+
+# ----------------------------------------------------------------------------------------------- model
+@dataclass
+class UNetConfig:
+    name: str = MISSING
+    dim: int = MISSING
+    dim_mults: list[int] = MISSING
+    resnet_block_groups: int = MISSING
+    attn_heads: int = MISSING
+    attn_dim_head: int = MISSING
+
+
+# ------------------------------------------------------------------------------------------------ data
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    image_size: int = MISSING
+    channels: int = MISSING
+    hflip: bool = MISSING
+    num_workers: int = MISSING
+
+
+@dataclass
+class FolderData(DataConfig):
+    root: str = MISSING
+
+
+@dataclass
+class TorchvisionData(DataConfig):
+    root: str = MISSING
+    download: bool = MISSING
+
+
+# ----------------------------------------------------------------------------------------------- train
+@dataclass
+class TrainConfig:
+    schedule: ScheduleConfig = MISSING
+    model: UNetConfig = MISSING
+    data: DataConfig = MISSING
+    loss: Loss = MISSING
+    timesteps: int = MISSING
+    batch_size: int = MISSING
+    steps: int = MISSING
+    lr: float = MISSING
+    seed: int = MISSING
+    device: str = MISSING
+    log_every: int = MISSING
+    sample_every: int = MISSING
+    checkpoint_every: int = MISSING
+    sample_n: int = MISSING
+    forward_n: int = MISSING
+
+
+@dataclass
+class SampleConfig:
+    ckpt: str = MISSING
+    n: int = MISSING
+    seed: int = MISSING
+    out: str | None = None
+    batch_size: int = MISSING
+    device: str = MISSING
+    save_images: bool = MISSING
+
+
+SCHEDULES: dict[str, type[ScheduleConfig]] = {
+    "linear": LinearSchedule,
+    "quadratic": QuadraticSchedule,
+    "sigmoid": SigmoidSchedule,
+    "cosine": CosineSchedule,
+}
+
+
+def register_configs() -> None:
+    """Store the schemas where the YAML files' defaults lists find them (group ``schema``)."""
+    cs = ConfigStore.instance()
+    cs.store(group="schema", name="train", node=TrainConfig)
+    cs.store(group="schema", name="sample", node=SampleConfig)
+    for name, node in SCHEDULES.items():
+        cs.store(group="schema/schedule", name=name, node=node)
+    cs.store(group="schema/model", name="unet", node=UNetConfig)
+    cs.store(group="schema/data", name="digits", node=DataConfig)
+    cs.store(group="schema/data", name="folder", node=FolderData)
+    cs.store(group="schema/data", name="torchvision", node=TorchvisionData)
+
+
+# ------------------------------------------------------------------------------------------- validation
+def _at_least(name: str, value: int | float, low: int | float) -> None:
+    if value < low:
+        raise ConfigError(f"{name}={value} is invalid: it must be >= {low}")
+
+
+def validate_device(device: str) -> None:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise ConfigError(f"device={device!r} is invalid: choose one of auto, cpu, cuda, cuda:N")
+
+
+def validate_schedule(schedule: Any, timesteps: int) -> None:
+    _at_least("timesteps", timesteps, 1)
+    if schedule.name not in SCHEDULES:
+        raise ConfigError(f"schedule.name={schedule.name!r} is invalid: choose one of {', '.join(SCHEDULES)}")
+    if schedule.name == "cosine":
+        if not 0 < schedule.max_beta < 1:
+            raise ConfigError(f"schedule.max_beta={schedule.max_beta} is invalid: it must lie in (0, 1)")
+        _at_least("schedule.s", schedule.s, 0)
+    elif not 0 < schedule.beta_start <= schedule.beta_end < 1:
+        raise ConfigError(
+            f"schedule.beta_start={schedule.beta_start}, schedule.beta_end={schedule.beta_end} are invalid: "
+            "they need 0 < beta_start <= beta_end < 1"
+        )
+    if schedule.name == "sigmoid" and not schedule.start < schedule.end:
+        raise ConfigError(f"schedule.start={schedule.start} must be below schedule.end={schedule.end}")
+
+
+def validate_model(model: Any, image_size: int) -> None:
+    _at_least("model.dim", model.dim, 1)
+    if len(model.dim_mults) == 0 or min(model.dim_mults) < 1:
+        mults = list(model.dim_mults)
+        raise ConfigError(f"model.dim_mults={mults} is invalid: give one or more integers >= 1")
+    _at_least("model.attn_heads", model.attn_heads, 1)
+    _at_least("model.attn_dim_head", model.attn_dim_head, 1)
+    groups = model.resnet_block_groups
+    _at_least("model.resnet_block_groups", groups, 1)
+    widths = sorted({model.dim * m for m in model.dim_mults})
+    if any(w % groups for w in widths):
+        raise ConfigError(
+            f"model.resnet_block_groups={groups} is invalid: it must divide every block width {widths}"
+        )
+    factor = 2 ** (len(model.dim_mults) - 1)
+    if image_size % factor:
+        raise ConfigError(
+            f"data.image_size={image_size} is invalid for model.dim_mults={list(model.dim_mults)}: "
+            f"the U-Net halves it {len(model.dim_mults) - 1} times, so it must be a multiple of {factor}"
+        )
+
+
+def validate_data(data: Any) -> None:
+    _at_least("data.image_size", data.image_size, 1)
+    if data.channels not in (1, 3):
+        raise ConfigError(f"data.channels={data.channels} is invalid: choose one of 1, 3")
+    _at_least("data.num_workers", data.num_workers, 0)
+
+
+def validate_train(cfg: Any) -> None:
+    """Every semantic check on a training config; raises ConfigError on the first bad value."""
+    validate_data(cfg.data)
+    validate_schedule(cfg.schedule, cfg.timesteps)
+    validate_model(cfg.model, cfg.data.image_size)
+    _at_least("batch_size", cfg.batch_size, 1)
+    _at_least("steps", cfg.steps, 1)
+    if not cfg.lr > 0:
+        raise ConfigError(f"lr={cfg.lr} is invalid: it must be > 0")
+    validate_device(cfg.device)
+    _at_least("log_every", cfg.log_every, 1)
+    _at_least("sample_every", cfg.sample_every, 0)
+    _at_least("checkpoint_every", cfg.checkpoint_every, 0)
+    _at_least("sample_n", cfg.sample_n, 1)
+    _at_least("forward_n", cfg.forward_n, 0)
+
+
+def validate_sample(cfg: Any) -> None:
+    _at_least("n", cfg.n, 1)
+    _at_least("batch_size", cfg.batch_size, 1)
+    validate_device(cfg.device)

@@ -1,0 +1,87 @@
+"""Writing images: sample grids, single samples and the forward-process figure."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+from torchvision.utils import make_grid
+
+from ddpm.diffusion import q_sample
+from ddpm.schedules import Schedule
+
+# Cells of a grid are enlarged (nearest neighbour, whole factors) to at least this many pixels, so 8x8 or
+# 28x28 samples can be seen; single-image PNGs keep the model's resolution.
+DISPLAY_MIN_PX = 32
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """(C, H, W) in [-1, 1] -> an 8-bit PIL image, grayscale for one channel."""
+    pixels = ((image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    if pixels.shape[0] == 1:
+        return Image.fromarray(pixels[0].numpy(), mode="L")
+    return Image.fromarray(pixels.permute(1, 2, 0).numpy(), mode="RGB")
+
+
+def save_png(image: Image.Image, path: Path) -> None:
+    """Write next to the target and rename, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def display_scale(size: int) -> int:
+    return max(1, math.ceil(DISPLAY_MIN_PX / size))
+
+
+def grid_image(images: torch.Tensor, ncol: int | None = None) -> Image.Image:
+    """A square-ish grid of (N, C, H, W) images in [-1, 1], cells enlarged to DISPLAY_MIN_PX."""
+    n, _, h, _ = images.shape
+    ncol = ncol or math.ceil(math.sqrt(n))
+    scale = display_scale(h)
+    if scale > 1:
+        images = torch.nn.functional.interpolate(images.float(), scale_factor=scale, mode="nearest")
+    grid = make_grid(images.float().cpu(), nrow=ncol, padding=2, pad_value=1.0)
+    return to_pil(grid[:1] if images.shape[1] == 1 else grid)
+
+
+def save_grid(images: torch.Tensor, path: Path) -> None:
+    save_png(grid_image(images), path)
+
+
+def save_individual(images: torch.Tensor, folder: Path, start: int = 0) -> None:
+    """One PNG per image at the model's resolution: folder/00000.png, 00001.png, ..."""
+    for i, image in enumerate(images):
+        save_png(to_pil(image), folder / f"{start + i:05d}.png")
+
+
+def forward_timesteps(timesteps: int, columns: int) -> list[int]:
+    """``columns`` paper timesteps evenly spread over 0 ... T, both ends included (t = 0 is x_0 itself)."""
+    columns = min(columns, timesteps + 1)
+    return sorted({round(i * timesteps / (columns - 1)) for i in range(columns)})
+
+
+def forward_figure(schedule: Schedule, x0: torch.Tensor, seed: int, columns: int = 9) -> Image.Image:
+    """Rows: training images; columns: the same image noised by q_sample at t = 0 ... T (labelled)."""
+    ts = forward_timesteps(schedule.timesteps, columns)
+    x0 = x0.detach().float().cpu()
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    sched = schedule.to("cpu")
+    index = torch.zeros(x0.shape[0], dtype=torch.long)
+    frames = [x0 if t == 0 else q_sample(sched, x0, index + (t - 1), noise) for t in ts]
+    # row-major: image i at every t, then image i + 1
+    grid = grid_image(torch.stack(frames, dim=1).flatten(0, 1), ncol=len(ts))
+
+    cell = x0.shape[-1] * display_scale(x0.shape[-1]) + 2
+    header = 14
+    white, black = (255, 0) if grid.mode == "L" else ("white", "black")
+    figure = Image.new(grid.mode, (grid.width, grid.height + header), color=white)
+    figure.paste(grid, (0, header))
+    draw = ImageDraw.Draw(figure)
+    for j, t in enumerate(ts):
+        draw.text((2 + j * cell, 1), f"t={t}", fill=black)
+    return figure

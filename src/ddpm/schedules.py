@@ -1,0 +1,99 @@
+"""Beta schedules and the quantities of the forward process derived from them, computed once.
+
+Index ``t`` runs over 0 ... T-1 (the paper's 1 ... T): ``alphas_cumprod[t]`` is abar_{t+1}.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+
+def linear_betas(timesteps: int, beta_start: float, beta_end: float) -> torch.Tensor:
+    return torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
+
+
+def quadratic_betas(timesteps: int, beta_start: float, beta_end: float) -> torch.Tensor:
+    return torch.linspace(beta_start**0.5, beta_end**0.5, timesteps, dtype=torch.float64) ** 2
+
+
+def sigmoid_betas(
+    timesteps: int, beta_start: float, beta_end: float, start: float, end: float
+) -> torch.Tensor:
+    x = torch.linspace(start, end, timesteps, dtype=torch.float64)
+    return torch.sigmoid(x) * (beta_end - beta_start) + beta_start
+
+
+def cosine_betas(timesteps: int, s: float, max_beta: float) -> torch.Tensor:
+    """Nichol & Dhariwal 2021, eq. 17: abar(t) = f(t) / f(0), f(t) = cos^2(((t/T + s) / (1 + s)) pi/2)."""
+    t = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+    f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
+    alphas_cumprod = f / f[0]
+    betas = 1 - alphas_cumprod[1:] / alphas_cumprod[:-1]
+    return betas.clamp(max=max_beta)
+
+
+def make_betas(cfg: Any, timesteps: int) -> torch.Tensor:
+    """Betas for the schedule config ``cfg`` (a ``schedule`` group entry)."""
+    if cfg.name == "linear":
+        return linear_betas(timesteps, cfg.beta_start, cfg.beta_end)
+    if cfg.name == "quadratic":
+        return quadratic_betas(timesteps, cfg.beta_start, cfg.beta_end)
+    if cfg.name == "sigmoid":
+        return sigmoid_betas(timesteps, cfg.beta_start, cfg.beta_end, cfg.start, cfg.end)
+    if cfg.name == "cosine":
+        return cosine_betas(timesteps, cfg.s, cfg.max_beta)
+    raise ValueError(f"unknown schedule {cfg.name!r}")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The forward process q(x_t | x_0) and the posterior q(x_{t-1} | x_t, x_0), as float32 buffers."""
+
+    betas: torch.Tensor
+    alphas: torch.Tensor
+    alphas_cumprod: torch.Tensor
+    alphas_cumprod_prev: torch.Tensor
+    sqrt_alphas_cumprod: torch.Tensor
+    sqrt_one_minus_alphas_cumprod: torch.Tensor
+    sqrt_recip_alphas: torch.Tensor
+    posterior_variance: torch.Tensor
+
+    @classmethod
+    def from_betas(cls, betas: torch.Tensor) -> Schedule:
+        # Derived in float64, stored in float32: cumulative products of ~1,000 factors lose digits in fp32.
+        betas = betas.to(torch.float64)
+        alphas = 1.0 - betas
+        alphas_cumprod = torch.cumprod(alphas, dim=0)
+        alphas_cumprod_prev = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
+        buffers = dict(
+            betas=betas,
+            alphas=alphas,
+            alphas_cumprod=alphas_cumprod,
+            alphas_cumprod_prev=alphas_cumprod_prev,
+            sqrt_alphas_cumprod=alphas_cumprod.sqrt(),
+            sqrt_one_minus_alphas_cumprod=(1.0 - alphas_cumprod).sqrt(),
+            sqrt_recip_alphas=alphas.rsqrt(),
+            # beta~_t of eq. 7: the variance of q(x_{t-1} | x_t, x_0)
+            posterior_variance=betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod),
+        )
+        return cls(**{k: v.to(torch.float32) for k, v in buffers.items()})
+
+    @property
+    def timesteps(self) -> int:
+        return self.betas.shape[0]
+
+    def to(self, device: torch.device | str) -> Schedule:
+        return Schedule(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+
+def build_schedule(cfg: Any, timesteps: int) -> Schedule:
+    return Schedule.from_betas(make_betas(cfg, timesteps))
+
+
+def extract(buffer: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
+    """buffer[t] shaped (B, 1, 1, ...) to broadcast against a batch of ``ndim``-dimensional images."""
+    return buffer.gather(0, t).reshape(t.shape[0], *([1] * (ndim - 1)))

@@ -1,0 +1,204 @@
+"""The training loop: ``train(cfg, run_dir)`` builds schedule, model and data from the config and writes
+checkpoints, sample grids, ``forward.png`` and ``metrics.jsonl`` into ``run_dir``."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ddpm.checkpoint import link_checkpoint, save_checkpoint
+from ddpm.config import ConfigError, Loss, validate_train
+from ddpm.data import build_dataset
+from ddpm.diffusion import p_losses
+from ddpm.images import forward_figure, save_grid, save_png
+from ddpm.progress import ProgressReporter, format_duration
+from ddpm.sampling import generate
+from ddpm.schedules import Schedule, build_schedule
+from ddpm.unet import build_model
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where the work runs. Device placement, precision and rank are decided here and nowhere else."""
+
+    device: torch.device
+    is_main: bool = True  # only the main process writes files
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={name} but no CUDA device is available; use device=cpu or device=auto")
+        index = torch.device(name).index or 0
+        if index >= torch.cuda.device_count():
+            count = torch.cuda.device_count()
+            raise ConfigError(f"device={name} is invalid: this machine has {count} GPU(s)")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def batches(dataset: Dataset, cfg: Any, runtime: Runtime) -> Iterator[torch.Tensor]:
+    """An endless stream of shuffled full batches on the device, reshuffled each epoch."""
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=cfg.data.num_workers,
+        persistent_workers=cfg.data.num_workers > 0,
+        pin_memory=runtime.device.type == "cuda",
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+    while True:
+        for x0 in loader:
+            yield x0.to(runtime.device, non_blocking=True)
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: Schedule,
+    x0: torch.Tensor,
+    loss_type: Loss,
+) -> torch.Tensor:
+    """One optimizer step of Algorithm 1. Returns the loss as a device tensor: reading it would force a
+    host synchronisation, so the caller does that only at the logging cadence."""
+    t = torch.randint(0, schedule.timesteps, (x0.shape[0],), device=x0.device)
+    noise = torch.randn_like(x0)
+    loss = p_losses(model, schedule, x0, t, noise, loss_type)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def plain_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as plain Python values (enums as names), safe for weights_only loading."""
+    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    assert isinstance(config, dict)
+    config.pop("hydra", None)
+    return config
+
+
+def describe(cfg: Any, n_images: int, n_params: int, runtime: Runtime, run_dir: Path) -> str:
+    d = cfg.data
+    return (
+        f"ddpm-train | data {d.name} {d.image_size}x{d.image_size}x{d.channels} ({n_images:,} images) | "
+        f"U-Net {n_params / 1e6:.2f}M params | {cfg.schedule.name} schedule, T={cfg.timesteps} | "
+        f"loss {cfg.loss.name} | batch {cfg.batch_size} | {cfg.steps} steps | device {runtime.device} | "
+        f"run dir {run_dir}"
+    )
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Train as the config says; every check runs before the first file is written. Returns a summary."""
+    validate_train(cfg)
+    runtime = Runtime(device=resolve_device(cfg.device))
+    dataset = build_dataset(cfg.data)
+    if len(dataset) < cfg.batch_size:
+        raise ConfigError(f"batch_size={cfg.batch_size} is larger than the data set ({len(dataset)} images)")
+
+    seed_everything(cfg.seed)
+    schedule = build_schedule(cfg.schedule, cfg.timesteps).to(runtime.device)
+    model = build_model(cfg.model, cfg.data.channels).to(runtime.device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+    config = plain_config(cfg)
+    n_params = sum(p.numel() for p in model.parameters())
+
+    run_dir = Path(run_dir)
+    ckpt_dir, sample_dir = run_dir / "checkpoints", run_dir / "samples"
+    metrics_path = run_dir / "metrics.jsonl"
+    stream = batches(dataset, cfg, runtime)
+    first = next(stream)
+
+    def checkpoint(step: int) -> Path:
+        path = ckpt_dir / f"step_{step:06d}.pt"
+        weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        save_checkpoint(path, step=step, model=weights, config=config)
+        link_checkpoint(path, ckpt_dir / "last.pt")
+        return path
+
+    def sample_grid(step: int) -> Path:
+        path = sample_dir / f"step_{step:06d}.png"
+        # The same seed at every step, so successive grids show the same x_T maturing.
+        images = generate(model, schedule, cfg.sample_n, shape, cfg.seed, cfg.batch_size, runtime.device)
+        save_grid(images, path)
+        return path
+
+    reporter = ProgressReporter(cfg.steps)
+    reporter.say(describe(cfg, len(dataset), n_params, runtime, run_dir))
+    if runtime.is_main and cfg.forward_n > 0:
+        save_png(forward_figure(schedule, first[: cfg.forward_n], cfg.seed), run_dir / "forward.png")
+
+    model.train()
+    start = time.perf_counter()
+    interval_start, interval_steps, paused = start, 0, 0.0
+    loss_sum = torch.zeros((), device=runtime.device)
+    last_loss = float("nan")
+    x0 = first
+    with reporter, open(metrics_path, "a") as metrics:
+        for step in range(1, cfg.steps + 1):
+            loss_sum += train_step(model, optimizer, schedule, x0, cfg.loss)
+            interval_steps += 1
+            reporter.advance(step)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                last_loss = loss_sum.item() / interval_steps  # the only host sync of the loop
+                now = time.perf_counter()
+                # Sampling and checkpointing are not training throughput: their time is left out.
+                img_per_s = interval_steps * cfg.batch_size / (now - interval_start - paused)
+                row = {
+                    "step": step,
+                    "loss": last_loss,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "img_per_s": img_per_s,
+                    "elapsed_s": now - start,
+                }
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+                reporter.log(step, last_loss, img_per_s, (cfg.steps - step) * (now - start) / step)
+                loss_sum.zero_()
+                interval_start, interval_steps, paused = time.perf_counter(), 0, 0.0
+            pause_start = time.perf_counter()
+            if (cfg.sample_every and step % cfg.sample_every == 0) or step == cfg.steps:
+                reporter.say(f"step {step}: samples -> {sample_grid(step)}")
+            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
+                reporter.say(f"step {step}: checkpoint -> {checkpoint(step)}")
+            paused += time.perf_counter() - pause_start
+            if step < cfg.steps:
+                x0 = next(stream)
+
+    elapsed = time.perf_counter() - start
+    summary = {
+        "steps": cfg.steps,
+        "time_s": elapsed,
+        "final_loss": last_loss,
+        "run_dir": str(run_dir),
+        "checkpoint": str(ckpt_dir / "last.pt"),
+        "samples": str(sample_dir / f"step_{cfg.steps:06d}.png"),
+    }
+    reporter.say(
+        f"done: {cfg.steps} steps in {format_duration(elapsed)}, final loss {last_loss:.4f} | "
+        f"checkpoint {summary['checkpoint']} | samples {summary['samples']} | metrics {metrics_path}"
+    )
+    if runtime.device.type == "cuda":
+        torch.cuda.empty_cache()  # multirun jobs share this process: hand the cached blocks back
+    return summary
