@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -66,9 +67,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
+        # The safe unpickler names the callable a crafted file asks for ("GLOBAL posix.system").
+        wanted = re.search(r"GLOBAL ([\w.]+)|[Uu]nsupported global: GLOBAL ([\w.]+)", str(e))
+        if wanted is None:
+            raise CheckpointError(
+                f"ckpt={path} is not a readable checkpoint (truncated, or another format)"
+            ) from e
         raise CheckpointError(
-            f"ckpt={path} was refused: it holds objects that only an unsafe load could rebuild "
-            f"({str(e).strip().splitlines()[-1]})"
+            f"ckpt={path} was refused: loading it would call {wanted.group(1) or wanted.group(2)}, "
+            "which a checkpoint of weights never needs"
         ) from e
     except Exception as e:  # the unpickler fails in many ways on a file that is not a checkpoint
         raise CheckpointError(

@@ -171,7 +171,8 @@ def validate_schedule(schedule: Any, timesteps: int) -> None:
 
 
 def validate_model(model: Any, image_size: int) -> None:
-    _at_least("model.dim", model.dim, 1)
+    if model.dim < 4 or model.dim % 2:
+        raise ConfigError(f"model.dim={model.dim} is invalid: it must be even and >= 4 (the time embedding)")
     if len(model.dim_mults) == 0 or min(model.dim_mults) < 1:
         mults = list(model.dim_mults)
         raise ConfigError(f"model.dim_mults={mults} is invalid: give one or more integers >= 1")

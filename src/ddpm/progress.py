@@ -57,6 +57,8 @@ class ProgressReporter:
                 f"eta {format_duration(eta_s)}",
                 soft_wrap=True,
             )
+            self.console.file.flush()  # a log file or pipe sees each line as it happens
 
     def say(self, message: str) -> None:
         self.console.print(message, soft_wrap=True)
+        self.console.file.flush()

@@ -125,6 +125,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     n_params = sum(p.numel() for p in model.parameters())
 
     run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir, sample_dir = run_dir / "checkpoints", run_dir / "samples"
     metrics_path = run_dir / "metrics.jsonl"
     stream = batches(dataset, cfg, runtime)

@@ -1,0 +1,90 @@
+import os
+
+import pytest
+import torch
+
+from ddpm.checkpoint import CheckpointError, link_checkpoint, load_checkpoint, load_model, save_checkpoint
+from ddpm.train import plain_config
+from ddpm.unet import build_model
+
+
+@pytest.fixture
+def cfg(compose_cfg):
+    from conftest import TINY
+
+    return compose_cfg("train", TINY)
+
+
+def test_round_trip_rebuilds_model_and_schedule(cfg, tmp_path):
+    model = build_model(cfg.model, cfg.data.channels)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    save_checkpoint(tmp_path / "c.pt", step=7, model=weights, config=plain_config(cfg))
+    assert not list(tmp_path.glob(".*.tmp"))
+    rebuilt, schedule, payload = load_model(tmp_path / "c.pt", torch.device("cpu"))
+    assert payload["step"] == 7 and payload["config"]["loss"] == "huber"
+    assert schedule.timesteps == cfg.timesteps
+    for k, v in rebuilt.state_dict().items():
+        torch.testing.assert_close(v, weights[k])
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 4])
+    torch.testing.assert_close(rebuilt(x, t), model.eval()(x, t))
+
+
+def test_link_makes_last_the_same_file(tmp_path):
+    save_checkpoint(tmp_path / "step_000001.pt", step=1, model={}, config={})
+    link_checkpoint(tmp_path / "step_000001.pt", tmp_path / "last.pt")
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 1
+    save_checkpoint(tmp_path / "step_000002.pt", step=2, model={}, config={})
+    link_checkpoint(tmp_path / "step_000002.pt", tmp_path / "last.pt")
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 2
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match=r"ckpt=.*nope.pt does not exist"):
+        load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_truncated_file(cfg, tmp_path):
+    model = build_model(cfg.model, cfg.data.channels)
+    save_checkpoint(tmp_path / "c.pt", step=1, model=model.state_dict(), config=plain_config(cfg))
+    data = (tmp_path / "c.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(tmp_path / "cut.pt")
+
+
+@pytest.mark.parametrize("content", [b"", b"hello", b"PK\x03\x04garbage", b"\x00" * 100])
+def test_foreign_bytes(tmp_path, content):
+    (tmp_path / "x.pt").write_bytes(content)
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(tmp_path / "x.pt")
+
+
+def test_torch_file_of_another_tool(tmp_path):
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a ddpm checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+class Exploit:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_that_would_run_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save(
+        {"format": "ddpm-checkpoint", "version": 1, "payload": Exploit(str(marker))}, tmp_path / "evil.pt"
+    )
+    with pytest.raises(CheckpointError, match=r"evil.pt was refused: loading it would call posix.system"):
+        load_checkpoint(tmp_path / "evil.pt")
+    assert not marker.exists()
+
+
+def test_weights_of_another_architecture(cfg, tmp_path):
+    config = plain_config(cfg)
+    save_checkpoint(tmp_path / "c.pt", step=1, model={"w": torch.zeros(3)}, config=config)
+    with pytest.raises(CheckpointError, match="does not match"):
+        load_model(tmp_path / "c.pt", torch.device("cpu"))

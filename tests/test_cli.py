@@ -1,0 +1,219 @@
+"""The real console scripts in subprocesses: what a user types, what a user gets."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import TINY
+from PIL import Image
+
+pytestmark = pytest.mark.slow
+
+QUICK = TINY + ["sample_every=0", "checkpoint_every=0"]
+
+
+def files_under(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A tiny run of the design card's `ddpm-train loss=huber timesteps=200`."""
+    cwd = tmp_path_factory.mktemp("train")
+    from conftest import run_cli
+
+    result = run_cli(
+        "ddpm-train",
+        "loss=huber",
+        "timesteps=200",
+        "steps=3",
+        "checkpoint_every=2",
+        "sample_every=2",
+        *TINY,
+        "hydra.run.dir=run",
+        cwd=cwd,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "done: 3 steps" in result.stdout
+    return cwd / "run"
+
+
+def test_train_writes_checkpoints_grids_forward_and_metrics(trained):
+    assert files_under(trained) == [
+        ".hydra/config.yaml",
+        ".hydra/hydra.yaml",
+        ".hydra/overrides.yaml",
+        "checkpoints/last.pt",
+        "checkpoints/step_000002.pt",
+        "checkpoints/step_000003.pt",
+        "forward.png",
+        "metrics.jsonl",
+        "samples/step_000002.png",
+        "samples/step_000003.png",
+    ]
+    recorded = yaml.safe_load((trained / ".hydra/config.yaml").read_text())
+    assert recorded["loss"] == "huber" and recorded["timesteps"] == 200
+
+
+def test_sample_writes_grid_and_images_and_repeats_by_seed(trained, cli):
+    cwd = trained.parent
+    ckpt = "run/checkpoints/last.pt"
+    first = cli(
+        "ddpm-sample", f"ckpt={ckpt}", "n=6", "seed=3", "out=s1", "save_images=true", "device=cpu", cwd=cwd
+    )
+    assert first.returncode == 0, first.stderr
+    assert files_under(cwd / "s1") == ["grid.png"] + [f"images/{i:05d}.png" for i in range(6)]
+    assert Image.open(cwd / "s1/images/00000.png").size == (8, 8)
+    grid = Image.open(cwd / "s1/grid.png")
+    assert grid.size == (3 * 34 + 2, 2 * 34 + 2)  # 6 samples: 3 x 2 cells of 8 px enlarged to 32
+
+    again = cli("ddpm-sample", f"ckpt={ckpt}", "n=6", "seed=3", "out=s2", "save_images=true", cwd=cwd)
+    other = cli("ddpm-sample", f"ckpt={ckpt}", "n=6", "seed=4", "out=s3", "save_images=true", cwd=cwd)
+    assert again.returncode == other.returncode == 0
+    pixels = {
+        d: [np.asarray(Image.open(cwd / d / f"images/{i:05d}.png")) for i in range(6)]
+        for d in ["s1", "s2", "s3"]
+    }
+    assert all(np.array_equal(a, b) for a, b in zip(pixels["s1"], pixels["s2"], strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(pixels["s1"], pixels["s3"], strict=True))
+
+
+def test_sample_default_output_is_beside_the_run(trained, cli):
+    result = cli("ddpm-sample", "ckpt=run/checkpoints/step_000002.pt", "n=2", cwd=trained.parent)
+    assert result.returncode == 0, result.stderr
+    assert (trained / "generated/step_000002_seed0/grid.png").is_file()
+    assert not (trained / "generated/step_000002_seed0/images").exists()
+
+
+def test_multirun_sweeps_each_job_into_its_own_folder(tmp_path, cli):
+    result = cli(
+        "ddpm-train", "-m", "loss=l1,l2,huber", "steps=2", *QUICK, "hydra.sweep.dir=sweep", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    jobs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    assert len(jobs) == 3
+    for i, (job, loss) in enumerate(zip(jobs, ["l1", "l2", "huber"], strict=True)):
+        assert job.startswith(f"{i}_") and f"loss={loss}" in job
+        assert (tmp_path / "sweep" / job / "checkpoints/last.pt").is_file()
+        assert (tmp_path / "sweep" / job / "samples/step_000002.png").is_file()
+        assert yaml.safe_load((tmp_path / "sweep" / job / ".hydra/config.yaml").read_text())["loss"] == loss
+
+
+def test_train_on_a_folder_of_images(tmp_path, cli):
+    rng = np.random.default_rng(0)
+    (tmp_path / "pics" / "nested").mkdir(parents=True)
+    for i in range(20):
+        folder = tmp_path / "pics" / ("nested" if i % 2 else "")
+        Image.fromarray(rng.integers(0, 255, (24, 20 + i, 3), dtype=np.uint8)).save(folder / f"{i}.PNG")
+    result = cli(
+        "ddpm-train",
+        "data=folder",
+        "data.root=pics",
+        "data.image_size=16",
+        "data.num_workers=0",
+        "steps=2",
+        *QUICK,
+        "hydra.run.dir=run",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "data folder 16x16x3 (20 images)" in result.stdout
+    assert Image.open(tmp_path / "run/samples/step_000002.png").mode == "RGB"
+
+
+BAD_TRAIN = [
+    (["loss=mse"], "Invalid value 'mse', expected one of [l1, l2, huber]"),
+    (["schedule=exp"], "schedule=exp is invalid: choose one of cosine, linear, quadratic, sigmoid"),
+    (
+        ["data=imagenet"],
+        "data=imagenet is invalid: choose one of cifar10, digits, fashion_mnist, folder, mnist",
+    ),
+    (["model=resnet"], "model=resnet is invalid: choose one of unet"),
+    (["timesteps=0"], "timesteps=0 is invalid: it must be >= 1"),
+    (["batch_size=0"], "batch_size=0 is invalid: it must be >= 1"),
+    (
+        ["data.image_size=10", "model.dim_mults=[1,2,4]"],
+        "data.image_size=10 is invalid for model.dim_mults=[1, 2, 4]",
+    ),
+    (["data=folder", "data.root=missing"], "data.root=missing is not a folder"),
+    (["data=folder", "data.root=empty"], "data.root=empty holds no images"),
+    (["data=folder", "data.root=junk"], "data.root=junk holds no readable image"),
+    (["data=folder"], "data.root is required"),
+    (
+        ["data=mnist", "data.root=nodata", "data.download=false"],
+        "data=mnist: the data set in data.root=nodata is not there",
+    ),
+    (["timestep=5"], "Key 'timestep' not in 'TrainConfig'"),
+    (["steps=many"], "Value 'many' of type 'str' could not be converted to Integer"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_TRAIN, ids=[" ".join(a) for a, _ in BAD_TRAIN])
+def test_bad_train_input_is_one_line_and_writes_nothing(tmp_path, cli, args, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "a.png").write_bytes(b"not a png")
+    result = cli("ddpm-train", *args, "steps=1", "hydra.run.dir=run", cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("ddpm-train: error: ") and message in lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+    made = files_under(tmp_path / "run") if (tmp_path / "run").exists() else []
+    assert all(name.startswith(".hydra/") for name in made), made
+
+
+BAD_SAMPLE = [
+    (["ckpt=nope.pt"], "ckpt=nope.pt does not exist"),
+    (["ckpt=junk.pt"], "ckpt=junk.pt is not a readable checkpoint"),
+    ([], "ckpt is required"),
+    (["ckpt=junk.pt", "n=0"], "n=0 is invalid"),
+    (["ckpt=junk.pt", "sampler=ddim"], "Key 'sampler' not in 'SampleConfig'"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_SAMPLE, ids=[" ".join(a) or "none" for a, _ in BAD_SAMPLE])
+def test_bad_sample_input_is_one_line(tmp_path, cli, args, message):
+    (tmp_path / "junk.pt").write_bytes(b"\x00" * 100)
+    result = cli("ddpm-sample", *args, "out=out", cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ddpm-sample: error: ") and message in lines[0], (
+        result.stderr
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_full_error_shows_the_trace(tmp_path, cli):
+    result = cli(
+        "ddpm-train", "timesteps=0", "hydra.run.dir=run", cwd=tmp_path, env={"HYDRA_FULL_ERROR": "1"}
+    )
+    assert result.returncode != 0
+    assert "Traceback" in result.stderr and "ConfigError" in result.stderr
+
+
+def test_non_editable_install_finds_its_configs_from_any_folder(tmp_path):
+    """Build the wheel, install it into a fresh folder, and train from a folder far from the sources."""
+    root = Path(__file__).resolve().parents[1]
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "-w", str(tmp_path / "dist"), str(root)], check=True)
+    wheel = next((tmp_path / "dist").glob("ddpm-*.whl"))
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)], check=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    code = (
+        "import sys, ddpm; assert ddpm.__file__.startswith(sys.argv[1]), ddpm.__file__;"
+        "from ddpm.cli import train_main; sys.argv = ['ddpm-train', *sys.argv[2:]]; train_main()"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "site"), "steps=1", *QUICK, "hydra.run.dir=run"],
+        cwd=elsewhere,
+        env={"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (elsewhere / "run/checkpoints/last.pt").is_file()

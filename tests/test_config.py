@@ -1,0 +1,119 @@
+import pytest
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+from ddpm.config import ConfigError, Loss, validate_sample, validate_train
+
+
+def test_defaults_compose_to_the_contract(compose_cfg):
+    cfg = compose_cfg("train")
+    assert cfg.loss is Loss.huber
+    assert cfg.timesteps == 200 and cfg.batch_size == 128
+    assert cfg.schedule.name == "linear" and cfg.schedule.beta_start == 1e-4 and cfg.schedule.beta_end == 0.02
+    assert cfg.data.name == "digits" and cfg.data.image_size == 8 and cfg.data.channels == 1
+    assert list(cfg.model.dim_mults) == [1, 2, 4]
+    for key in ["steps", "lr", "seed", "device", "sample_every", "checkpoint_every", "log_every"]:
+        assert key in cfg
+    validate_train(cfg)
+
+
+def test_the_seed_recipe_is_one_command_away(compose_cfg):
+    cfg = compose_cfg(
+        "train",
+        ["data=fashion_mnist", "timesteps=200", "loss=huber", "batch_size=128", "model.dim_mults=[1,2,4]"],
+    )
+    assert (cfg.data.image_size, cfg.data.channels) == (28, 1)
+    assert cfg.schedule.name == "linear" and cfg.lr == 1e-3
+    validate_train(cfg)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "quadratic", "sigmoid"])
+def test_every_schedule_composes_and_validates(compose_cfg, schedule):
+    cfg = compose_cfg("train", [f"schedule={schedule}"])
+    assert cfg.schedule.name == schedule
+    validate_train(cfg)
+
+
+@pytest.mark.parametrize(
+    ("data", "size", "channels"),
+    [("digits", 8, 1), ("folder", 64, 3), ("mnist", 28, 1), ("fashion_mnist", 28, 1), ("cifar10", 32, 3)],
+)
+def test_every_data_set_composes(compose_cfg, data, size, channels):
+    cfg = compose_cfg("train", [f"data={data}"] + (["data.root=/somewhere"] if data == "folder" else []))
+    assert (cfg.data.name, cfg.data.image_size, cfg.data.channels) == (data, size, channels)
+
+
+@pytest.mark.parametrize("loss", ["l1", "l2", "huber"])
+def test_loss_choices(compose_cfg, loss):
+    assert compose_cfg("train", [f"loss={loss}"]).loss is Loss[loss]
+
+
+def test_unknown_loss_is_a_merge_error(compose_cfg):
+    with pytest.raises(ConfigCompositionException) as e:
+        compose_cfg("train", ["loss=mse"])
+    assert isinstance(e.value.__cause__, ValidationError)
+    assert "expected one of [l1, l2, huber]" in str(e.value.__cause__)
+
+
+@pytest.mark.parametrize("group", ["schedule", "data", "model"])
+def test_unknown_group_option_lists_the_choices(compose_cfg, group):
+    with pytest.raises(MissingConfigException) as e:
+        compose_cfg("train", [f"{group}=nope"])
+    assert e.value.options
+
+
+@pytest.mark.parametrize(
+    "override", ["timestep=10", "schedule.beta_stop=0.1", "model.dims=3", "data.rooot=x", "schedule.s=0.1"]
+)
+def test_misspelt_keys_fail_at_merge(compose_cfg, override):
+    # schedule.s exists only for the cosine schedule: the linear one must reject it
+    with pytest.raises(ConfigCompositionException) as e:
+        compose_cfg("train", [override])
+    assert isinstance(e.value.__cause__, (ConfigKeyError, ConfigAttributeError))
+
+
+@pytest.mark.parametrize(
+    "override", ["timesteps=ten", "batch_size=1.5", "model.dim_mults=[a]", "data.hflip=maybe"]
+)
+def test_wrong_types_fail_at_merge(compose_cfg, override):
+    with pytest.raises(ConfigCompositionException):
+        compose_cfg("train", [override])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["timesteps=0"], r"timesteps=0 is invalid: it must be >= 1"),
+        (["batch_size=0"], r"batch_size=0 is invalid"),
+        (["steps=0"], r"steps=0 is invalid"),
+        (["lr=0"], r"lr=0.0 is invalid"),
+        (["device=tpu"], r"device='tpu' is invalid: choose one of auto, cpu, cuda"),
+        (["schedule.beta_start=0.5", "schedule.beta_end=0.1"], r"beta_start=0.5.*beta_end=0.1"),
+        (["schedule=cosine", "schedule.max_beta=1.5"], r"schedule.max_beta=1.5"),
+        (["schedule=sigmoid", "schedule.start=3", "schedule.end=-3"], r"schedule.start=3.0 must be below"),
+        (["data.image_size=10"], r"data.image_size=10 is invalid for model.dim_mults=\[1, 2, 4\]"),
+        (["data.channels=2"], r"data.channels=2 is invalid: choose one of 1, 3"),
+        (["model.dim=7"], r"model.dim=7 is invalid"),
+        (["model.dim_mults=[]"], r"model.dim_mults=\[\] is invalid"),
+        (["model.resnet_block_groups=5"], r"model.resnet_block_groups=5"),
+        (["sample_every=-1"], r"sample_every=-1"),
+        (["checkpoint_every=-1"], r"checkpoint_every=-1"),
+        (["log_every=0"], r"log_every=0"),
+        (["sample_n=0"], r"sample_n=0"),
+        (["forward_n=-1"], r"forward_n=-1"),
+        (["data.num_workers=-1"], r"data.num_workers=-1"),
+    ],
+)
+def test_semantic_checks_name_the_bad_value(compose_cfg, overrides, message):
+    cfg = compose_cfg("train", overrides)
+    with pytest.raises(ConfigError, match=message):
+        validate_train(cfg)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"), [("n=0", "n=0"), ("batch_size=0", "batch_size=0"), ("device=gpu", "device")]
+)
+def test_sample_checks(compose_cfg, override, message):
+    cfg = compose_cfg("sample", ["ckpt=x.pt", override])
+    with pytest.raises(ConfigError, match=message):
+        validate_sample(cfg)
