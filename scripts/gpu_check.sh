@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One pass of the checks that need a CUDA GPU: the suite with CUDA present, a real run and sampling on the
+# GPU, and the training-step benchmark beside the references. Expects the wheels of ddpm and of whatever the
+# machine lacks in .whl/ (see scripts/README.md); writes logs to $OUT (or ./gpu_out).
+set -uo pipefail
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, ddpm; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), ddpm.__file__)"
+
+run() { echo "== $*"; "$@"; echo "rc=$?"; }
+python3 -m pytest -q -m "not slow" -p no:cacheprovider tests 2>&1 | tail -5 | tee "$OUT/pytest.log"
+cd /tmp && rm -rf gpu_run && mkdir gpu_run && cd gpu_run
+run timeout 150 ddpm-train device=cuda hydra.run.dir=run 2>&1 | tee "$OUT/train_digits_cuda.log"
+run ddpm-sample ckpt=run/checkpoints/last.pt device=cuda n=64 seed=0 out=s1 save_images=true
+run ddpm-sample ckpt=run/checkpoints/last.pt device=cuda n=64 seed=0 out=s2 save_images=true
+cmp -s s1/grid.png s2/grid.png && echo "same seed, same grid on cuda" || echo "grids differ on cuda"
+cp run/samples/step_001500.png "$OUT/digits_cuda_grid.png" 2>/dev/null
+cp run/forward.png "$OUT/digits_cuda_forward.png" 2>/dev/null
+cd - >/dev/null
+for shape in seed28 cifar32; do
+  run timeout 120 python3 scripts/bench_train.py --shape $shape --steps 30 --repeats 3 2>&1 | tee -a "$OUT/bench.log"
+done
