@@ -3,6 +3,7 @@
 # GPU, and the training-step benchmark beside the references. Expects the wheels of ddpm and of whatever the
 # machine lacks in .whl/ (see scripts/README.md); writes logs to $OUT (or ./gpu_out).
 set -uo pipefail
+REPO=$PWD
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
@@ -19,7 +20,7 @@ run ddpm-sample ckpt=run/checkpoints/last.pt device=cuda n=64 seed=0 out=s2 save
 cmp -s s1/grid.png s2/grid.png && echo "same seed, same grid on cuda" || echo "grids differ on cuda"
 cp run/samples/step_001500.png "$OUT/digits_cuda_grid.png" 2>/dev/null
 cp run/forward.png "$OUT/digits_cuda_forward.png" 2>/dev/null
-cd - >/dev/null
+cd "$REPO"
 for shape in seed28 cifar32; do
   run timeout 120 python3 scripts/bench_train.py --shape $shape --steps 30 --repeats 3 2>&1 | tee -a "$OUT/bench.log"
 done

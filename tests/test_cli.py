@@ -217,3 +217,20 @@ def test_non_editable_install_finds_its_configs_from_any_folder(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert (elsewhere / "run/checkpoints/last.pt").is_file()
+
+
+def test_help_lists_the_groups_and_keys(tmp_path, cli):
+    result = cli("ddpm-train", "--help", cwd=tmp_path)
+    assert result.returncode == 0
+    assert "schedule: cosine, linear, quadratic, sigmoid" in result.stdout
+    assert "data: cifar10, digits, fashion_mnist, folder, mnist" in result.stdout
+    assert "timesteps: 200" in result.stdout
+    assert not (tmp_path / "runs").exists()
+
+
+def test_config_dir_adds_user_configs(tmp_path, cli):
+    (tmp_path / "mine" / "model").mkdir(parents=True)
+    (tmp_path / "mine" / "model" / "small.yaml").write_text("defaults:\n  - unet\n  - _self_\ndim: 12\n")
+    result = cli("ddpm-train", "--config-dir", "mine", "model=small", "--cfg", "job", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load(result.stdout)["model"]["dim"] == 12
