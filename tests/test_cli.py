@@ -81,6 +81,24 @@ def test_sample_writes_grid_and_images_and_repeats_by_seed(trained, cli):
     assert not all(np.array_equal(a, b) for a, b in zip(pixels["s1"], pixels["s3"], strict=True))
 
 
+def test_sample_with_ddim_and_dpm_solver_and_without_ema(trained, cli):
+    cwd = trained.parent
+    common = ["ckpt=run/checkpoints/last.pt", "n=4", "save_images=true"]
+    runs = {
+        "ddim": ["sampler=ddim", "sample_steps=50", "eta=0.5"],
+        "dpm": ["sampler=dpm_solver++", "sample_steps=20", "timestep_spacing=trailing"],
+        "ema": [],
+        "raw": ["ema=false"],
+    }
+    for name, extra in runs.items():
+        result = cli("ddpm-sample", *common, *extra, f"out={name}", cwd=cwd)
+        assert result.returncode == 0, result.stderr
+    assert "ddim with 50 steps" in cli("ddpm-sample", *common, *runs["ddim"], "out=ddim", cwd=cwd).stdout
+    pixels = {k: np.asarray(Image.open(cwd / k / "images/00000.png")) for k in runs}
+    assert not np.array_equal(pixels["ema"], pixels["raw"])
+    assert not np.array_equal(pixels["ddim"], pixels["dpm"])
+
+
 def test_sample_default_output_is_beside_the_run(trained, cli):
     result = cli("ddpm-sample", "ckpt=run/checkpoints/step_000002.pt", "n=2", cwd=trained.parent)
     assert result.returncode == 0, result.stderr
@@ -171,20 +189,28 @@ BAD_SAMPLE = [
     (["ckpt=junk.pt"], "ckpt=junk.pt is not a readable checkpoint"),
     ([], "ckpt is required"),
     (["ckpt=junk.pt", "n=0"], "n=0 is invalid"),
-    (["ckpt=junk.pt", "sampler=ddim"], "Key 'sampler' not in 'SampleConfig'"),
+    (["ckpt=junk.pt", "sampler=euler"], "sampler='euler' is invalid: choose one of ddpm, ddim, dpm_solver++"),
+    (["ckpt=junk.pt", "sample_steps=-3"], "sample_steps=-3 is invalid"),
+    (["ckpt=junk.pt", "timestep_spacing=uniform"], "expected one of [linspace, leading, trailing]"),
+    (["ckpt=junk.pt", "samplers=ddim"], "Key 'samplers' not in 'SampleConfig'"),
+    (
+        ["ckpt=run/checkpoints/last.pt", "sample_steps=201"],
+        "sample_steps=201 is invalid: it must lie in [1, T=200]",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("args", "message"), BAD_SAMPLE, ids=[" ".join(a) or "none" for a, _ in BAD_SAMPLE])
-def test_bad_sample_input_is_one_line(tmp_path, cli, args, message):
-    (tmp_path / "junk.pt").write_bytes(b"\x00" * 100)
-    result = cli("ddpm-sample", *args, "out=out", cwd=tmp_path)
+def test_bad_sample_input_is_one_line(trained, cli, args, message):
+    cwd = trained.parent
+    (cwd / "junk.pt").write_bytes(b"\x00" * 100)
+    result = cli("ddpm-sample", *args, "out=out_bad", cwd=cwd)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ddpm-sample: error: ") and message in lines[0], (
         result.stderr
     )
-    assert not (tmp_path / "out").exists()
+    assert not (cwd / "out_bad").exists()
 
 
 def test_full_error_shows_the_trace(tmp_path, cli):

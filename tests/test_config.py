@@ -102,6 +102,23 @@ def test_wrong_types_fail_at_merge(compose_cfg, override):
         (["sample_n=0"], r"sample_n=0"),
         (["forward_n=-1"], r"forward_n=-1"),
         (["data.num_workers=-1"], r"data.num_workers=-1"),
+        (["sampler=euler"], r"sampler='euler' is invalid: choose one of ddpm, ddim, dpm_solver\+\+"),
+        (["sample_steps=0"], r"sample_steps=0 is invalid: it must lie in \[1, T=200\]"),
+        (["sample_steps=201"], r"sample_steps=201 is invalid"),
+        (["eta=-1"], r"eta=-1.0 is invalid"),
+        (["min_snr_gamma=-1"], r"min_snr_gamma=-1.0 is invalid"),
+        (["offset_noise=-0.1"], r"offset_noise=-0.1 is invalid"),
+        (["grad_accum=0"], r"grad_accum=0 is invalid"),
+        (["grad_accum=3"], r"grad_accum=3 is invalid: it must divide batch_size=128"),
+        (["grad_clip=-1"], r"grad_clip=-1.0 is invalid"),
+        (["lr_warmup=-1"], r"lr_warmup=-1 is invalid"),
+        (["ema.decay=1"], r"ema.decay=1.0 is invalid"),
+        (["ema.warmup=-1"], r"ema.warmup=-1.0 is invalid"),
+        (["model.dropout=1"], r"model.dropout=1.0 is invalid"),
+        (
+            ["schedule.zero_terminal_snr=true"],
+            r"objective=eps is invalid with schedule.zero_terminal_snr=true",
+        ),
     ],
 )
 def test_semantic_checks_name_the_bad_value(compose_cfg, overrides, message):

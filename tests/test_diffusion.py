@@ -3,8 +3,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddpm.config import Loss
-from ddpm.diffusion import p_losses, q_sample
+from ddpm.config import Loss, Objective
+from ddpm.diffusion import make_denoiser, p_losses, predict_x0_eps, q_sample, snr_weight, target
 from ddpm.sampling import p_sample, p_sample_loop
 from ddpm.schedules import build_schedule
 
@@ -72,31 +72,87 @@ def test_huber_differs_from_l1_and_l2(schedule):
     assert values == {Loss.l1: 3.0, Loss.l2: 9.0, Loss.huber: 2.5}
 
 
-def test_p_sample_mean_is_the_posterior_mean_when_eps_is_exact(schedule):
-    # With eps_theta = the true noise, Algorithm 2's mean equals mu~_t(x_t, x_0) of eq. 7.
+def test_p_sample_is_algorithm_2_line_for_line(schedule):
+    # x_{t-1} = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - abar_t) eps_theta) + sigma_t z, sigma_t^2 = beta~_t
     t = 30
-    x0 = torch.randn(5, 1, 4, 4)
-    noise = torch.randn_like(x0)
-    x_t = q_sample(schedule, x0, torch.full((5,), t), noise)
-    abar, abar_prev = schedule.alphas_cumprod[t], schedule.alphas_cumprod_prev[t]
-    beta, alpha = schedule.betas[t], schedule.alphas[t]
-    mu = abar_prev.sqrt() * beta / (1 - abar) * x0 + alpha.sqrt() * (1 - abar_prev) / (1 - abar) * x_t
-    # Two draws with the same generator differ from mu by sigma_t z with the same z.
-    out = p_sample(Constant(noise), schedule, x_t, t, torch.Generator().manual_seed(0))
+    x_t = torch.randn(5, 1, 4, 4)
+    eps = torch.randn_like(x_t)
+    denoise = make_denoiser(Constant(eps), schedule, Objective.eps, clip_x0=False)
+    abar = schedule.alphas_cumprod.double()
+    out = p_sample(
+        denoise, x_t, t, abar[t].item(), abar[t - 1].item(), "small", torch.Generator().manual_seed(0), False
+    )
     z = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(out, mu + schedule.posterior_variance[t].sqrt() * z, rtol=1e-4, atol=1e-5)
+    beta, alpha = schedule.betas[t], schedule.alphas[t]
+    expected = (x_t - beta / (1 - abar[t]).sqrt().float() * eps) / alpha.sqrt() + schedule.posterior_variance[
+        t
+    ].sqrt() * z
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_last_step_adds_no_noise(schedule):
     x = torch.randn(2, 1, 4, 4)
-    eps = torch.randn_like(x)
-    a = p_sample(Constant(eps), schedule, x, 0, torch.Generator().manual_seed(1))
-    b = p_sample(Constant(eps), schedule, x, 0, torch.Generator().manual_seed(2))
+    denoise = make_denoiser(Constant(torch.randn_like(x)), schedule, Objective.eps, clip_x0=False)
+    a0 = schedule.alphas_cumprod[0].item()
+    a = p_sample(denoise, x, 0, a0, 1.0, "small", torch.Generator().manual_seed(1), True)
+    b = p_sample(denoise, x, 0, a0, 1.0, "small", torch.Generator().manual_seed(2), True)
     torch.testing.assert_close(a, b)
 
 
 def test_p_sample_loop_visits_every_step_and_clips(schedule):
     model = Constant(torch.zeros(2, 1, 4, 4))
-    x = p_sample_loop(model, schedule, torch.randn(2, 1, 4, 4) * 10, torch.Generator().manual_seed(0))
+    denoise = make_denoiser(model, schedule, Objective.eps, clip_x0=False)
+    ts = list(range(schedule.timesteps - 1, -1, -1))
+    x = p_sample_loop(denoise, schedule, torch.randn(2, 1, 4, 4) * 10, ts, torch.Generator().manual_seed(0))
     assert len(model.seen) == schedule.timesteps
     assert x.min() >= -1 and x.max() <= 1
+
+
+@pytest.mark.parametrize("objective", list(Objective))
+def test_each_objective_inverts_to_x0_and_eps(schedule, objective):
+    x0 = torch.randn(4, 3, 4, 4)
+    noise = torch.randn_like(x0)
+    t = torch.tensor([0, 10, 50, 99])
+    x_t = q_sample(schedule, x0, t, noise)
+    x0_hat, eps_hat = predict_x0_eps(objective, schedule, x_t, t, target(objective, schedule, x0, t, noise))
+    torch.testing.assert_close(x0_hat, x0, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(eps_hat, noise, rtol=1e-3, atol=1e-3)
+
+
+def test_v_target_closed_form(schedule):
+    x0, noise, t = torch.ones(1, 1, 1, 1), torch.full((1, 1, 1, 1), 2.0), torch.tensor([40])
+    a, s = schedule.sqrt_alphas_cumprod[40], schedule.sqrt_one_minus_alphas_cumprod[40]
+    assert target(Objective.v, schedule, x0, t, noise).item() == pytest.approx((2 * a - s).item(), rel=1e-6)
+
+
+def test_clip_x0_keeps_the_pair_consistent(schedule):
+    x_t = torch.full((1, 1, 2, 2), 3.0)
+    t = torch.tensor([5])
+    denoise = make_denoiser(Constant(torch.zeros_like(x_t)), schedule, Objective.eps, clip_x0=True)
+    x0, eps = denoise(x_t, t)
+    assert x0.max().item() == 1.0
+    torch.testing.assert_close(q_sample(schedule, x0, t, eps), x_t)
+
+
+@pytest.mark.parametrize("objective", list(Objective))
+def test_min_snr_weights(schedule, objective):
+    t = torch.tensor([0, 30, 99])
+    abar = schedule.alphas_cumprod[t]
+    snr = abar / (1 - abar)
+    expected = {
+        Objective.eps: torch.minimum(snr, torch.tensor(5.0)) / snr,
+        Objective.x0: torch.minimum(snr, torch.tensor(5.0)),
+        Objective.v: torch.minimum(snr, torch.tensor(5.0)) / (snr + 1),
+    }[objective]
+    torch.testing.assert_close(snr_weight(objective, schedule, t, 5.0), expected)
+    assert snr[0] > 5 > snr[-1]  # the clip is active at small t only
+
+
+def test_p_losses_applies_the_weights_per_image(schedule):
+    x0, noise = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
+    pred = torch.randn_like(x0)
+    t = torch.tensor([0, 30, 99])
+    value = p_losses(Constant(pred), schedule, x0, t, noise, Loss.l2, Objective.eps, min_snr_gamma=5.0)
+    per_image = ((pred - noise) ** 2).flatten(1).mean(1)
+    expected = (per_image * snr_weight(Objective.eps, schedule, t, 5.0)).mean()
+    assert value.item() == pytest.approx(expected.item(), rel=1e-6)

@@ -72,3 +72,20 @@ def test_derived_buffers(compose_cfg):
     expected = (1 - abar[t - 1]) / (1 - abar[t]) * betas[t]
     assert sched.posterior_variance[t].item() == pytest.approx(expected.item(), rel=1e-6)
     assert sched.timesteps == 200
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_zero_terminal_snr_rescaling(compose_cfg, name):
+    cfg = compose_cfg("train", [f"schedule={name}", "schedule.zero_terminal_snr=true", "objective=v"])
+    plain = Schedule.from_betas(make_betas(compose_cfg("train", [f"schedule={name}"]).schedule, 200))
+    rescaled = build_schedule(cfg.schedule, 200)
+    assert rescaled.alphas_cumprod[-1].item() == 0.0
+    assert rescaled.betas[-1].item() == 1.0
+    assert rescaled.sqrt_alphas_cumprod[0].item() == pytest.approx(
+        plain.sqrt_alphas_cumprod[0].item(), rel=1e-6
+    )
+    assert torch.all(rescaled.betas > 0) and torch.all(rescaled.betas <= 1)
+    # Lin et al.: sqrt(abar) is shifted and scaled linearly, so it stays an affine image of the original
+    a, b = plain.sqrt_alphas_cumprod.double(), rescaled.sqrt_alphas_cumprod.double()
+    expected = (a - a[-1]) * a[0] / (a[0] - a[-1])
+    torch.testing.assert_close(b, expected, rtol=1e-5, atol=1e-6)

@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -75,3 +76,117 @@ def test_cuda_requested_without_cuda():
 
 def test_auto_device():
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def make_step(compose_cfg, overrides):
+    """A tiny model, its optimizer and schedule, and the step options of a composed config."""
+    from ddpm.schedules import build_schedule
+    from ddpm.train import StepOptions
+    from ddpm.unet import build_model
+
+    cfg = compose_cfg("train", TINY + overrides)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 1)
+    return (
+        model,
+        torch.optim.Adam(model.parameters(), lr=1e-3),
+        build_schedule(cfg.schedule, 50),
+        StepOptions.from_config(cfg),
+    )
+
+
+def test_grad_accum_changes_memory_not_the_result(compose_cfg):
+    from ddpm.train import train_step
+
+    x0 = torch.rand(8, 1, 8, 8) * 2 - 1
+    weights = []
+    for accum in (1, 2, 4):
+        model, opt, schedule, opts = make_step(compose_cfg, [f"grad_accum={accum}", "batch_size=8"])
+        torch.manual_seed(1)
+        loss = train_step(model, opt, schedule, x0, opts)
+        weights.append((loss, [p.detach().clone() for p in model.parameters()]))
+    for loss, params in weights[1:]:
+        torch.testing.assert_close(loss, weights[0][0], rtol=1e-5, atol=1e-6)
+        for a, b in zip(params, weights[0][1], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_grad_clip_bounds_the_gradient_norm(compose_cfg):
+    from ddpm.train import train_step
+
+    x0 = torch.rand(4, 1, 8, 8) * 2 - 1
+    for clip, bounded in ((1e-3, True), (0.0, False)):
+        model, opt, schedule, opts = make_step(compose_cfg, [f"grad_clip={clip}"])
+        train_step(model, opt, schedule, x0, opts)
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+        assert (norm.item() <= 1e-3 * 1.0001) is bounded
+
+
+def test_offset_noise_adds_a_shared_shift_per_image_and_channel():
+    from ddpm.train import sample_noise
+
+    torch.manual_seed(0)
+    x0 = torch.zeros(4000, 2, 4, 4)
+    means = sample_noise(x0, 0.5).mean(dim=(2, 3))
+    assert means.var().item() == pytest.approx(0.25 + 1 / 16, rel=0.08)
+    assert sample_noise(x0, 0.0).mean(dim=(2, 3)).var().item() == pytest.approx(1 / 16, rel=0.08)
+
+
+def test_lr_warmup_and_cosine_decay(compose_cfg, tmp_path):
+    from ddpm.config import LRDecay
+    from ddpm.train import lr_factor
+
+    assert [lr_factor(s, 4, LRDecay.none, 10) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert lr_factor(4, 4, LRDecay.cosine, 10) == 1.0
+    assert lr_factor(7, 4, LRDecay.cosine, 10) == pytest.approx(0.5)
+    assert lr_factor(10, 4, LRDecay.cosine, 10) == pytest.approx(0.0)
+    cfg = compose_cfg(
+        "train",
+        TINY + ["steps=6", "lr=0.01", "lr_warmup=2", "lr_decay=cosine", "sample_every=0", "forward_n=0"],
+    )
+    train(cfg, tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [round(r["lr"], 6) for r in rows] == [0.005, 0.01, 0.01, 0.008536, 0.005, 0.001464]
+
+
+def test_dropout_is_active_in_training_only(compose_cfg):
+    from ddpm.unet import build_model
+
+    model = build_model(compose_cfg("train", TINY + ["model.dropout=0.5"]).model, 1)
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([1, 2])
+    model.train()
+    assert not torch.equal(model(x, t), model(x, t))
+    model.eval()
+    assert torch.equal(model(x, t), model(x, t))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["objective=x0"],
+        ["objective=v", "min_snr_gamma=5"],
+        [
+            "objective=v",
+            "schedule=cosine",
+            "schedule.zero_terminal_snr=true",
+            "sampler=ddim",
+            "sample_steps=10",
+        ],
+        ["offset_noise=0.1", "sampler=dpm_solver++", "sample_steps=10", "timestep_spacing=trailing"],
+        [
+            "grad_accum=2",
+            "grad_clip=1",
+            "lr_warmup=2",
+            "lr_decay=cosine",
+            "model.dropout=0.1",
+            "ddpm_variance=large",
+        ],
+    ],
+)
+def test_options_train_and_sample_end_to_end(compose_cfg, tmp_path, overrides):
+    cfg = compose_cfg(
+        "train", TINY + ["steps=3", "timesteps=20", "sample_every=0", "forward_n=0"] + overrides
+    )
+    summary = train(cfg, tmp_path)
+    assert math.isfinite(summary["final_loss"])
+    assert (tmp_path / "samples/step_000003.png").is_file()

@@ -35,9 +35,18 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(path: Path, *, step: int, model: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+def save_checkpoint(
+    path: Path,
+    *,
+    step: int,
+    model: dict[str, torch.Tensor],
+    config: dict[str, Any],
+    ema: dict[str, torch.Tensor] | None = None,
+) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "version": VERSION, "step": step, "model": model, "config": config}
+    if ema is not None:
+        payload["ema"] = ema
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
         torch.save(payload, f)
@@ -89,15 +98,19 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return payload
 
 
-def load_model(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, Schedule, dict[str, Any]]:
-    """Rebuild the U-Net and the schedule from a checkpoint alone; returns (model, schedule, payload)."""
+def load_model(
+    path: str | Path, device: torch.device, ema: bool = True
+) -> tuple[torch.nn.Module, Schedule, dict[str, Any]]:
+    """Rebuild the U-Net and the schedule from a checkpoint alone; returns (model, schedule, payload).
+    With ``ema`` the EMA weights are loaded where the checkpoint has them; payload["weights"] says which."""
     from omegaconf import OmegaConf
 
     payload = load_checkpoint(path)
     config = OmegaConf.create(payload["config"])
+    payload["weights"] = "ema" if ema and "ema" in payload else "model"
     try:
         model = build_model(config.model, config.data.channels)
-        model.load_state_dict(payload["model"])
+        model.load_state_dict(payload[payload["weights"]])
         schedule = build_schedule(config.schedule, config.timesteps)
     except (RuntimeError, KeyError, AttributeError) as e:
         reason = str(e).splitlines()[0]

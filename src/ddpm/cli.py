@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ddpm.checkpoint import load_model
-from ddpm.config import ConfigError, register_configs, validate_sample
+from ddpm.config import ConfigError, Objective, register_configs, validate_sample, validate_sampling
 from ddpm.images import save_grid, save_individual
 from ddpm.sampling import generate
 from ddpm.train import resolve_device, train
@@ -48,18 +48,28 @@ def require(cfg: DictConfig) -> None:
 
 
 def sample(cfg: DictConfig) -> None:
+    """Draw cfg.n images from the checkpoint cfg.ckpt; every check runs before anything is written."""
     validate_sample(cfg)
     device = resolve_device(cfg.device)
-    model, schedule, payload = load_model(cfg.ckpt, device)
-    data = payload["config"]["data"]
-    shape = (data["channels"], data["image_size"], data["image_size"])
+    model, schedule, payload = load_model(cfg.ckpt, device, ema=cfg.ema)
+    validate_sampling(cfg, schedule.timesteps)
+    trained = payload["config"]
+    shape = (trained["data"]["channels"], trained["data"]["image_size"], trained["data"]["image_size"])
+    objective = Objective[trained.get("objective", "eps")]
     out = Path(cfg.out) if cfg.out is not None else default_out(Path(cfg.ckpt), cfg.seed)
-    images = generate(model, schedule, cfg.n, shape, cfg.seed, cfg.batch_size, device)
+    images = generate(model, schedule, objective, cfg, cfg.n, shape, cfg.seed, cfg.batch_size, device)
     save_grid(images, out / "grid.png")
     if cfg.save_images:
         save_individual(images, out / "images")
     where = f"{out / 'grid.png'}" + (f" and {cfg.n} images in {out / 'images'}" if cfg.save_images else "")
-    print(f"ddpm-sample: {cfg.n} samples from {cfg.ckpt} (step {payload['step']}) -> {where}")
+    weights = {"ema": "EMA weights", "model": "raw weights"}[payload["weights"]]
+    if cfg.ema and payload["weights"] == "model":
+        weights += " (the checkpoint has no EMA)"
+    steps = cfg.sample_steps or schedule.timesteps
+    print(
+        f"ddpm-sample: {cfg.n} samples from {cfg.ckpt} (step {payload['step']}, {weights}, "
+        f"{cfg.sampler} with {steps} steps) -> {where}"
+    )
 
 
 def default_out(ckpt: Path, seed: int) -> Path:

@@ -26,10 +26,38 @@ class Loss(Enum):
     huber = "huber"
 
 
+class Objective(Enum):
+    """What the network predicts: the noise (Ho et al.), the clean image, or v (Salimans & Ho 2022)."""
+
+    eps = "eps"
+    x0 = "x0"
+    v = "v"
+
+
+class Spacing(Enum):
+    linspace = "linspace"
+    leading = "leading"
+    trailing = "trailing"
+
+
+class Variance(Enum):
+    small = "small"  # beta~_t, the posterior variance
+    large = "large"  # beta_t
+
+
+class LRDecay(Enum):
+    none = "none"
+    cosine = "cosine"
+
+
+SAMPLERS = ("ddpm", "ddim", "dpm_solver++")
+
+
 # ---------------------------------------------------------------------------------------------- schedules
 @dataclass
 class ScheduleConfig:
     name: str = MISSING
+    zero_terminal_snr: bool = MISSING  # rescale so abar_T = 0 exactly (Lin et al. 2024, Algorithm 1)
 
 
 @dataclass
@@ -67,6 +95,7 @@ class UNetConfig:
     resnet_block_groups: int = MISSING
     attn_heads: int = MISSING
     attn_dim_head: int = MISSING
+    dropout: float = MISSING
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -90,17 +119,44 @@ class TorchvisionData(DataConfig):
     download: bool = MISSING
 
 
+# -------------------------------------------------------------------------------------------- sampling
+@dataclass
+class SamplingKeys:
+    """How images are drawn, for the grids during training and for ddpm-sample."""
+
+    sampler: str = MISSING  # one of SAMPLERS
+    sample_steps: int | None = MISSING  # None: every one of the T steps
+    timestep_spacing: Spacing = MISSING
+    eta: float = MISSING  # ddim only
+    ddpm_variance: Variance = MISSING  # ddpm only
+    clip_x0: bool = MISSING
+
+
+@dataclass
+class EMAConfig:
+    decay: float = MISSING  # 0: no EMA
+    warmup: float = MISSING  # decay_t = min(decay, (1 + t) / (warmup + t)); 0: none
+
+
 # ----------------------------------------------------------------------------------------------- train
 @dataclass
-class TrainConfig:
+class TrainConfig(SamplingKeys):
     schedule: ScheduleConfig = MISSING
     model: UNetConfig = MISSING
     data: DataConfig = MISSING
+    ema: EMAConfig = MISSING
     loss: Loss = MISSING
+    objective: Objective = MISSING
+    min_snr_gamma: float = MISSING
+    offset_noise: float = MISSING
     timesteps: int = MISSING
     batch_size: int = MISSING
+    grad_accum: int = MISSING
     steps: int = MISSING
     lr: float = MISSING
+    lr_warmup: int = MISSING
+    lr_decay: LRDecay = MISSING
+    grad_clip: float = MISSING
     seed: int = MISSING
     device: str = MISSING
     log_every: int = MISSING
@@ -111,8 +167,9 @@ class TrainConfig:
 
 
 @dataclass
-class SampleConfig:
+class SampleConfig(SamplingKeys):
     ckpt: str = MISSING
+    ema: bool = MISSING
     n: int = MISSING
     seed: int = MISSING
     out: str | None = None
@@ -121,7 +178,7 @@ class SampleConfig:
     save_images: bool = MISSING
 
 
-SCHEDULES: dict[str, type[ScheduleConfig]] = {
+SCHEDULE_SCHEMAS: dict[str, type[ScheduleConfig]] = {
     "linear": LinearSchedule,
     "quadratic": QuadraticSchedule,
     "sigmoid": SigmoidSchedule,
@@ -134,7 +191,7 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(group="schema", name="train", node=TrainConfig)
     cs.store(group="schema", name="sample", node=SampleConfig)
-    for name, node in SCHEDULES.items():
+    for name, node in SCHEDULE_SCHEMAS.items():
         cs.store(group="schema/schedule", name=name, node=node)
     cs.store(group="schema/model", name="unet", node=UNetConfig)
     cs.store(group="schema/data", name="digits", node=DataConfig)
@@ -155,8 +212,9 @@ def validate_device(device: str) -> None:
 
 def validate_schedule(schedule: Any, timesteps: int) -> None:
     _at_least("timesteps", timesteps, 1)
-    if schedule.name not in SCHEDULES:
-        raise ConfigError(f"schedule.name={schedule.name!r} is invalid: choose one of {', '.join(SCHEDULES)}")
+    if schedule.name not in SCHEDULE_SCHEMAS:
+        choices = ", ".join(SCHEDULE_SCHEMAS)
+        raise ConfigError(f"schedule.name={schedule.name!r} is invalid: choose one of {choices}")
     if schedule.name == "cosine":
         if not 0 < schedule.max_beta < 1:
             raise ConfigError(f"schedule.max_beta={schedule.max_beta} is invalid: it must lie in (0, 1)")
@@ -178,6 +236,8 @@ def validate_model(model: Any, image_size: int) -> None:
         raise ConfigError(f"model.dim_mults={mults} is invalid: give one or more integers >= 1")
     _at_least("model.attn_heads", model.attn_heads, 1)
     _at_least("model.attn_dim_head", model.attn_dim_head, 1)
+    if not 0 <= model.dropout < 1:
+        raise ConfigError(f"model.dropout={model.dropout} is invalid: it must lie in [0, 1)")
     groups = model.resnet_block_groups
     _at_least("model.resnet_block_groups", groups, 1)
     widths = sorted({model.dim * m for m in model.dim_mults})
@@ -200,15 +260,53 @@ def validate_data(data: Any) -> None:
     _at_least("data.num_workers", data.num_workers, 0)
 
 
+def validate_sampling(cfg: Any, timesteps: int | None) -> None:
+    """The sampler keys, against the number of training timesteps T where it is known."""
+    if cfg.sampler not in SAMPLERS:
+        raise ConfigError(f"sampler={cfg.sampler!r} is invalid: choose one of {', '.join(SAMPLERS)}")
+    _at_least("sample_steps", cfg.sample_steps or 1, 1)
+    if timesteps is not None and cfg.sample_steps is not None and not 1 <= cfg.sample_steps <= timesteps:
+        raise ConfigError(
+            f"sample_steps={cfg.sample_steps} is invalid: it must lie in [1, T={timesteps}] (null: all T)"
+        )
+    if cfg.eta < 0:
+        raise ConfigError(f"eta={cfg.eta} is invalid: it must be >= 0")
+
+
+def validate_objective(cfg: Any) -> None:
+    if cfg.min_snr_gamma < 0:
+        raise ConfigError(f"min_snr_gamma={cfg.min_snr_gamma} is invalid: it must be >= 0 (0: off)")
+    _at_least("offset_noise", cfg.offset_noise, 0)
+    if cfg.schedule.zero_terminal_snr and cfg.objective is Objective.eps:
+        # At abar_T = 0, x_T carries no image: x_0 = (x_T - sqrt(1 - abar_T) eps) / sqrt(abar_T) is 0 / 0.
+        raise ConfigError(
+            "objective=eps is invalid with schedule.zero_terminal_snr=true: "
+            "eps-prediction cannot recover x_0 at abar_T = 0; choose objective=v or objective=x0"
+        )
+
+
 def validate_train(cfg: Any) -> None:
     """Every semantic check on a training config; raises ConfigError on the first bad value."""
     validate_data(cfg.data)
     validate_schedule(cfg.schedule, cfg.timesteps)
     validate_model(cfg.model, cfg.data.image_size)
+    validate_objective(cfg)
     _at_least("batch_size", cfg.batch_size, 1)
+    _at_least("grad_accum", cfg.grad_accum, 1)
+    if cfg.batch_size % cfg.grad_accum:
+        raise ConfigError(
+            f"grad_accum={cfg.grad_accum} is invalid: it must divide batch_size={cfg.batch_size} "
+            "(batch_size is the number of images per optimizer step)"
+        )
     _at_least("steps", cfg.steps, 1)
     if not cfg.lr > 0:
         raise ConfigError(f"lr={cfg.lr} is invalid: it must be > 0")
+    _at_least("lr_warmup", cfg.lr_warmup, 0)
+    _at_least("grad_clip", cfg.grad_clip, 0)
+    if not 0 <= cfg.ema.decay < 1:
+        raise ConfigError(f"ema.decay={cfg.ema.decay} is invalid: it must lie in [0, 1) (0: no EMA)")
+    _at_least("ema.warmup", cfg.ema.warmup, 0)
+    validate_sampling(cfg, cfg.timesteps)
     validate_device(cfg.device)
     _at_least("log_every", cfg.log_every, 1)
     _at_least("sample_every", cfg.sample_every, 0)
@@ -218,6 +316,8 @@ def validate_train(cfg: Any) -> None:
 
 
 def validate_sample(cfg: Any) -> None:
+    """Checks that need no checkpoint; sample_steps is checked against T once the checkpoint is read."""
+    validate_sampling(cfg, None)
     _at_least("n", cfg.n, 1)
     _at_least("batch_size", cfg.batch_size, 1)
     validate_device(cfg.device)

@@ -1,71 +1,195 @@
-"""Samplers: pure functions of (model, schedule, x_T, generator) that return x_0."""
+"""Samplers. Each is a pure function
+
+    sampler(denoise, schedule, x_T, timesteps, generator, **options) -> x_0 in [-1, 1]
+
+of a denoiser (x_t, t) -> (x0_hat, eps_hat), the schedule, the starting noise, the timesteps to visit
+(descending, 0-based, from ``sampling_timesteps``) and a generator for any fresh noise. The model is called
+once per visited timestep. Coefficients are taken from a float64 copy of the schedule on the host, so the
+loops do not synchronise with the device.
+"""
 
 from __future__ import annotations
+
+import math
+from typing import Any
 
 import torch
 from torch import nn
 
-from ddpm.schedules import Schedule, extract
+from ddpm.config import Objective, Spacing
+from ddpm.diffusion import Denoiser, make_denoiser
+from ddpm.schedules import Schedule
 
 
-@torch.no_grad()
+def sampling_timesteps(timesteps: int, steps: int, spacing: Spacing) -> list[int]:
+    """``steps`` of the T training timesteps, descending. ``linspace`` spreads them evenly over
+    [0, T-1]; ``leading`` takes 0, k, 2k, ... (k = T // steps); ``trailing`` takes T-1, T-1-k', ...
+    (k' = T / steps), which always starts from the noisiest step (Lin et al. 2024, table 2)."""
+    if spacing is Spacing.linspace:
+        ts = torch.linspace(0, timesteps - 1, steps, dtype=torch.float64).round().long()
+    elif spacing is Spacing.leading:
+        ts = torch.arange(steps) * (timesteps // steps)
+    else:
+        ts = (torch.arange(timesteps, 0, -timesteps / steps, dtype=torch.float64).round() - 1).long()
+    return sorted({int(t) for t in ts}, reverse=True)
+
+
+def _alphas_cumprod(schedule: Schedule, timesteps: list[int]) -> tuple[list[float], list[float]]:
+    """abar at each visited step and at the step after it (1.0 after the last: x_0 itself)."""
+    abar = schedule.alphas_cumprod.detach().double().cpu()[timesteps].tolist()
+    return abar, abar[1:] + [1.0]
+
+
+def _noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def _t(x: torch.Tensor, t: int) -> torch.Tensor:
+    return torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+
+
 def p_sample(
-    model: nn.Module,
-    schedule: Schedule,
+    denoise: Denoiser,
     x_t: torch.Tensor,
     t: int,
-    generator: torch.Generator | None = None,
+    abar: float,
+    abar_prev: float,
+    variance: str,
+    generator: torch.Generator | None,
+    last: bool,
 ) -> torch.Tensor:
-    """One step of Algorithm 2: x_{t-1} = 1/sqrt(alpha_t) (x_t - beta_t/sqrt(1-abar_t) eps) + sigma_t z.
+    """One ancestral step from t to the next visited step t': x_t' ~ q(x_t' | x_t, x0_hat).
 
-    sigma_t^2 is the posterior variance beta~_t ("fixed small"); the last step (t = 0) adds no noise.
-    """
-    tt = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
-    eps = model(x_t, tt)
-    n = x_t.ndim
-    coef = extract(schedule.betas, tt, n) / extract(schedule.sqrt_one_minus_alphas_cumprod, tt, n)
-    mean = extract(schedule.sqrt_recip_alphas, tt, n) * (x_t - coef * eps)
-    if t == 0:
+    With beta' = 1 - abar_t / abar_t' (the respaced process of Nichol & Dhariwal 2021, sec. 4; beta_t when
+    every step is visited), the mean is eq. 7's posterior mean and the variance beta~ = (1 - abar_t') /
+    (1 - abar_t) beta' (``small``) or beta' (``large``). The last step adds no noise."""
+    x0, _ = denoise(x_t, _t(x_t, t))
+    beta = 1 - abar / abar_prev
+    mean = (math.sqrt(abar_prev) * beta / (1 - abar)) * x0 + (
+        math.sqrt(1 - beta) * (1 - abar_prev) / (1 - abar)
+    ) * x_t
+    if last:
         return mean
-    z = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
-    return mean + extract(schedule.posterior_variance, tt, n).sqrt() * z
+    var = beta * (1 - abar_prev) / (1 - abar) if variance == "small" else beta
+    return mean + math.sqrt(var) * _noise(x_t, generator)
 
 
 @torch.no_grad()
 def p_sample_loop(
-    model: nn.Module,
+    denoise: Denoiser,
     schedule: Schedule,
     x_T: torch.Tensor,
+    timesteps: list[int],
+    generator: torch.Generator | None = None,
+    variance: str = "small",
+) -> torch.Tensor:
+    """Ancestral sampling, Algorithm 2 of Ho et al. 2020, over the visited timesteps. With every step
+    visited and eps-prediction it is Algorithm 2 line for line: x_{t-1} = 1/sqrt(alpha_t) (x_t - beta_t /
+    sqrt(1 - abar_t) eps) + sigma_t z is eq. 7's posterior mean written in eps."""
+    abar, abar_prev = _alphas_cumprod(schedule, timesteps)
+    x = x_T
+    for i, t in enumerate(timesteps):
+        x = p_sample(denoise, x, t, abar[i], abar_prev[i], variance, generator, i + 1 == len(timesteps))
+    return x.clamp(-1.0, 1.0)
+
+
+@torch.no_grad()
+def ddim_sample(
+    denoise: Denoiser,
+    schedule: Schedule,
+    x_T: torch.Tensor,
+    timesteps: list[int],
+    generator: torch.Generator | None = None,
+    eta: float = 0.0,
+) -> torch.Tensor:
+    """DDIM, Song et al. 2021, eq. 12: x_t' = sqrt(abar_t') x0_hat + sqrt(1 - abar_t' - sigma^2) eps_hat
+    + sigma z, with sigma = eta sqrt((1 - abar_t') / (1 - abar_t)) sqrt(1 - abar_t / abar_t').
+    eta = 0 is deterministic; eta = 1 has the variance of DDPM's fixed-small sampler."""
+    abar, abar_prev = _alphas_cumprod(schedule, timesteps)
+    x = x_T
+    for i, t in enumerate(timesteps):
+        x0, eps = denoise(x, _t(x, t))
+        sigma = eta * math.sqrt((1 - abar_prev[i]) / (1 - abar[i]) * (1 - abar[i] / abar_prev[i]))
+        x = math.sqrt(abar_prev[i]) * x0 + math.sqrt(max(1 - abar_prev[i] - sigma**2, 0.0)) * eps
+        if sigma > 0:
+            x = x + sigma * _noise(x, generator)
+    return x.clamp(-1.0, 1.0)
+
+
+@torch.no_grad()
+def dpm_solver_pp_sample(
+    denoise: Denoiser,
+    schedule: Schedule,
+    x_T: torch.Tensor,
+    timesteps: list[int],
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Algorithm 2 (ancestral sampling): run p_sample from t = T-1 down to 0, clip the result to [-1, 1]."""
+    """DPM-Solver++(2M), Lu et al. 2022, Algorithm 2: a second-order multistep solver of the diffusion ODE
+    in the data prediction x0_hat, with lambda = log(alpha / sigma):
+        D_i = (1 + 1/(2 r_i)) x0_hat_{i-1} - 1/(2 r_i) x0_hat_{i-2},  r_i = h_{i-1} / h_i
+        x_i = (sigma_i / sigma_{i-1}) x_{i-1} - alpha_i (exp(-h_i) - 1) D_i
+    The first step is first order; the last one lands on x0_hat (sigma = 0). Deterministic."""
+    abar = schedule.alphas_cumprod.detach().double().cpu()[timesteps]
+    alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
+    lam = (alpha.log() - sigma.log()).tolist()  # -inf where abar = 0 (zero terminal SNR) is fine below
+    alpha, sigma = alpha.tolist(), sigma.tolist()
     x = x_T
-    for t in reversed(range(schedule.timesteps)):
-        x = p_sample(model, schedule, x, t, generator)
-    return x.clamp(-1.0, 1.0)
+    x0_prev, h_prev = None, None
+    for i, s in enumerate(timesteps):
+        x0, _ = denoise(x, _t(x, s))
+        if i + 1 == len(timesteps):
+            return x0.clamp(-1.0, 1.0)
+        h = lam[i + 1] - lam[i]
+        if x0_prev is None or math.isinf(h_prev):
+            d = x0
+        else:
+            r = h_prev / h
+            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
+        x = (sigma[i + 1] / sigma[i]) * x - alpha[i + 1] * math.expm1(-h) * d
+        x0_prev, h_prev = x0, h
+    raise ValueError("no timesteps to visit")
+
+
+SAMPLERS = {"ddpm": p_sample_loop, "ddim": ddim_sample, "dpm_solver++": dpm_solver_pp_sample}
+
+
+def sampler_options(cfg: Any) -> dict[str, Any]:
+    """The keyword options of the configured sampler (the others' keys are not its business)."""
+    if cfg.sampler == "ddpm":
+        return {"variance": cfg.ddpm_variance.name}
+    if cfg.sampler == "ddim":
+        return {"eta": cfg.eta}
+    return {}
 
 
 @torch.no_grad()
 def generate(
     model: nn.Module,
     schedule: Schedule,
+    objective: Objective,
+    sampling: Any,
     n: int,
     shape: tuple[int, int, int],
     seed: int,
     batch_size: int,
     device: torch.device,
 ) -> torch.Tensor:
-    """n images of ``shape`` = (C, H, W) in [-1, 1], drawn ``batch_size`` at a time.
+    """n images of ``shape`` = (C, H, W) in [-1, 1], drawn ``batch_size`` at a time with the sampler that
+    ``sampling`` names (keys sampler, sample_steps, timestep_spacing, clip_x0, eta, ddpm_variance).
 
     One generator, seeded once, supplies x_T and every step's noise: the same seed, n and batch size give
     the same images."""
     was_training = model.training
     model.eval()
+    denoise = make_denoiser(model, schedule, objective, sampling.clip_x0)
+    steps = sampling.sample_steps or schedule.timesteps
+    timesteps = sampling_timesteps(schedule.timesteps, steps, sampling.timestep_spacing)
+    sampler, options = SAMPLERS[sampling.sampler], sampler_options(sampling)
     generator = torch.Generator(device=device).manual_seed(seed)
     chunks = []
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
         x_T = torch.randn((b, *shape), generator=generator, device=device)
-        chunks.append(p_sample_loop(model, schedule, x_T, generator).cpu())
+        chunks.append(sampler(denoise, schedule, x_T, timesteps, generator, **options).cpu())
     model.train(was_training)
     return torch.cat(chunks)

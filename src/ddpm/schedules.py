@@ -36,17 +36,30 @@ def cosine_betas(timesteps: int, s: float, max_beta: float) -> torch.Tensor:
     return betas.clamp(max=max_beta)
 
 
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2024, Algorithm 1: shift and scale sqrt(abar) so that sqrt(abar_1) is kept and
+    sqrt(abar_T) = 0, i.e. x_T is pure noise and training sees the very distribution sampling starts from."""
+    sqrt_abar = torch.cumprod(1 - betas.to(torch.float64), 0).sqrt()
+    first, last = sqrt_abar[0].clone(), sqrt_abar[-1].clone()
+    sqrt_abar = (sqrt_abar - last) * first / (first - last)
+    abar = sqrt_abar**2
+    alphas = torch.cat([abar[:1], abar[1:] / abar[:-1]])
+    return 1 - alphas
+
+
 def make_betas(cfg: Any, timesteps: int) -> torch.Tensor:
     """Betas for the schedule config ``cfg`` (a ``schedule`` group entry)."""
     if cfg.name == "linear":
-        return linear_betas(timesteps, cfg.beta_start, cfg.beta_end)
-    if cfg.name == "quadratic":
-        return quadratic_betas(timesteps, cfg.beta_start, cfg.beta_end)
-    if cfg.name == "sigmoid":
-        return sigmoid_betas(timesteps, cfg.beta_start, cfg.beta_end, cfg.start, cfg.end)
-    if cfg.name == "cosine":
-        return cosine_betas(timesteps, cfg.s, cfg.max_beta)
-    raise ValueError(f"unknown schedule {cfg.name!r}")
+        betas = linear_betas(timesteps, cfg.beta_start, cfg.beta_end)
+    elif cfg.name == "quadratic":
+        betas = quadratic_betas(timesteps, cfg.beta_start, cfg.beta_end)
+    elif cfg.name == "sigmoid":
+        betas = sigmoid_betas(timesteps, cfg.beta_start, cfg.beta_end, cfg.start, cfg.end)
+    elif cfg.name == "cosine":
+        betas = cosine_betas(timesteps, cfg.s, cfg.max_beta)
+    else:
+        raise ValueError(f"unknown schedule {cfg.name!r}")
+    return rescale_zero_terminal_snr(betas) if cfg.zero_terminal_snr else betas
 
 
 @dataclass(frozen=True)

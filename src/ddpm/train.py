@@ -4,6 +4,7 @@ checkpoints, sample grids, ``forward.png`` and ``metrics.jsonl`` into ``run_dir`
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from collections.abc import Iterator
@@ -18,9 +19,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ddpm.checkpoint import link_checkpoint, save_checkpoint
-from ddpm.config import ConfigError, Loss, validate_train
+from ddpm.config import ConfigError, Loss, LRDecay, Objective, validate_train
 from ddpm.data import build_dataset
 from ddpm.diffusion import p_losses
+from ddpm.ema import EMA
 from ddpm.images import forward_figure, save_grid, save_png
 from ddpm.progress import ProgressReporter, format_duration
 from ddpm.sampling import generate
@@ -76,22 +78,69 @@ def batches(dataset: Dataset, cfg: Any, runtime: Runtime) -> Iterator[torch.Tens
             yield x0.to(runtime.device, non_blocking=True)
 
 
+@dataclass(frozen=True)
+class StepOptions:
+    """The parts of the config that one training step reads."""
+
+    loss: Loss
+    objective: Objective
+    min_snr_gamma: float
+    offset_noise: float
+    grad_accum: int
+    grad_clip: float
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> StepOptions:
+        return cls(
+            cfg.loss, cfg.objective, cfg.min_snr_gamma, cfg.offset_noise, cfg.grad_accum, cfg.grad_clip
+        )
+
+
+def sample_noise(x0: torch.Tensor, offset: float) -> torch.Tensor:
+    """eps ~ N(0, I), plus ``offset`` times one N(0, 1) draw per image and channel (offset noise), which
+    lets the model change an image's mean brightness."""
+    noise = torch.randn_like(x0)
+    if offset > 0:
+        noise = noise + offset * torch.randn(x0.shape[0], x0.shape[1], 1, 1, device=x0.device, dtype=x0.dtype)
+    return noise
+
+
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     schedule: Schedule,
     x0: torch.Tensor,
-    loss_type: Loss,
+    opts: StepOptions,
 ) -> torch.Tensor:
-    """One optimizer step of Algorithm 1. Returns the loss as a device tensor: reading it would force a
-    host synchronisation, so the caller does that only at the logging cadence."""
-    t = torch.randint(0, schedule.timesteps, (x0.shape[0],), device=x0.device)
-    noise = torch.randn_like(x0)
-    loss = p_losses(model, schedule, x0, t, noise, loss_type)
+    """One optimizer step of Algorithm 1 over the batch x0, in ``grad_accum`` micro-batches. Returns the
+    loss as a device tensor: reading it would force a host synchronisation, so the caller does that only at
+    the logging cadence."""
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    # t and eps are drawn for the whole batch first, so grad_accum changes memory use, not the result.
+    t = torch.randint(0, schedule.timesteps, (x0.shape[0],), device=x0.device)
+    noise = sample_noise(x0, opts.offset_noise)
+    total = torch.zeros((), device=x0.device)
+    for x, tt, eps in zip(
+        x0.chunk(opts.grad_accum), t.chunk(opts.grad_accum), noise.chunk(opts.grad_accum), strict=True
+    ):
+        loss = p_losses(model, schedule, x, tt, eps, opts.loss, opts.objective, opts.min_snr_gamma)
+        (loss / opts.grad_accum).backward()
+        total += loss.detach() / opts.grad_accum
+    if opts.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip)
     optimizer.step()
-    return loss.detach()
+    return total
+
+
+def lr_factor(step: int, warmup: int, decay: LRDecay, total: int) -> float:
+    """The learning rate of 0-based step ``step`` as a fraction of ``lr``: linear warm-up over ``warmup``
+    steps, then constant or a cosine that reaches 0 when training ends (step == total)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if decay is LRDecay.cosine:
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    return 1.0
 
 
 def plain_config(cfg: DictConfig) -> dict[str, Any]:
@@ -107,8 +156,9 @@ def describe(cfg: Any, n_images: int, n_params: int, runtime: Runtime, run_dir: 
     return (
         f"ddpm-train | data {d.name} {d.image_size}x{d.image_size}x{d.channels} ({n_images:,} images) | "
         f"U-Net {n_params / 1e6:.2f}M params | {cfg.schedule.name} schedule, T={cfg.timesteps} | "
-        f"loss {cfg.loss.name} | batch {cfg.batch_size} | {cfg.steps} steps | device {runtime.device} | "
-        f"run dir {run_dir}"
+        f"{cfg.objective.name}-prediction, {cfg.loss.name} loss | batch {cfg.batch_size} | "
+        f"{cfg.steps} steps | EMA {cfg.ema.decay or 'off'} | sampler {cfg.sampler} | "
+        f"device {runtime.device} | run dir {run_dir}"
     )
 
 
@@ -124,6 +174,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     schedule = build_schedule(cfg.schedule, cfg.timesteps).to(runtime.device)
     model = build_model(cfg.model, cfg.data.channels).to(runtime.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    factor = lambda step: lr_factor(step, cfg.lr_warmup, cfg.lr_decay, cfg.steps)  # noqa: E731
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    ema = EMA(model, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.decay > 0 else None
+    sampling_model = ema.model if ema is not None else model
+    opts = StepOptions.from_config(cfg)
     shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
     config = plain_config(cfg)
     n_params = sum(p.numel() for p in model.parameters())
@@ -137,15 +192,31 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     def checkpoint(step: int) -> Path:
         path = ckpt_dir / f"step_{step:06d}.pt"
-        weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        save_checkpoint(path, step=step, model=weights, config=config)
+        cpu = lambda state: {k: v.detach().cpu() for k, v in state.items()}  # noqa: E731
+        save_checkpoint(
+            path,
+            step=step,
+            model=cpu(model.state_dict()),
+            ema=cpu(ema.state_dict()) if ema else None,
+            config=config,
+        )
         link_checkpoint(path, ckpt_dir / "last.pt")
         return path
 
     def sample_grid(step: int) -> Path:
         path = sample_dir / f"step_{step:06d}.png"
         # The same seed at every step, so successive grids show the same x_T maturing.
-        images = generate(model, schedule, cfg.sample_n, shape, cfg.seed, cfg.batch_size, runtime.device)
+        images = generate(
+            sampling_model,
+            schedule,
+            cfg.objective,
+            cfg,
+            cfg.sample_n,
+            shape,
+            cfg.seed,
+            cfg.batch_size,
+            runtime.device,
+        )
         save_grid(images, path)
         return path
 
@@ -168,7 +239,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     x0 = first
     with reporter, open(metrics_path, "a") as metrics:
         for step in range(1, cfg.steps + 1):
-            loss_sum += train_step(model, optimizer, schedule, x0, cfg.loss)
+            loss_sum += train_step(model, optimizer, schedule, x0, opts)
+            lr_schedule.step()
+            if ema is not None:
+                ema.update(step)
             interval_steps += 1
             reporter.advance(step)
             if step % cfg.log_every == 0 or step == cfg.steps:
@@ -179,7 +253,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 row = {
                     "step": step,
                     "loss": last_loss,
-                    "lr": optimizer.param_groups[0]["lr"],
+                    "lr": cfg.lr * factor(step - 1),  # the rate this step used
                     "img_per_s": img_per_s,
                     "elapsed_s": now - start,
                 }

@@ -50,19 +50,21 @@ class Block(nn.Module):
 
 
 class ResnetBlock(nn.Module):
-    """Two conv blocks; the time embedding scales and shifts the first one's normalised output."""
+    """Two conv blocks; the time embedding scales and shifts the first one's normalised output.
+    Dropout sits between them, where Ho et al. put it."""
 
-    def __init__(self, dim: int, dim_out: int, time_emb_dim: int, groups: int) -> None:
+    def __init__(self, dim: int, dim_out: int, time_emb_dim: int, groups: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.mlp = nn.Sequential(nn.SiLU(), nn.Linear(time_emb_dim, dim_out * 2))
         self.block1 = Block(dim, dim_out, groups)
+        self.dropout = nn.Dropout(dropout)
         self.block2 = Block(dim_out, dim_out, groups)
         self.res_conv = nn.Conv2d(dim, dim_out, 1) if dim != dim_out else nn.Identity()
 
     def forward(self, x: torch.Tensor, time_emb: torch.Tensor) -> torch.Tensor:
         scale_shift = self.mlp(time_emb)[:, :, None, None].chunk(2, dim=1)
         h = self.block1(x, scale_shift)
-        h = self.block2(h)
+        h = self.block2(self.dropout(h))
         return h + self.res_conv(x)
 
 
@@ -148,6 +150,7 @@ class UNet(nn.Module):
         resnet_block_groups: int = 4,
         attn_heads: int = 4,
         attn_dim_head: int = 32,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.channels = channels
@@ -157,7 +160,7 @@ class UNet(nn.Module):
         time_dim = dim * 4
 
         def resnet(d_in: int, d_out: int) -> ResnetBlock:
-            return ResnetBlock(d_in, d_out, time_dim, resnet_block_groups)
+            return ResnetBlock(d_in, d_out, time_dim, resnet_block_groups, dropout)
 
         def linear_attn(d: int) -> PreNormResidual:
             return PreNormResidual(d, LinearAttention(d, attn_heads, attn_dim_head))
@@ -229,4 +232,5 @@ def build_model(cfg: Any, channels: int) -> UNet:
         resnet_block_groups=cfg.resnet_block_groups,
         attn_heads=cfg.attn_heads,
         attn_dim_head=cfg.attn_dim_head,
+        dropout=cfg.dropout,
     )

@@ -1,0 +1,42 @@
+"""Exponential moving average of the weights, the copy that samples are drawn from.
+
+torch.optim.swa_utils.AveragedModel keeps its update count in a device tensor; a warm-up decay computed
+from it would read that tensor back on every step. Here the step count stays on the host, so an update
+is a single fused ``lerp`` over the parameters with no synchronisation.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+def ema_decay(decay: float, warmup: float, step: int) -> float:
+    """The decay at optimizer step ``step`` (1-based): min(decay, (1 + step) / (warmup + step)).
+
+    The warm-up lets the average forget the random initial weights quickly (the TensorFlow
+    ExponentialMovingAverage's num_updates rule for warmup = 10); warmup = 0 uses ``decay`` from the start."""
+    if warmup <= 0:
+        return decay
+    return min(decay, (1 + step) / (warmup + step))
+
+
+class EMA:
+    """An averaged copy of ``model``: after each optimizer step, ema <- decay_t ema + (1 - decay_t) model."""
+
+    def __init__(self, model: nn.Module, decay: float, warmup: float) -> None:
+        self.decay, self.warmup = decay, warmup
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self._ema = list(self.model.parameters())
+        self._live = list(model.parameters())
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        weight = 1.0 - ema_decay(self.decay, self.warmup, step)
+        # one fused kernel per group of tensors, as swa_utils.get_ema_multi_avg_fn does
+        torch._foreach_lerp_(self._ema, self._live, weight)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()

@@ -1,0 +1,52 @@
+import pytest
+import torch
+from conftest import TINY
+
+from ddpm.checkpoint import load_checkpoint, load_model
+from ddpm.ema import EMA, ema_decay
+from ddpm.train import train
+
+
+def test_warmup_rule():
+    assert ema_decay(0.999, 10, 1) == pytest.approx(2 / 11)
+    assert ema_decay(0.999, 10, 90) == pytest.approx(91 / 100)
+    assert ema_decay(0.999, 10, 10**6) == 0.999
+    assert ema_decay(0.99, 0, 1) == 0.99
+
+
+def test_update_is_the_moving_average():
+    model = torch.nn.Linear(3, 2)
+    ema = EMA(model, decay=0.9, warmup=0)
+    start = {k: v.clone() for k, v in ema.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(step=1)
+    for k, v in ema.state_dict().items():
+        torch.testing.assert_close(v, 0.9 * start[k] + 0.1 * model.state_dict()[k])
+    assert all(not p.requires_grad for p in ema.model.parameters())
+
+
+def test_checkpoint_holds_ema_and_sampling_chooses(compose_cfg, tmp_path):
+    cfg = compose_cfg(
+        "train", TINY + ["steps=5", "sample_every=0", "forward_n=0", "ema.decay=0.5", "ema.warmup=0"]
+    )
+    train(cfg, tmp_path)
+    payload = load_checkpoint(tmp_path / "checkpoints/last.pt")
+    assert set(payload) >= {"model", "ema"}
+    assert any(not torch.equal(payload["model"][k], payload["ema"][k]) for k in payload["model"])
+    ema_model, _, info = load_model(tmp_path / "checkpoints/last.pt", torch.device("cpu"), ema=True)
+    raw_model, _, raw_info = load_model(tmp_path / "checkpoints/last.pt", torch.device("cpu"), ema=False)
+    assert info["weights"] == "ema" and raw_info["weights"] == "model"
+    for k, v in ema_model.state_dict().items():
+        torch.testing.assert_close(v, payload["ema"][k])
+    for k, v in raw_model.state_dict().items():
+        torch.testing.assert_close(v, payload["model"][k])
+
+
+def test_no_ema_means_no_ema_in_the_checkpoint(compose_cfg, tmp_path):
+    cfg = compose_cfg("train", TINY + ["steps=2", "sample_every=0", "forward_n=0", "ema.decay=0"])
+    train(cfg, tmp_path)
+    assert "ema" not in load_checkpoint(tmp_path / "checkpoints/last.pt")
+    _, _, info = load_model(tmp_path / "checkpoints/last.pt", torch.device("cpu"), ema=True)
+    assert info["weights"] == "model"

@@ -1,0 +1,120 @@
+"""Samplers against exact denoisers: for Gaussian data E[x_0 | x_t] is known in closed form, so each
+sampler must reproduce the data distribution up to its discretisation error."""
+
+import pytest
+import torch
+
+from ddpm.config import Objective, Spacing
+from ddpm.diffusion import make_denoiser
+from ddpm.sampling import SAMPLERS, ddim_sample, dpm_solver_pp_sample, p_sample_loop, sampling_timesteps
+from ddpm.schedules import Schedule, cosine_betas, linear_betas, rescale_zero_terminal_snr
+
+MU, SD = 0.1, 0.25
+
+
+class GaussianOracle(torch.nn.Module):
+    """The exact eps-prediction for data ~ N(MU, SD^2) per pixel: with x_t = a x_0 + s eps,
+    E[x_0 | x_t] = MU + a SD^2 / (a^2 SD^2 + s^2) (x_t - a MU) and eps = (x_t - a E[x_0 | x_t]) / s."""
+
+    def __init__(self, schedule: Schedule) -> None:
+        super().__init__()
+        self.schedule = schedule
+        self.calls = 0
+
+    def forward(self, x_t, t):
+        self.calls += 1
+        a = self.schedule.sqrt_alphas_cumprod[t].view(-1, 1, 1, 1)
+        s = self.schedule.sqrt_one_minus_alphas_cumprod[t].view(-1, 1, 1, 1)
+        x0 = MU + a * SD**2 / (a**2 * SD**2 + s**2) * (x_t - a * MU)
+        return (x_t - a * x0) / s
+
+
+@pytest.fixture
+def schedule():
+    return Schedule.from_betas(linear_betas(1000, 1e-4, 0.02))
+
+
+def moments(sampler, schedule, steps, **options):
+    oracle = GaussianOracle(schedule)
+    denoise = make_denoiser(oracle, schedule, Objective.eps, clip_x0=False)
+    ts = sampling_timesteps(schedule.timesteps, steps, Spacing.linspace)
+    g = torch.Generator().manual_seed(0)
+    x = sampler(denoise, schedule, torch.randn(40000, 1, 1, 1, generator=g), ts, g, **options)
+    assert oracle.calls == len(ts)
+    return x.mean().item(), x.std().item()
+
+
+@pytest.mark.parametrize(
+    ("sampler", "steps", "options", "tolerance"),
+    [
+        (p_sample_loop, 1000, {"variance": "small"}, 0.02),
+        # fixed-large variance adds a little spread by design (Ho et al. sec. 3.2)
+        (p_sample_loop, 1000, {"variance": "large"}, 0.05),
+        (ddim_sample, 1000, {"eta": 1.0}, 0.02),
+        (ddim_sample, 400, {"eta": 0.0}, 0.02),
+        (dpm_solver_pp_sample, 400, {}, 0.01),
+    ],
+)
+def test_samplers_recover_the_data_distribution(schedule, sampler, steps, options, tolerance):
+    mean, std = moments(sampler, schedule, steps, **options)
+    assert mean == pytest.approx(MU, abs=0.01)
+    assert std == pytest.approx(SD, rel=tolerance)
+
+
+def test_ddim_converges_at_first_order_and_dpm_solver_at_second():
+    # Error of the sample spread at 100 and at 400 steps: a method of order p shrinks it ~4^p times.
+    schedule = Schedule.from_betas(linear_betas(1000, 1e-4, 0.02))
+
+    def ratio(sampler, **options):
+        e100, e400 = (abs(moments(sampler, schedule, n, **options)[1] - SD) for n in (100, 400))
+        return e100 / e400
+
+    assert 3 < ratio(ddim_sample, eta=0.0) < 5.5
+    assert ratio(dpm_solver_pp_sample) > 8
+
+
+@pytest.mark.parametrize("sampler", [ddim_sample, dpm_solver_pp_sample])
+def test_deterministic_samplers_ignore_the_generator(schedule, sampler):
+    denoise = make_denoiser(GaussianOracle(schedule), schedule, Objective.eps, clip_x0=True)
+    ts = sampling_timesteps(1000, 10, Spacing.trailing)
+    x_T = torch.randn(8, 1, 2, 2)
+    a = sampler(denoise, schedule, x_T, ts, torch.Generator().manual_seed(1))
+    b = sampler(denoise, schedule, x_T, ts, torch.Generator().manual_seed(2))
+    torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("sampler", [p_sample_loop, ddim_sample, dpm_solver_pp_sample])
+def test_zero_terminal_snr_schedule_samples_with_v_prediction(sampler):
+    # abar_T = 0: eps-prediction is undefined at T, v-prediction is not.
+    schedule = Schedule.from_betas(rescale_zero_terminal_snr(cosine_betas(200, 0.008, 0.999)))
+
+    def v_model(x_t, t):  # v = a eps - s x_0, from the exact x_0 (no division by a = 0 at T)
+        a = schedule.sqrt_alphas_cumprod[t].view(-1, 1, 1, 1)
+        s = schedule.sqrt_one_minus_alphas_cumprod[t].view(-1, 1, 1, 1)
+        x0 = MU + a * SD**2 / (a**2 * SD**2 + s**2) * (x_t - a * MU)
+        return a * (x_t - a * x0) / s - s * x0
+
+    denoise = make_denoiser(v_model, schedule, Objective.v, clip_x0=False)
+    ts = sampling_timesteps(200, 200, Spacing.trailing)
+    x = sampler(
+        denoise, schedule, torch.randn(20000, 1, 1, 1, generator=torch.Generator().manual_seed(0)), ts
+    )
+    assert torch.isfinite(x).all()
+    assert x.mean().item() == pytest.approx(MU, abs=0.015)
+    assert x.std().item() == pytest.approx(SD, rel=0.05)
+
+
+def test_timestep_spacings():
+    assert sampling_timesteps(1000, 10, Spacing.linspace) == [999, 888, 777, 666, 555, 444, 333, 222, 111, 0]
+    assert sampling_timesteps(1000, 10, Spacing.leading) == [900, 800, 700, 600, 500, 400, 300, 200, 100, 0]
+    assert sampling_timesteps(1000, 10, Spacing.trailing) == [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]
+    for spacing in Spacing:
+        assert sampling_timesteps(50, 50, spacing) == list(range(49, -1, -1))
+        assert len(sampling_timesteps(1000, 37, spacing)) == 37
+        assert sampling_timesteps(1000, 1, spacing)[0] in (0, 999)
+
+
+def test_every_configured_sampler_is_registered():
+    from ddpm.config import SAMPLERS as NAMES
+
+    assert tuple(SAMPLERS) == NAMES
