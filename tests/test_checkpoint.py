@@ -16,7 +16,7 @@ def cfg(compose_cfg):
 
 
 def test_round_trip_rebuilds_model_and_schedule(cfg, tmp_path):
-    model = build_model(cfg.model, cfg.data.channels)
+    model = build_model(cfg.model, cfg.data.channels, cfg.data.image_size)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     save_checkpoint(tmp_path / "c.pt", step=7, model=weights, config=plain_config(cfg))
     assert not list(tmp_path.glob(".*.tmp"))
@@ -44,7 +44,7 @@ def test_missing_file(tmp_path):
 
 
 def test_truncated_file(cfg, tmp_path):
-    model = build_model(cfg.model, cfg.data.channels)
+    model = build_model(cfg.model, cfg.data.channels, cfg.data.image_size)
     save_checkpoint(tmp_path / "c.pt", step=1, model=model.state_dict(), config=plain_config(cfg))
     data = (tmp_path / "c.pt").read_bytes()
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])

@@ -1,5 +1,6 @@
 """The real console scripts in subprocesses: what a user types, what a user gets."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -149,7 +150,7 @@ BAD_TRAIN = [
         ["data=imagenet"],
         "data=imagenet is invalid: choose one of cifar10, digits, fashion_mnist, folder, mnist",
     ),
-    (["model=resnet"], "model=resnet is invalid: choose one of unet"),
+    (["model=resnet"], "model=resnet is invalid: choose one of ho2020, unet"),
     (["timesteps=0"], "timesteps=0 is invalid: it must be >= 1"),
     (["batch_size=0"], "batch_size=0 is invalid: it must be >= 1"),
     (
@@ -260,3 +261,47 @@ def test_config_dir_adds_user_configs(tmp_path, cli):
     result = cli("ddpm-train", "--config-dir", "mine", "model=small", "--cfg", "job", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert yaml.safe_load(result.stdout)["model"]["dim"] == 12
+
+
+def test_eval_scores_a_checkpoint(trained, cli):
+    cwd = trained.parent
+    args = [
+        "ckpt=run/checkpoints/last.pt",
+        "n=20",
+        "n_real=100",
+        "classifier_steps=20",
+        "kid_subsets=3",
+        "kid_subset_size=10",
+        "sampler=ddim",
+        "sample_steps=5",
+        "classifier_cache=cache",
+    ]
+    result = cli("ddpm-eval", *args, cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((trained / "eval/last_seed0/eval.json").read_text())
+    assert report["source"]["step"] == 3 and report["n_fake"] == 20
+    assert "classifier (classifier accuracy" in result.stdout and "KID" in result.stdout
+    assert "FID needs more images than the 128 features" in result.stdout
+    assert (cwd / "cache").is_dir()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "give exactly one of ckpt=PATH"),
+        (["ckpt=nope.pt"], "ckpt=nope.pt does not exist"),
+        (["samples=pics"], "samples=DIR needs data="),
+        (
+            ["ckpt=run/checkpoints/last.pt", "features=[inception]", "inception_weights=missing.pth"],
+            "inception_weights=missing.pth does not exist",
+        ),
+    ],
+)
+def test_bad_eval_input_is_one_line(trained, cli, args, message):
+    result = cli("ddpm-eval", *args, "n=4", "n_real=4", "out=eval_bad", cwd=trained.parent)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ddpm-eval: error: ") and message in lines[0], (
+        result.stderr
+    )
+    assert not (trained.parent / "eval_bad").exists()

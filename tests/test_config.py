@@ -134,3 +134,47 @@ def test_sample_checks(compose_cfg, override, message):
     cfg = compose_cfg("sample", ["ckpt=x.pt", override])
     with pytest.raises(ConfigError, match=message):
         validate_sample(cfg)
+
+
+def test_annotated_fashion_mnist_preset(compose_cfg):
+    cfg = compose_cfg("train", ["experiment=annotated_fashion_mnist"])
+    assert (cfg.data.name, cfg.data.image_size, cfg.data.channels) == ("fashion_mnist", 28, 1)
+    assert cfg.timesteps == 200 and cfg.schedule.name == "linear"
+    assert (cfg.schedule.beta_start, cfg.schedule.beta_end) == (1e-4, 0.02)
+    assert cfg.loss is Loss.huber and cfg.objective.name == "eps"
+    assert cfg.model.name == "unet" and cfg.model.dim == 28 and list(cfg.model.dim_mults) == [1, 2, 4]
+    assert cfg.batch_size == 128 and cfg.lr == 1e-3
+    assert cfg.ema.decay == 0 and cfg.clip_x0 is False and cfg.sampler == "ddpm"
+    validate_train(cfg)
+
+
+def test_ddpm_cifar10_preset(compose_cfg):
+    from ddpm.unet import build_model
+
+    cfg = compose_cfg("train", ["experiment=ddpm_cifar10"])
+    assert (cfg.data.name, cfg.data.image_size, cfg.data.channels, cfg.data.hflip) == ("cifar10", 32, 3, True)
+    assert cfg.timesteps == 1000 and cfg.schedule.name == "linear"
+    assert (cfg.schedule.beta_start, cfg.schedule.beta_end) == (1e-4, 0.02)
+    assert cfg.loss is Loss.l2 and cfg.objective.name == "eps"
+    assert cfg.model.name == "ho2020" and list(cfg.model.dim_mults) == [1, 2, 2, 2]
+    assert (
+        cfg.model.num_res_blocks == 2
+        and list(cfg.model.attn_resolutions) == [16]
+        and cfg.model.dropout == 0.1
+    )
+    assert cfg.lr == 2e-4 and cfg.batch_size == 128 and cfg.lr_warmup == 5000
+    assert cfg.ema.decay == 0.9999 and cfg.grad_clip == 1.0 and cfg.steps == 800000
+    validate_train(cfg)
+    params = sum(p.numel() for p in build_model(cfg.model, 3, 32).parameters())
+    assert params == pytest.approx(35.7e6, abs=0.5e6)
+
+
+def test_preset_keys_can_still_be_overridden(compose_cfg):
+    cfg = compose_cfg("train", ["experiment=ddpm_cifar10", "lr=1e-4", "model.dropout=0.2"])
+    assert cfg.lr == 1e-4 and cfg.model.dropout == 0.2
+
+
+def test_unknown_preset_lists_the_choices(compose_cfg):
+    with pytest.raises(MissingConfigException) as e:
+        compose_cfg("train", ["experiment=imagenet"])
+    assert sorted(e.value.options) == ["annotated_fashion_mnist", "ddpm_cifar10"]

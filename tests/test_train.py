@@ -86,7 +86,7 @@ def make_step(compose_cfg, overrides):
 
     cfg = compose_cfg("train", TINY + overrides)
     torch.manual_seed(0)
-    model = build_model(cfg.model, 1)
+    model = build_model(cfg.model, 1, 8)
     return (
         model,
         torch.optim.Adam(model.parameters(), lr=1e-3),
@@ -152,7 +152,7 @@ def test_lr_warmup_and_cosine_decay(compose_cfg, tmp_path):
 def test_dropout_is_active_in_training_only(compose_cfg):
     from ddpm.unet import build_model
 
-    model = build_model(compose_cfg("train", TINY + ["model.dropout=0.5"]).model, 1)
+    model = build_model(compose_cfg("train", TINY + ["model.dropout=0.5"]).model, 1, 8)
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([1, 2])
     model.train()
     assert not torch.equal(model(x, t), model(x, t))

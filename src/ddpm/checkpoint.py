@@ -109,7 +109,7 @@ def load_model(
     config = OmegaConf.create(payload["config"])
     payload["weights"] = "ema" if ema and "ema" in payload else "model"
     try:
-        model = build_model(config.model, config.data.channels)
+        model = build_model(config.model, config.data.channels, config.data.image_size)
         model.load_state_dict(payload[payload["weights"]])
         schedule = build_schedule(config.schedule, config.timesteps)
     except (RuntimeError, KeyError, AttributeError) as e:

@@ -17,6 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ddpm.checkpoint import load_model
 from ddpm.config import ConfigError, Objective, register_configs, validate_sample, validate_sampling
+from ddpm.evaluate import evaluate, summary_lines
 from ddpm.images import save_grid, save_individual
 from ddpm.sampling import generate
 from ddpm.train import resolve_device, train
@@ -38,6 +39,19 @@ def _sample(cfg: DictConfig) -> None:
     with one_line_errors("ddpm-sample"):
         require(cfg)
         sample(cfg)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIGS, config_name="eval")
+def _eval(cfg: DictConfig) -> None:
+    with one_line_errors("ddpm-eval"):
+        require(cfg)
+        report = evaluate(cfg)
+        for line in summary_lines(report):
+            print(f"ddpm-eval: {line}")
+        print(
+            f"ddpm-eval: {report['n_fake']} images against {report['n_real']} real ones "
+            f"-> {report['out']}/eval.json"
+        )
 
 
 def require(cfg: DictConfig) -> None:
@@ -118,3 +132,7 @@ def train_main() -> None:
 
 def sample_main() -> None:
     run(_sample, "ddpm-sample")
+
+
+def eval_main() -> None:
+    run(_eval, "ddpm-eval")

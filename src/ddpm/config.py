@@ -88,14 +88,24 @@ class CosineSchedule(ScheduleConfig):
 
 # ----------------------------------------------------------------------------------------------- model
 @dataclass
-class UNetConfig:
+class ModelConfig:
     name: str = MISSING
     dim: int = MISSING
     dim_mults: list[int] = MISSING
+    dropout: float = MISSING
+
+
+@dataclass
+class HoUNetConfig(ModelConfig):
+    num_res_blocks: int = MISSING
+    attn_resolutions: list[int] = MISSING
+
+
+@dataclass
+class UNetConfig(ModelConfig):
     resnet_block_groups: int = MISSING
     attn_heads: int = MISSING
     attn_dim_head: int = MISSING
-    dropout: float = MISSING
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -142,7 +152,7 @@ class EMAConfig:
 @dataclass
 class TrainConfig(SamplingKeys):
     schedule: ScheduleConfig = MISSING
-    model: UNetConfig = MISSING
+    model: ModelConfig = MISSING
     data: DataConfig = MISSING
     ema: EMAConfig = MISSING
     loss: Loss = MISSING
@@ -178,6 +188,28 @@ class SampleConfig(SamplingKeys):
     save_images: bool = MISSING
 
 
+@dataclass
+class EvalConfig(SamplingKeys):
+    ckpt: str | None = MISSING
+    samples: str | None = MISSING
+    data: DataConfig | None = None
+    n: int = MISSING
+    n_real: int = MISSING
+    features: list[str] = MISSING
+    inception_weights: str | None = MISSING
+    classifier_steps: int = MISSING
+    classifier_images: int = MISSING
+    classifier_cache: str | None = MISSING
+    kid_subsets: int = MISSING
+    kid_subset_size: int = MISSING
+    knn_k: int = MISSING
+    seed: int = MISSING
+    batch_size: int = MISSING
+    device: str = MISSING
+    ema: bool = MISSING
+    out: str | None = MISSING
+
+
 SCHEDULE_SCHEMAS: dict[str, type[ScheduleConfig]] = {
     "linear": LinearSchedule,
     "quadratic": QuadraticSchedule,
@@ -191,9 +223,11 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(group="schema", name="train", node=TrainConfig)
     cs.store(group="schema", name="sample", node=SampleConfig)
+    cs.store(group="schema", name="eval", node=EvalConfig)
     for name, node in SCHEDULE_SCHEMAS.items():
         cs.store(group="schema/schedule", name=name, node=node)
     cs.store(group="schema/model", name="unet", node=UNetConfig)
+    cs.store(group="schema/model", name="ho2020", node=HoUNetConfig)
     cs.store(group="schema/data", name="digits", node=DataConfig)
     cs.store(group="schema/data", name="folder", node=FolderData)
     cs.store(group="schema/data", name="torchvision", node=TorchvisionData)
@@ -228,29 +262,49 @@ def validate_schedule(schedule: Any, timesteps: int) -> None:
         raise ConfigError(f"schedule.start={schedule.start} must be below schedule.end={schedule.end}")
 
 
+MODELS = ("unet", "ho2020")
+
+
 def validate_model(model: Any, image_size: int) -> None:
+    if model.name not in MODELS:
+        raise ConfigError(f"model.name={model.name!r} is invalid: choose one of {', '.join(MODELS)}")
     if model.dim < 4 or model.dim % 2:
         raise ConfigError(f"model.dim={model.dim} is invalid: it must be even and >= 4 (the time embedding)")
     if len(model.dim_mults) == 0 or min(model.dim_mults) < 1:
         mults = list(model.dim_mults)
         raise ConfigError(f"model.dim_mults={mults} is invalid: give one or more integers >= 1")
-    _at_least("model.attn_heads", model.attn_heads, 1)
-    _at_least("model.attn_dim_head", model.attn_dim_head, 1)
     if not 0 <= model.dropout < 1:
         raise ConfigError(f"model.dropout={model.dropout} is invalid: it must lie in [0, 1)")
-    groups = model.resnet_block_groups
-    _at_least("model.resnet_block_groups", groups, 1)
-    widths = sorted({model.dim * m for m in model.dim_mults})
-    if any(w % groups for w in widths):
-        raise ConfigError(
-            f"model.resnet_block_groups={groups} is invalid: it must divide every block width {widths}"
-        )
     factor = 2 ** (len(model.dim_mults) - 1)
     if image_size % factor:
         raise ConfigError(
             f"data.image_size={image_size} is invalid for model.dim_mults={list(model.dim_mults)}: "
             f"the U-Net halves it {len(model.dim_mults) - 1} times, so it must be a multiple of {factor}"
         )
+    widths = sorted({model.dim, *(model.dim * m for m in model.dim_mults)})
+    if model.name == "unet":
+        _at_least("model.attn_heads", model.attn_heads, 1)
+        _at_least("model.attn_dim_head", model.attn_dim_head, 1)
+        groups = model.resnet_block_groups
+        _at_least("model.resnet_block_groups", groups, 1)
+        if any(w % groups for w in widths):
+            raise ConfigError(
+                f"model.resnet_block_groups={groups} is invalid: it must divide every block width {widths}"
+            )
+    else:
+        _at_least("model.num_res_blocks", model.num_res_blocks, 1)
+        if any(w % 32 for w in widths):
+            raise ConfigError(
+                f"model.dim={model.dim} is invalid for model=ho2020: its GroupNorm has 32 groups, so every "
+                f"width {widths} must be a multiple of 32"
+            )
+        resolutions = [image_size // 2**i for i in range(len(model.dim_mults))]
+        stray = [r for r in model.attn_resolutions if r not in resolutions]
+        if stray:
+            raise ConfigError(
+                f"model.attn_resolutions={list(model.attn_resolutions)} is invalid: {stray} is not a "
+                f"resolution of this U-Net ({', '.join(map(str, resolutions))})"
+            )
 
 
 def validate_data(data: Any) -> None:

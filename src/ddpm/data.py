@@ -49,7 +49,9 @@ class DigitsDataset(Dataset):
     def __init__(self, data: Any) -> None:
         from sklearn.datasets import load_digits
 
-        pixels = torch.from_numpy(load_digits().images).float()  # (N, 8, 8) in [0, 16]
+        digits = load_digits()
+        pixels = torch.from_numpy(digits.images).float()  # (N, 8, 8) in [0, 16]
+        self.labels = torch.from_numpy(digits.target).long()
         images = (pixels / 16.0 * 255.0).round().to(torch.uint8)[:, None]  # (N, 1, 8, 8)
         self.images = images.expand(-1, data.channels, -1, -1) if data.channels == 3 else images
         self.transform = image_transform(data)
@@ -84,6 +86,7 @@ class FolderDataset(Dataset):
                 f"data.root={data.root} holds no readable image ({len(paths)} image files failed to open)"
             )
         self.paths = paths
+        self.labels = None
         self.mode = pil_mode(data.channels)
         self.transform = image_transform(data)
 
@@ -124,6 +127,7 @@ class TorchvisionDataset(Dataset):
                 f"data={data.name}: the data set in data.root={data.root} {how}: {_first_line(e)}; "
                 "copy the files there, or train offline with data=folder data.root=DIR or data=digits"
             ) from e
+        self.labels = torch.as_tensor(self.base.targets).long()
         self.mode = pil_mode(data.channels)
         self.transform = image_transform(data)
 
@@ -149,3 +153,12 @@ def build_dataset(data: Any) -> Dataset:
     if data.name in ("mnist", "fashion_mnist", "cifar10"):
         return TorchvisionDataset(data)
     raise ConfigError(f"data.name={data.name!r} is invalid: choose one of {', '.join(DATASETS)}")
+
+
+def load_subset(dataset: Dataset, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """n images (all, if the set is smaller) drawn without replacement, and their labels where known."""
+    g = torch.Generator().manual_seed(seed)
+    index = torch.randperm(len(dataset), generator=g)[: min(n, len(dataset))]
+    images = torch.stack([dataset[int(i)] for i in index])
+    labels = getattr(dataset, "labels", None)
+    return images, (labels[index] if labels is not None else None)

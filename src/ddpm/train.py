@@ -172,7 +172,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     seed_everything(cfg.seed)
     schedule = build_schedule(cfg.schedule, cfg.timesteps).to(runtime.device)
-    model = build_model(cfg.model, cfg.data.channels).to(runtime.device)
+    model = build_model(cfg.model, cfg.data.channels, cfg.data.image_size).to(runtime.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     factor = lambda step: lr_factor(step, cfg.lr_warmup, cfg.lr_decay, cfg.steps)  # noqa: E731
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

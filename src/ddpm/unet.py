@@ -223,8 +223,12 @@ class UNet(nn.Module):
         return self.final_conv(x)
 
 
-def build_model(cfg: Any, channels: int) -> UNet:
-    """The U-Net of a ``model`` config entry for images with ``channels`` channels."""
+def build_model(cfg: Any, channels: int, image_size: int) -> nn.Module:
+    """The noise predictor of a ``model`` config entry for (channels, image_size, image_size) images."""
+    if cfg.name == "ho2020":
+        from ddpm.unet_ho import build_ho_unet
+
+        return build_ho_unet(cfg, channels, image_size)
     return UNet(
         channels=channels,
         dim=cfg.dim,

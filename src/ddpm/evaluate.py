@@ -1,0 +1,169 @@
+"""``evaluate(cfg)``: score a checkpoint's samples (or a folder of images) against a data set's real
+images in one or more feature spaces, and write ``eval.json``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ddpm.checkpoint import load_model
+from ddpm.config import ConfigError, Objective, validate_device, validate_sampling
+from ddpm.data import build_dataset, load_subset
+from ddpm.features import Extractor, classifier_extractor, inception_extractor
+from ddpm.images import save_grid
+from ddpm.metrics import fid, kid, precision_recall
+from ddpm.sampling import generate
+from ddpm.train import resolve_device
+
+FEATURES = ("classifier", "inception")
+
+
+def validate_eval(cfg: Any) -> None:
+    if (cfg.ckpt is None) == (cfg.samples is None):
+        raise ConfigError("give exactly one of ckpt=PATH (score its samples) or samples=DIR (score a folder)")
+    if cfg.samples is not None and cfg.data is None:
+        raise ConfigError(
+            "samples=DIR needs data=... (digits, folder, mnist, fashion_mnist, cifar10) for the real images"
+        )
+    if not cfg.features or any(f not in FEATURES for f in cfg.features):
+        raise ConfigError(f"features={list(cfg.features)} is invalid: choose from {', '.join(FEATURES)}")
+    for key in ("n", "n_real", "kid_subsets"):
+        if cfg[key] < 2:
+            raise ConfigError(f"{key}={cfg[key]} is invalid: it must be >= 2")
+    for key in ("classifier_steps", "classifier_images", "kid_subset_size", "knn_k", "batch_size"):
+        if cfg[key] < 1:
+            raise ConfigError(f"{key}={cfg[key]} is invalid: it must be >= 1")
+    weights = cfg.inception_weights
+    if "inception" in cfg.features and weights is not None and not Path(weights).expanduser().is_file():
+        raise ConfigError(
+            f"inception_weights={cfg.inception_weights} does not exist; it is pytorch-fid's "
+            "pt_inception-2015-12-05-6726825d.pth"
+        )
+    validate_sampling(cfg, None)
+    validate_device(cfg.device)
+
+
+def real_data_config(data: Any) -> DictConfig:
+    """The data config with random flips off: the reference set is scored as it is."""
+    if OmegaConf.is_config(data):
+        data = OmegaConf.to_container(data, resolve=True, enum_to_str=True)
+    plain = OmegaConf.create(data)
+    plain.hflip = False
+    plain.num_workers = 0
+    return plain
+
+
+def default_out(cfg: Any) -> Path:
+    if cfg.ckpt is not None:
+        ckpt = Path(cfg.ckpt)
+        run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+        return run_dir / "eval" / f"{ckpt.stem}_seed{cfg.seed}"
+    samples = Path(cfg.samples)
+    return samples.parent / f"eval_{samples.name}"
+
+
+def generated_images(cfg: Any, device: torch.device) -> tuple[torch.Tensor, DictConfig, dict[str, Any]]:
+    """The images to score, the data config of the real ones, and a record of where the images came from."""
+    if cfg.ckpt is not None:
+        model, schedule, payload = load_model(cfg.ckpt, device, ema=cfg.ema)
+        validate_sampling(cfg, schedule.timesteps)
+        trained = payload["config"]
+        data = real_data_config(cfg.data if cfg.data is not None else trained["data"])
+        shape = (data.channels, data.image_size, data.image_size)
+        if (trained["data"]["channels"], trained["data"]["image_size"]) != (data.channels, data.image_size):
+            raise ConfigError(
+                f"data={data.name} is {shape}, but ckpt={cfg.ckpt} makes "
+                f"{trained['data']['channels']}x{trained['data']['image_size']}^2 images"
+            )
+        objective = Objective[trained.get("objective", "eps")]
+        images = generate(model, schedule, objective, cfg, cfg.n, shape, cfg.seed, cfg.batch_size, device)
+        source = {
+            "ckpt": cfg.ckpt,
+            "step": payload["step"],
+            "weights": payload["weights"],
+            "sampler": cfg.sampler,
+            "sample_steps": cfg.sample_steps or schedule.timesteps,
+        }
+        return images, data, source
+    data = real_data_config(cfg.data)
+    folder = real_data_config(data)
+    folder.name, folder.root = "folder", cfg.samples
+    images, _ = load_subset(build_dataset(folder), cfg.n, cfg.seed)
+    return images, data, {"samples": cfg.samples}
+
+
+def extractor(
+    name: str, cfg: Any, data: DictConfig, dataset: Any, device: torch.device
+) -> tuple[Extractor, dict]:
+    if name == "inception":
+        return inception_extractor(cfg.inception_weights, device), {}
+    size, c = data.image_size, data.channels
+    root = cfg.classifier_cache or data.get("root") or "~/.cache/ddpm"
+    cache = (
+        Path(root).expanduser() / f"ddpm_classifier_{data.name}_{size}x{size}x{c}_{cfg.classifier_steps}.pt"
+    )
+    images, labels = load_subset(dataset, cfg.classifier_images, cfg.seed + 1)
+    extract, accuracy = classifier_extractor(images, labels, cache, cfg.classifier_steps, cfg.seed)
+    return extract, {"classifier_accuracy": accuracy, "classifier": str(cache)}
+
+
+def score(real: torch.Tensor, fake: torch.Tensor, cfg: Any) -> tuple[dict[str, Any], str | None]:
+    """FID, KID, precision and recall between two feature sets; FID is left out (with a warning) when a
+    set has no more images than features, since its covariance would be singular."""
+    dim, n = real.shape[1], min(real.shape[0], fake.shape[0])
+    warning = None
+    result: dict[str, Any] = {"dim": dim}
+    if n > dim:
+        result["fid"] = fid(real, fake)
+    else:
+        result["fid"] = None
+        warning = (
+            f"FID needs more images than the {dim} features for a full-rank covariance "
+            f"(got {n}); reporting KID, precision and recall only"
+        )
+    result["kid"], result["kid_std"] = kid(real, fake, cfg.kid_subsets, cfg.kid_subset_size, cfg.seed)
+    result["precision"], result["recall"] = precision_recall(real, fake, cfg.knn_k)
+    return result, warning
+
+
+def evaluate(cfg: Any) -> dict[str, Any]:
+    validate_eval(cfg)
+    device = resolve_device(cfg.device)
+    fake, data, source = generated_images(cfg, device)
+    dataset = build_dataset(data)
+    real, _ = load_subset(dataset, cfg.n_real, cfg.seed)
+    report: dict[str, Any] = {
+        "source": source,
+        "data": data.name,
+        "n_fake": fake.shape[0],
+        "n_real": real.shape[0],
+        "features": {},
+    }
+    out = Path(cfg.out) if cfg.out is not None else default_out(cfg)
+    for name in cfg.features:
+        extract, extra = extractor(name, cfg, data, dataset, device)
+        result, warning = score(extract(real), extract(fake), cfg)
+        if warning:
+            print(f"ddpm-eval: warning: {name}: {warning}")
+        report["features"][name] = {**result, **extra}
+    out.mkdir(parents=True, exist_ok=True)
+    save_grid(fake[:64], out / "samples.png")
+    (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    report["out"] = str(out)
+    return report
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    lines = []
+    for name, r in report["features"].items():
+        fid_text = f"{r['fid']:.3f}" if r["fid"] is not None else "n/a"
+        acc = f" (classifier accuracy {r['classifier_accuracy']:.1%})" if "classifier_accuracy" in r else ""
+        lines.append(
+            f"{name}{acc}: FID {fid_text} | KID {r['kid']:.5f} +- {r['kid_std']:.5f} | "
+            f"precision {r['precision']:.3f} | recall {r['recall']:.3f}"
+        )
+    return lines

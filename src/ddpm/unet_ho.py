@@ -1,0 +1,160 @@
+"""The U-Net of Ho et al. 2020 (their CIFAR-10 model: 35.7M parameters with ch=128, ch_mult=(1,2,2,2)).
+
+A PixelCNN++-style backbone: at each resolution ``num_res_blocks`` residual blocks on the way down and
+``num_res_blocks + 1`` on the way up (each taking one skip connection), self-attention at the resolutions
+listed in ``attn_resolutions``, strided-conv downsampling, nearest-neighbour + conv upsampling, GroupNorm
+with 32 groups, and dropout inside every residual block.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ddpm.unet import SinusoidalPositionEmbeddings
+
+GROUPS = 32  # GroupNorm groups, fixed by the architecture
+
+
+def norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(GROUPS, channels)
+
+
+class ResBlock(nn.Module):
+    """h = conv(swish(norm(x))) + dense(swish(temb)); h = conv(dropout(swish(norm(h)))); x + h."""
+
+    def __init__(self, dim: int, dim_out: int, temb_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.norm1 = norm(dim)
+        self.conv1 = nn.Conv2d(dim, dim_out, 3, padding=1)
+        self.temb = nn.Linear(temb_dim, dim_out)
+        self.norm2 = norm(dim_out)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(dim_out, dim_out, 3, padding=1)
+        self.skip = nn.Conv2d(dim, dim_out, 1) if dim != dim_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.temb(F.silu(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head softmax self-attention over all positions, with 1x1 projections."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = norm(dim)
+        self.qkv = nn.Conv2d(dim, dim * 3, 1)
+        self.out = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        q, k, v = (z.reshape(b, 1, c, h * w).transpose(-1, -2) for z in self.qkv(self.norm(x)).chunk(3, 1))
+        out = F.scaled_dot_product_attention(q, k, v)  # (b, 1, hw, c)
+        return x + self.out(out.transpose(-1, -2).reshape(b, c, h, w))
+
+
+class Level(nn.Module):
+    """The residual blocks (and attention) of one resolution on one path."""
+
+    def __init__(self, blocks: list[ResBlock], attn: bool) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.attns = nn.ModuleList(
+            [AttnBlock(b.conv2.out_channels) if attn else nn.Identity() for b in blocks]
+        )
+
+
+class HoUNet(nn.Module):
+    def __init__(
+        self,
+        channels: int,
+        image_size: int,
+        ch: int = 128,
+        ch_mult: tuple[int, ...] = (1, 2, 2, 2),
+        num_res_blocks: int = 2,
+        attn_resolutions: tuple[int, ...] = (16,),
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.channels = channels
+        self.downsample_factor = 2 ** (len(ch_mult) - 1)
+        temb_dim = ch * 4
+        self.time_mlp = nn.Sequential(
+            SinusoidalPositionEmbeddings(ch),
+            nn.Linear(ch, temb_dim),
+            nn.SiLU(),
+            nn.Linear(temb_dim, temb_dim),
+        )
+        self.conv_in = nn.Conv2d(channels, ch, 3, padding=1)
+
+        self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
+        skip_dims, dim, res = [ch], ch, image_size
+        for i, mult in enumerate(ch_mult):
+            blocks = []
+            for _ in range(num_res_blocks):
+                blocks.append(ResBlock(dim, ch * mult, temb_dim, dropout))
+                dim = ch * mult
+                skip_dims.append(dim)
+            self.down.append(Level(blocks, res in attn_resolutions))
+            if i < len(ch_mult) - 1:
+                self.downsample.append(nn.Conv2d(dim, dim, 3, stride=2, padding=1))
+                skip_dims.append(dim)
+                res //= 2
+
+        self.mid1 = ResBlock(dim, dim, temb_dim, dropout)
+        self.mid_attn = AttnBlock(dim)
+        self.mid2 = ResBlock(dim, dim, temb_dim, dropout)
+
+        self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
+        for i, mult in reversed(list(enumerate(ch_mult))):
+            blocks = []
+            for _ in range(num_res_blocks + 1):
+                blocks.append(ResBlock(dim + skip_dims.pop(), ch * mult, temb_dim, dropout))
+                dim = ch * mult
+            self.up.append(Level(blocks, res in attn_resolutions))
+            if i > 0:
+                self.upsample.append(nn.Conv2d(dim, dim, 3, padding=1))
+                res *= 2
+
+        self.norm_out = norm(dim)
+        self.conv_out = nn.Conv2d(dim, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        temb = self.time_mlp(t)
+        h = self.conv_in(x)
+        skips = [h]
+        for i, level in enumerate(self.down):
+            for block, attn in zip(level.blocks, level.attns, strict=True):
+                h = attn(block(h, temb))
+                skips.append(h)
+            if i < len(self.downsample):
+                h = self.downsample[i](h)
+                skips.append(h)
+
+        h = self.mid2(self.mid_attn(self.mid1(h, temb)), temb)
+
+        for i, level in enumerate(self.up):
+            for block, attn in zip(level.blocks, level.attns, strict=True):
+                h = attn(block(torch.cat([h, skips.pop()], dim=1), temb))
+            if i < len(self.upsample):
+                h = self.upsample[i](F.interpolate(h, scale_factor=2, mode="nearest"))
+
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def build_ho_unet(cfg: Any, channels: int, image_size: int) -> HoUNet:
+    return HoUNet(
+        channels=channels,
+        image_size=image_size,
+        ch=cfg.dim,
+        ch_mult=tuple(cfg.dim_mults),
+        num_res_blocks=cfg.num_res_blocks,
+        attn_resolutions=tuple(cfg.attn_resolutions),
+        dropout=cfg.dropout,
+    )
