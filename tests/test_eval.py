@@ -132,21 +132,10 @@ def test_inception_download_offline_says_what_to_do(monkeypatch):
 @pytest.mark.slow
 def test_inception_features_from_a_local_weights_file(tmp_path):
     """The loading code on a file of the real format (random weights: the real ones need a download)."""
-    from pytorch_fid import inception as pfi
-
-    from ddpm.features import inception_extractor
+    from ddpm.features import fid_inception_structure, inception_extractor
 
     torch.manual_seed(0)
-    structure = pfi._inception_v3(num_classes=1008, aux_logits=False, weights=None)
-    structure.Mixed_5b = pfi.FIDInceptionA(192, pool_features=32)
-    structure.Mixed_5c = pfi.FIDInceptionA(256, pool_features=64)
-    structure.Mixed_5d = pfi.FIDInceptionA(288, pool_features=64)
-    structure.Mixed_6b = pfi.FIDInceptionC(768, channels_7x7=128)
-    structure.Mixed_6c = pfi.FIDInceptionC(768, channels_7x7=160)
-    structure.Mixed_6d = pfi.FIDInceptionC(768, channels_7x7=160)
-    structure.Mixed_6e = pfi.FIDInceptionC(768, channels_7x7=192)
-    structure.Mixed_7b = pfi.FIDInceptionE_1(1280)
-    structure.Mixed_7c = pfi.FIDInceptionE_2(2048)
+    structure = fid_inception_structure()
     torch.save(structure.state_dict(), tmp_path / "pt_inception.pth")
     extract = inception_extractor(str(tmp_path / "pt_inception.pth"), torch.device("cpu"))
     features = extract(torch.rand(3, 1, 8, 8) * 2 - 1)

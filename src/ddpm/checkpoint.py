@@ -68,6 +68,11 @@ def link_checkpoint(src: Path, dst: Path) -> None:
     _fsync_dir(dst.parent)
 
 
+def run_dir_of(ckpt: Path) -> Path:
+    """The run directory that wrote ``ckpt`` (<run>/checkpoints/x.pt), or the checkpoint's own folder."""
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint of this tool; CheckpointError (one line) for anything else."""
     path = Path(path).expanduser()

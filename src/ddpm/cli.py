@@ -15,7 +15,7 @@ from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ddpm.checkpoint import load_model
+from ddpm.checkpoint import load_model, run_dir_of
 from ddpm.config import ConfigError, Objective, register_configs, validate_sample, validate_sampling
 from ddpm.evaluate import evaluate, summary_lines
 from ddpm.images import save_grid, save_individual
@@ -88,8 +88,7 @@ def sample(cfg: DictConfig) -> None:
 
 def default_out(ckpt: Path, seed: int) -> Path:
     """<run>/generated/<checkpoint>_seed<seed>, beside the run that wrote the checkpoint."""
-    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-    return run_dir / "generated" / f"{ckpt.stem}_seed{seed}"
+    return run_dir_of(ckpt) / "generated" / f"{ckpt.stem}_seed{seed}"
 
 
 def one_line(e: BaseException) -> str:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ddpm.checkpoint import load_model
+from ddpm.checkpoint import load_model, run_dir_of
 from ddpm.config import ConfigError, Objective, validate_device, validate_sampling
 from ddpm.data import build_dataset, load_subset
 from ddpm.features import Extractor, classifier_extractor, inception_extractor
@@ -60,8 +60,7 @@ def real_data_config(data: Any) -> DictConfig:
 def default_out(cfg: Any) -> Path:
     if cfg.ckpt is not None:
         ckpt = Path(cfg.ckpt)
-        run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-        return run_dir / "eval" / f"{ckpt.stem}_seed{cfg.seed}"
+        return run_dir_of(ckpt) / "eval" / f"{ckpt.stem}_seed{cfg.seed}"
     samples = Path(cfg.samples)
     return samples.parent / f"eval_{samples.name}"
 

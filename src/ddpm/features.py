@@ -107,9 +107,8 @@ def classifier_extractor(
 
 
 # -------------------------------------------------------------------------------------------- inception
-def fid_inception(weights: str | None) -> nn.Module:
-    """Inception-v3 with the FID blocks of the TensorFlow graph, as ported by pytorch-fid, with its weights
-    read from the local file ``weights`` (or downloaded by torch.hub when ``weights`` is None)."""
+def fid_inception_structure() -> nn.Module:
+    """Inception-v3 with the FID blocks of the TensorFlow graph, as ported by pytorch-fid; no weights."""
     from pytorch_fid import inception as pfi
 
     net = pfi._inception_v3(num_classes=1008, aux_logits=False, weights=None)
@@ -122,6 +121,13 @@ def fid_inception(weights: str | None) -> nn.Module:
     net.Mixed_6e = pfi.FIDInceptionC(768, channels_7x7=192)
     net.Mixed_7b = pfi.FIDInceptionE_1(1280)
     net.Mixed_7c = pfi.FIDInceptionE_2(2048)
+    return net
+
+
+def fid_inception(weights: str | None) -> nn.Module:
+    """The FID Inception-v3 with its weights read from the local file ``weights`` (or downloaded by
+    torch.hub when ``weights`` is None)."""
+    net = fid_inception_structure()
     if weights is not None:
         path = Path(weights).expanduser()
         if not path.is_file():
