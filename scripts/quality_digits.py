@@ -128,8 +128,8 @@ def main() -> None:
         f"{torch.get_num_threads()}"
     )
 
-    runs = [("ddpm", float(m)) for m in args.ours_minutes.split(",")]
-    runs += [("lucidrains", float(m)) for m in args.reference_minutes.split(",")]
+    runs = [("ddpm", float(m)) for m in args.ours_minutes.split(",") if m]
+    runs += [("lucidrains", float(m)) for m in args.reference_minutes.split(",") if m]
     rows = []
     for impl, minutes in runs:
         if impl == "ddpm":
@@ -147,14 +147,17 @@ def main() -> None:
             **info,
         }
         rows.append(row)
-        save_grid(samples[:64], out / f"{impl}_{minutes:g}min.png")
+        tag = f"_lr{args.reference_lr:g}_dim{args.reference_dim}" if impl == "lucidrains" else ""
+        save_grid(samples[:64], out / f"{impl}_{minutes:g}min{tag}.png")
         print(
             f"{impl:>10} {minutes:4g} min: {info['steps']:6d} steps | classifier FID {row['fid']:8.3f} | "
             f"precision {precision:.3f} | recall {recall:.3f} | sampling ({info['sampler']}) "
             f"{info['sample_s']:.0f} s",
             flush=True,
         )
-    (out / "quality.json").write_text(json.dumps({"classifier_accuracy": accuracy, "runs": rows}, indent=2))
+    report = out / "quality.json"
+    earlier = json.loads(report.read_text())["runs"] if report.is_file() else []
+    report.write_text(json.dumps({"classifier_accuracy": accuracy, "runs": earlier + rows}, indent=2))
 
 
 if __name__ == "__main__":
