@@ -138,9 +138,11 @@ def main() -> None:
             samples, info = reference(minutes, real, args.n, args.reference_dim, args.reference_lr)
         fake_features = extract(samples.clamp(-1, 1))
         precision, recall = precision_recall(real_features, fake_features)
+        settings = {"lr": args.reference_lr, "dim": args.reference_dim} if impl == "lucidrains" else {}
         row = {
             "impl": impl,
             "minutes": minutes,
+            **settings,
             "fid": fid(real_features, fake_features),
             "precision": precision,
             "recall": recall,
