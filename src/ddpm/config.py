@@ -45,6 +45,20 @@ class Variance(Enum):
     large = "large"  # beta_t
 
 
+class BadImages(Enum):
+    """What a folder data set does with files that fail to decode (truncated, corrupt, not an image)."""
+
+    skip = "skip"
+    error = "error"
+
+
+class OnNonFinite(Enum):
+    """What training does when a step's loss or gradient is NaN or infinite."""
+
+    stop = "stop"
+    skip = "skip"
+
+
 class LRDecay(Enum):
     none = "none"
     cosine = "cosine"
@@ -121,6 +135,8 @@ class DataConfig:
 @dataclass
 class FolderData(DataConfig):
     root: str = MISSING
+    bad_images: BadImages = MISSING
+    background: int = MISSING  # grey level that transparent pixels are composited onto
 
 
 @dataclass
@@ -312,6 +328,8 @@ def validate_data(data: Any) -> None:
     if data.channels not in (1, 3):
         raise ConfigError(f"data.channels={data.channels} is invalid: choose one of 1, 3")
     _at_least("data.num_workers", data.num_workers, 0)
+    if data.name == "folder" and not 0 <= data.background <= 255:
+        raise ConfigError(f"data.background={data.background} is invalid: it must lie in [0, 255]")
 
 
 def validate_sampling(cfg: Any, timesteps: int | None) -> None:

@@ -24,19 +24,21 @@ class DataError(ConfigError):
 
 
 def image_transform(data: Any) -> Callable[[Any], torch.Tensor]:
-    """PIL image or uint8 tensor -> float tensor in [-1, 1]: resize the short side, centre-crop, flip.
+    """PIL image or uint8 tensor -> float tensor in [-1, 1]: resize the short side, centre-crop.
 
-    Built from picklable parts only, so DataLoader workers can receive it under any start method."""
-    steps: list[Any] = [
-        v2.ToImage(),
-        v2.Resize(data.image_size, antialias=True),
-        v2.CenterCrop(data.image_size),
-    ]
-    if data.hflip:
-        steps.append(v2.RandomHorizontalFlip())
+    Deterministic: the random flips (data.hflip) are drawn by the data order (order.py), so that a resumed
+    run sees the same images. Built from picklable parts only, so DataLoader workers can receive it under
+    any start method."""
     half = [0.5] * data.channels
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=half, std=half)]  # [0,1] -> [-1,1]
-    return v2.Compose(steps)
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize(data.image_size, antialias=True),
+            v2.CenterCrop(data.image_size),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=half, std=half),  # [0, 1] -> [-1, 1]
+        ]
+    )
 
 
 def pil_mode(channels: int) -> str:
