@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 from ddpm.data import DataError, build_dataset, find_images
@@ -72,17 +73,15 @@ def test_centre_crop_keeps_the_middle(compose_cfg, tmp_path):
     assert torch.all(x == 1.0)
 
 
-def test_hflip_flips_about_half_the_time(compose_cfg, tmp_path):
+def test_items_are_the_same_on_every_read_even_with_hflip(compose_cfg, tmp_path):
+    # The flips are drawn by the data order (order.py), so a resumed run sees the same images.
     img = np.zeros((8, 8), dtype=np.uint8)
     img[:, :4] = 255
-    Image.fromarray(img, mode="L").save(tmp_path / "half.png")
-    overrides = ["data=folder", f"data.root={tmp_path}", "data.image_size=8", "data.channels=1"]
-    torch.manual_seed(0)
-    flipped = build_dataset(compose_cfg("train", overrides + ["data.hflip=true"]).data)
-    lefts = [flipped[0][0, 0, 0].item() for _ in range(200)]
-    assert 60 < sum(v == 1.0 for v in lefts) < 140
-    plain = build_dataset(compose_cfg("train", overrides + ["data.hflip=false"]).data)
-    assert all(plain[0][0, 0, 0].item() == 1.0 for _ in range(20))
+    Image.fromarray(img).save(tmp_path / "half.png")
+    ds = build_dataset(folder_cfg(compose_cfg, tmp_path, "data.hflip=true"))
+    first = ds[0]
+    assert torch.all(first[:, :, :4] == 1.0) and torch.all(first[:, :, 4:] == -1.0)
+    assert all(torch.equal(ds[0], first) for _ in range(50))
 
 
 def test_folder_that_does_not_exist(compose_cfg, tmp_path):
@@ -98,12 +97,194 @@ def test_folder_without_images(compose_cfg, tmp_path):
         build_dataset(cfg.data)
 
 
-def test_folder_with_only_unreadable_images(compose_cfg, tmp_path):
-    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    (tmp_path / "empty.jpg").write_bytes(b"")
-    cfg = compose_cfg("train", ["data=folder", f"data.root={tmp_path}"])
-    with pytest.raises(DataError, match=r"holds no readable image \(2 image files"):
-        build_dataset(cfg.data)
+def folder_cfg(compose_cfg, root: Path, *overrides: str, size: int = 8, channels: int = 1):
+    base = ["data=folder", f"data.root={root}", f"data.image_size={size}", f"data.channels={channels}"]
+    return compose_cfg("train", base + list(overrides)).data
+
+
+def write_random(path: Path, shape: tuple[int, ...] = (16, 16, 3), seed: int = 0) -> None:
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)).save(path)
+
+
+def write_truncated(path: Path) -> None:
+    """A valid image file cut to half its bytes: the header opens, the pixel data ends early."""
+    write_random(path, (32, 32, 3))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def write_bad_files(root: Path) -> None:
+    """Four files that cannot be read, named so that they sort first."""
+    write_truncated(root / "a_cut.jpg")
+    write_truncated(root / "b_cut.png")
+    (root / "c_text.jpg").write_text("not an image, whatever the extension says")
+    (root / "d_empty.png").write_bytes(b"")
+
+
+@pytest.mark.parametrize("name", ["cut.jpg", "cut.png"])
+def test_a_truncated_file_opens_but_does_not_decode(tmp_path, name):
+    # The case a header-only check (Image.open, verify) misses.
+    write_truncated(tmp_path / name)
+    with Image.open(tmp_path / name) as img, pytest.raises(OSError):
+        img.load()
+
+
+def test_folder_skips_files_that_cannot_be_read_with_one_warning(compose_cfg, tmp_path, capsys):
+    write_bad_files(tmp_path)
+    write_random(tmp_path / "ok1.png", seed=1)
+    (tmp_path / "sub").mkdir()
+    write_random(tmp_path / "sub" / "ok2.jpg", seed=2)
+    ds = build_dataset(folder_cfg(compose_cfg, tmp_path))
+    assert len(ds) == 2
+    assert [p.name for p in ds.paths] == ["ok1.png", "ok2.jpg"]
+    assert [p.name for p in ds.skipped] == ["a_cut.jpg", "b_cut.png", "c_text.jpg", "d_empty.png"]
+    assert all(ds[i].shape == (1, 8, 8) for i in range(len(ds)))
+    out, err = capsys.readouterr()
+    assert out == ""
+    lines = err.splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith(
+        f"warning: data.root={tmp_path}: skipped 4 of 6 image files that cannot be read: "
+    )
+    assert "a_cut.jpg (" in lines[0] and "b_cut.png (image file is truncated)" in lines[0]
+    assert "c_text.jpg (cannot identify image file)" in lines[0]
+    assert "d_empty.png" not in lines[0] and lines[0].endswith(", ...")  # only the first three are named
+    assert str(tmp_path / "a_cut.jpg") not in lines[0]  # named relative to data.root
+
+
+def test_folder_of_good_images_warns_of_nothing(compose_cfg, tmp_path, capsys):
+    write_images(tmp_path)
+    ds = build_dataset(folder_cfg(compose_cfg, tmp_path))
+    assert len(ds) == 4 and ds.skipped == []
+    assert capsys.readouterr().err == ""
+
+
+def test_bad_images_error_names_the_count_and_the_files(compose_cfg, tmp_path):
+    write_bad_files(tmp_path)
+    write_random(tmp_path / "ok.png")
+    with pytest.raises(
+        DataError, match=r"4 of 5 image files cannot be read: a_cut\.jpg .*data\.bad_images=skip"
+    ):
+        build_dataset(folder_cfg(compose_cfg, tmp_path, "data.bad_images=error"))
+
+
+@pytest.mark.parametrize("policy", ["skip", "error"])
+def test_folder_with_only_unreadable_images(compose_cfg, tmp_path, policy):
+    write_bad_files(tmp_path)
+    with pytest.raises(
+        DataError, match=r"holds no readable image \(4 image files failed to open: a_cut\.jpg \(.*c_text\.jpg"
+    ):
+        build_dataset(folder_cfg(compose_cfg, tmp_path, f"data.bad_images={policy}"))
+
+
+def test_folder_config_without_the_folder_only_keys(tmp_path):
+    # ddpm-eval reads a folder of samples with the data config of any data set: skip, white background.
+    write_random(tmp_path / "ok.png")
+    (tmp_path / "bad.png").write_bytes(b"")
+    data = OmegaConf.create(
+        {
+            "name": "folder",
+            "root": str(tmp_path),
+            "image_size": 8,
+            "channels": 3,
+            "hflip": False,
+            "num_workers": 0,
+        }
+    )
+    assert len(build_dataset(data)) == 1
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_16_bit_grayscale_is_scaled_not_clipped(compose_cfg, tmp_path, channels):
+    pixels = np.random.default_rng(0).integers(0, 256, (8, 8), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "a_8bit.png")
+    wide = pixels.astype(np.uint16) * 257
+    Image.fromarray(wide).save(tmp_path / "b_16bit.png")
+    Image.fromarray(wide).save(tmp_path / "c_16bit.pgm")
+    assert Image.open(tmp_path / "b_16bit.png").mode == "I;16"
+    assert Image.open(tmp_path / "c_16bit.pgm").mode == "I"
+    ds = build_dataset(folder_cfg(compose_cfg, tmp_path, channels=channels))
+    assert torch.equal(ds[1], ds[0]) and torch.equal(ds[2], ds[0])
+
+
+def write_see_through(root: Path) -> None:
+    """RGBA, LA and palette images: the left half opaque, the right half see-through over junk colours."""
+    rgba = np.zeros((8, 8, 4), dtype=np.uint8)
+    rgba[:, :4] = (200, 100, 50, 255)
+    rgba[:, 4:] = (10, 200, 30, 0)
+    Image.fromarray(rgba).save(root / "rgba.png")
+    Image.fromarray(rgba).convert("LA").save(root / "la.png")
+    palette = Image.fromarray(rgba[..., :3]).quantize(colors=2)
+    palette.save(root / "p.png", transparency=int(np.asarray(palette)[0, -1]))  # the right half's index
+    assert Image.open(root / "p.png").mode == "P" and "transparency" in Image.open(root / "p.png").info
+
+
+@pytest.mark.parametrize("background", [0, 255])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_transparent_pixels_take_the_background(compose_cfg, tmp_path, background, channels):
+    write_see_through(tmp_path)
+    ds = build_dataset(folder_cfg(compose_cfg, tmp_path, f"data.background={background}", channels=channels))
+    assert len(ds) == 3
+    grey = background / 127.5 - 1.0
+    for i in range(3):
+        x = ds[i]
+        assert torch.allclose(x[:, :, 4:], torch.full_like(x[:, :, 4:], grey)), ds.paths[i].name
+        assert not torch.allclose(x[:, :, :4], torch.full_like(x[:, :, :4], grey))
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_palette_cmyk_and_rgb_files_of_one_picture_agree(compose_cfg, tmp_path, channels):
+    pixels = np.zeros((8, 8, 3), dtype=np.uint8)
+    pixels[:4, :4], pixels[:4, 4:] = (200, 30, 40), (20, 180, 60)
+    pixels[4:, :4], pixels[4:, 4:] = (30, 40, 220), (240, 240, 20)
+    rgb = Image.fromarray(pixels)
+    rgb.save(tmp_path / "a_rgb.png")
+    rgb.quantize(colors=4).save(tmp_path / "b_palette.png")
+    rgb.convert("CMYK").save(tmp_path / "c_cmyk.jpg", quality=100, subsampling=0)
+    assert [Image.open(p).mode for p in sorted(tmp_path.iterdir())] == ["RGB", "P", "CMYK"]
+    ds = build_dataset(folder_cfg(compose_cfg, tmp_path, channels=channels))
+    assert torch.equal(ds[1], ds[0])
+    assert torch.allclose(ds[2], ds[0], atol=4 / 127.5)  # JPEG is lossy, even at quality 100
+
+
+@pytest.mark.parametrize(("orientation", "turns"), [(6, -1), (8, 1)])
+def test_exif_orientation_turns_the_image_upright(compose_cfg, tmp_path, orientation, turns):
+    # 6: the camera was turned so that the picture must be turned 90 degrees clockwise to show it; 8: counter.
+    pixels = np.zeros((8, 8), dtype=np.uint8)
+    pixels[0, :] = 255  # the stored top row
+    pixels[:, 0] = 128  # and left column, so that every turn and flip differs
+    Image.fromarray(pixels).save(tmp_path / "a_plain.png")
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(pixels).save(tmp_path / "b_tagged.png", exif=exif)
+    ds = build_dataset(folder_cfg(compose_cfg, tmp_path))
+    assert torch.equal(ds[1], torch.rot90(ds[0], k=turns, dims=(1, 2)))
+    assert not torch.equal(ds[1], ds[0])
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_mixed_sizes_and_modes_give_one_shape(compose_cfg, tmp_path, channels):
+    rng = np.random.default_rng(0)
+
+    def noise(*shape: int, dtype: type = np.uint8, high: int = 256) -> np.ndarray:
+        return rng.integers(0, high, shape, dtype=dtype)
+
+    Image.fromarray(noise(40, 60, 3)).save(tmp_path / "rgb.jpg")
+    Image.fromarray(noise(20, 20)).save(tmp_path / "gray.png")
+    Image.fromarray(noise(33, 17, 4)).save(tmp_path / "rgba.png")
+    Image.fromarray(noise(12, 30, 3)).convert("LA").save(tmp_path / "la.png")
+    Image.fromarray(noise(25, 17, 3)).quantize(colors=16).save(tmp_path / "palette.gif")
+    Image.fromarray(noise(30, 10, 3)).convert("CMYK").save(tmp_path / "cmyk.jpg")
+    Image.fromarray(noise(9, 9)).convert("1").save(tmp_path / "bilevel.bmp")
+    Image.fromarray(noise(12, 14, dtype=np.uint16, high=65536)).save(tmp_path / "wide.png")
+    Image.fromarray(noise(11, 7, dtype=np.uint16, high=65536)).save(tmp_path / "wide.pgm")
+    Image.fromarray(noise(6, 50, 3)).save(tmp_path / "thin.webp")
+    ds = build_dataset(folder_cfg(compose_cfg, tmp_path, channels=channels))
+    assert len(ds) == 10 and ds.skipped == []
+    for i in range(len(ds)):
+        x = ds[i]
+        assert x.shape == (channels, 8, 8), ds.paths[i].name
+        assert x.dtype == torch.float32 and x.min() >= -1.0 and x.max() <= 1.0
 
 
 def write_idx(raw: Path, prefix: str, images: np.ndarray, labels: np.ndarray) -> None:

@@ -103,7 +103,7 @@ def test_grad_accum_changes_memory_not_the_result(compose_cfg):
     for accum in (1, 2, 4):
         model, opt, schedule, opts = make_step(compose_cfg, [f"grad_accum={accum}", "batch_size=8"])
         torch.manual_seed(1)
-        loss = train_step(model, opt, schedule, x0, opts)
+        loss, _ = train_step(model, opt, schedule, x0, opts)
         weights.append((loss, [p.detach().clone() for p in model.parameters()]))
     for loss, params in weights[1:]:
         torch.testing.assert_close(loss, weights[0][0], rtol=1e-5, atol=1e-6)

@@ -1,7 +1,9 @@
 """Checkpoints: the weights plus the resolved config that rebuilds model, schedule and image shape.
 
 Files are written atomically (temporary file, fsync, rename) and read with ``weights_only=True``, so a
-crash never leaves half a checkpoint and loading one never runs code.
+crash never leaves half a checkpoint and loading one never runs code. A checkpoint written by ddpm-train
+also carries the training state (``state``: optimizer, LR schedule, RNG states, data position) that
+``resume`` continues from; see resume.py.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from ddpm.schedules import Schedule, build_schedule
 from ddpm.unet import build_model
 
 FORMAT = "ddpm-checkpoint"
-VERSION = 1
+VERSION = 2  # 2 added the training state; version 1 files still load for sampling
+READABLE_VERSIONS = (1, 2)
 
 
 class CheckpointError(ConfigError):
@@ -42,17 +45,26 @@ def save_checkpoint(
     model: dict[str, torch.Tensor],
     config: dict[str, Any],
     ema: dict[str, torch.Tensor] | None = None,
+    state: dict[str, Any] | None = None,
 ) -> None:
+    """Write atomically; on any failure (disk full, permission) the temporary file is removed, an earlier
+    file at ``path`` is left as it was, and the OSError propagates."""
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "version": VERSION, "step": step, "model": model, "config": config}
     if ema is not None:
         payload["ema"] = ema
+    if state is not None:
+        payload["state"] = state
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
 
 
@@ -61,10 +73,14 @@ def link_checkpoint(src: Path, dst: Path) -> None:
     tmp = dst.with_name(f".{dst.name}.tmp")
     tmp.unlink(missing_ok=True)
     try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(dst.parent)
 
 
@@ -73,11 +89,14 @@ def run_dir_of(ckpt: Path) -> Path:
     return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint of this tool; CheckpointError (one line) for anything else."""
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu", key: str = "ckpt"
+) -> dict[str, Any]:
+    """Read a checkpoint of this tool; CheckpointError (one line, naming the config ``key`` that gave the
+    path) for anything else."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise CheckpointError(f"ckpt={path} does not exist")
+        raise CheckpointError(f"{key}={path} does not exist")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -85,21 +104,24 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         wanted = re.search(r"GLOBAL ([\w.]+)|[Uu]nsupported global: GLOBAL ([\w.]+)", str(e))
         if wanted is None:
             raise CheckpointError(
-                f"ckpt={path} is not a readable checkpoint (truncated, or another format)"
+                f"{key}={path} is not a readable checkpoint (truncated, or another format)"
             ) from e
         raise CheckpointError(
-            f"ckpt={path} was refused: loading it would call {wanted.group(1) or wanted.group(2)}, "
+            f"{key}={path} was refused: loading it would call {wanted.group(1) or wanted.group(2)}, "
             "which a checkpoint of weights never needs"
         ) from e
     except Exception as e:  # the unpickler fails in many ways on a file that is not a checkpoint
         raise CheckpointError(
-            f"ckpt={path} is not a readable checkpoint (truncated, or another format)"
+            f"{key}={path} is not a readable checkpoint (truncated, or another format)"
         ) from e
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(f"ckpt={path} is not a ddpm checkpoint (no '{FORMAT}' marker)")
-    if payload.get("version") != VERSION:
+        raise CheckpointError(f"{key}={path} is not a ddpm checkpoint (no '{FORMAT}' marker)")
+    if payload.get("version") not in READABLE_VERSIONS:
         version = payload.get("version")
-        raise CheckpointError(f"ckpt={path} has format version {version}; this ddpm reads version {VERSION}")
+        readable = ", ".join(map(str, READABLE_VERSIONS))
+        raise CheckpointError(
+            f"{key}={path} has format version {version}; this ddpm reads versions {readable}"
+        )
     return payload
 
 

@@ -5,21 +5,27 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, MissingConfigException
-from omegaconf import DictConfig, OmegaConf
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf, read_write
 from omegaconf.errors import OmegaConfBaseException
 
 from ddpm.checkpoint import load_model, run_dir_of
 from ddpm.config import ConfigError, Objective, register_configs, validate_sample, validate_sampling
 from ddpm.evaluate import evaluate, summary_lines
 from ddpm.images import save_grid, save_individual
+from ddpm.resume import override_keys
+from ddpm.rundir import holds_run
 from ddpm.sampling import generate
+from ddpm.stopping import TrainingStopped
 from ddpm.train import resolve_device, train
 
 CONFIGS = "pkg://ddpm.configs"
@@ -31,7 +37,8 @@ register_configs()
 def _train(cfg: DictConfig) -> None:
     with one_line_errors("ddpm-train"):
         require(cfg)
-        train(cfg, Path(HydraConfig.get().runtime.output_dir))
+        hydra_cfg = HydraConfig.get()
+        train(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
 
 
 @hydra.main(version_base="1.3", config_path=CONFIGS, config_name="sample")
@@ -52,6 +59,51 @@ def _eval(cfg: DictConfig) -> None:
             f"ddpm-eval: {report['n_fake']} images against {report['n_real']} real ones "
             f"-> {report['out']}/eval.json"
         )
+
+
+class RunDirGuard(Callback):
+    """Runs before Hydra writes its .hydra/ record into the run directory (configs/train.yaml names it).
+
+    A new run never lands in a directory that holds one; resume=PATH continues in the checkpoint's own
+    run directory unless hydra.run.dir says otherwise; a resumed run's record goes to .hydra/resumed_*,
+    beside the original's. Hydra turns a callback's exception into a warning, so errors leave as exits."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        with one_line_errors("ddpm-train"):
+            resume = config.get("resume")
+            if resume not in (None, "auto"):
+                ckpt = Path(resume).expanduser()
+                if not ckpt.is_file():
+                    raise ConfigError(
+                        f"resume={resume} does not exist: give a checkpoint file, or resume=auto"
+                    )
+                if "hydra.run.dir" not in override_keys(list(config.hydra.overrides.hydra)):
+                    with read_write(config.hydra):
+                        config.hydra.run.dir = str(run_dir_of(ckpt.resolve()))
+            run_dir = Path(config.hydra.run.dir)
+            if holds_run(run_dir):
+                if resume is None:
+                    raise ConfigError(
+                        f"hydra.run.dir={run_dir} already holds a run: continue it with resume=auto, "
+                        "or choose another hydra.run.dir"
+                    )
+                with read_write(config.hydra):
+                    config.hydra.output_subdir = f".hydra/resumed_{time.strftime('%Y-%m-%d_%H-%M-%S')}"
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        with one_line_errors("ddpm-train"):
+            resume = config.get("resume")
+            if resume not in (None, "auto"):
+                raise ConfigError(
+                    f"resume={resume} continues one run; a sweep continues with resume=auto and the same "
+                    "hydra.sweep.dir"
+                )
+            sweep = Path(config.hydra.sweep.dir)
+            if resume is None and sweep.is_dir() and any(holds_run(d) for d in sweep.iterdir()):
+                raise ConfigError(
+                    f"hydra.sweep.dir={sweep} already holds runs: continue them with resume=auto, "
+                    "or choose another hydra.sweep.dir"
+                )
 
 
 def require(cfg: DictConfig) -> None:
@@ -117,12 +169,22 @@ def one_line_errors(prog: str) -> Iterator[None]:
             raise
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
+    except TrainingStopped as e:
+        print(f"{prog}: {'error: ' if e.error else ''}{e}", file=sys.stderr)
+        sys.exit(e.exit_code)
 
 
 def run(task: Callable[[], None], prog: str) -> None:
+    before = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let composition errors reach us, not Hydra's multi-line report
-    with one_line_errors(prog):
-        task()
+    try:
+        with one_line_errors(prog):
+            task()
+    finally:
+        if before is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = before
 
 
 def train_main() -> None:

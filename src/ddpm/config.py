@@ -13,7 +13,8 @@ from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 
 class ConfigError(ValueError):
@@ -190,6 +191,10 @@ class TrainConfig(SamplingKeys):
     checkpoint_every: int = MISSING
     sample_n: int = MISSING
     forward_n: int = MISSING
+    keep_last: int = MISSING
+    on_nonfinite: OnNonFinite = MISSING
+    max_nonfinite: int = MISSING
+    resume: str | None = None  # null | auto | PATH
 
 
 @dataclass
@@ -232,6 +237,32 @@ SCHEDULE_SCHEMAS: dict[str, type[ScheduleConfig]] = {
     "sigmoid": SigmoidSchedule,
     "cosine": CosineSchedule,
 }
+
+
+MODEL_SCHEMAS: dict[str, type[ModelConfig]] = {"unet": UNetConfig, "ho2020": HoUNetConfig}
+DATA_SCHEMAS: dict[str, type[DataConfig]] = {
+    "digits": DataConfig,
+    "folder": FolderData,
+    "mnist": TorchvisionData,
+    "fashion_mnist": TorchvisionData,
+    "cifar10": TorchvisionData,
+}
+
+
+def typed_train_config(plain: dict[str, Any]) -> DictConfig:
+    """A training config saved as plain values (a checkpoint's) as the typed config ddpm-train composes:
+    enums as enums, and each group under the schema of the choice it records."""
+    base = OmegaConf.structured(TrainConfig)
+    try:
+        base.schedule = OmegaConf.structured(SCHEDULE_SCHEMAS[plain["schedule"]["name"]])
+        base.model = OmegaConf.structured(MODEL_SCHEMAS[plain["model"]["name"]])
+        base.data = OmegaConf.structured(DATA_SCHEMAS[plain["data"]["name"]])
+        return OmegaConf.merge(base, plain)
+    except KeyError as e:
+        raise ConfigError(f"the saved config names an unknown choice {e}") from e
+    except OmegaConfBaseException as e:
+        reason = str(e).splitlines()[0]
+        raise ConfigError(f"the saved config does not fit this ddpm's schema: {reason}") from e
 
 
 def register_configs() -> None:
@@ -385,6 +416,8 @@ def validate_train(cfg: Any) -> None:
     _at_least("checkpoint_every", cfg.checkpoint_every, 0)
     _at_least("sample_n", cfg.sample_n, 1)
     _at_least("forward_n", cfg.forward_n, 0)
+    _at_least("keep_last", cfg.keep_last, 0)
+    _at_least("max_nonfinite", cfg.max_nonfinite, 1)
 
 
 def validate_sample(cfg: Any) -> None:

@@ -2,21 +2,35 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from ddpm.config import ConfigError
+from ddpm.config import BadImages, ConfigError
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
 )
 DATASETS = ("digits", "folder", "mnist", "fashion_mnist", "cifar10")
+
+# Grayscale modes wider than 8 bits: I;16* from 16-bit PNG and TIFF, I from 16-bit PGM and 32-bit TIFF.
+WIDE_GRAY_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
+ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+
+# What PIL raises on a file it cannot decode (found by corrupting files of each format): OSError for
+# truncated data and UnidentifiedImageError (an OSError) for no known format, SyntaxError for a broken
+# PNG chunk, ValueError for a broken PPM header, DecompressionBombError for a header claiming a huge size.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+SCAN_THREADS = min(8, os.cpu_count() or 1)  # PIL releases the GIL while decoding; more mostly adds memory
 
 
 class DataError(ConfigError):
@@ -71,7 +85,10 @@ def find_images(root: Path) -> list[Path]:
 
 
 class FolderDataset(Dataset):
-    """Every image under a folder, converted to RGB or grayscale by ``data.channels``."""
+    """Every image under a folder that decodes, upright and in RGB or grayscale by ``data.channels``.
+
+    Files that fail to decode are skipped with one warning (data.bad_images=skip) or stop the run
+    (data.bad_images=error); ``skipped`` lists them."""
 
     def __init__(self, data: Any) -> None:
         root = Path(data.root).expanduser()
@@ -82,31 +99,107 @@ class FolderDataset(Dataset):
             raise DataError(
                 f"data.root={data.root} holds no images (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
             )
-        readable = next((p for p in paths if _readable(p)), None)
-        if readable is None:
-            raise DataError(
-                f"data.root={data.root} holds no readable image ({len(paths)} image files failed to open)"
-            )
-        self.paths = paths
-        self.labels = None
         self.mode = pil_mode(data.channels)
+        # eval builds a folder config from any data config, which may lack the folder-only keys
+        self.background = int(_option(data, "background", 255))
+        policy = BadImages(_option(data, "bad_images", BadImages.skip))
+        # Every file is decoded once, here, rather than found bad when training first reads it: a bad file
+        # would otherwise crash a DataLoader worker hours into a run, and the one warning needs the count
+        # before training starts.
+        reasons = scan_images(paths, self.mode, self.background)
+        bad = {p: why for p, why in zip(paths, reasons, strict=True) if why is not None}
+        if len(bad) == len(paths):
+            raise DataError(
+                f"data.root={data.root} holds no readable image ({len(paths)} image files failed to open: "
+                f"{_first_bad(bad, root)})"
+            )
+        if bad and policy is BadImages.error:
+            raise DataError(
+                f"data.root={data.root}: {len(bad)} of {len(paths)} image files cannot be read: "
+                f"{_first_bad(bad, root)}; fix or remove them, or skip them with data.bad_images=skip"
+            )
+        if bad:
+            print(
+                f"warning: data.root={data.root}: skipped {len(bad)} of {len(paths)} image files that cannot "
+                f"be read: {_first_bad(bad, root)}",
+                file=sys.stderr,
+            )
+        self.paths = [p for p in paths if p not in bad]
+        self.skipped: list[Path] = list(bad)
+        self.labels = None
         self.transform = image_transform(data)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        with Image.open(self.paths[i]) as img:
-            return self.transform(img.convert(self.mode))
+        return self.transform(read_image(self.paths[i], self.mode, self.background))
 
 
-def _readable(path: Path) -> bool:
+def _option(data: Any, key: str, default: Any) -> Any:
+    value = getattr(data, key, None)
+    return default if value is None else value
+
+
+def read_image(path: Path, mode: str, background: int) -> Image.Image:
+    """The image in a file, decoded in full and converted by ``to_mode``."""
+    with Image.open(path) as img:
+        img.load()  # the whole file, so a truncated one fails here (PIL's open reads the header only)
+        return to_mode(img, mode, background)
+
+
+def to_mode(img: Image.Image, mode: str, background: int) -> Image.Image:
+    """A new image, upright and in ``mode`` ("RGB" or "L"), the same way whatever the file's mode.
+
+    PIL's plain convert() clips 16-bit grayscale to white and drops transparency onto whatever colour the
+    file keeps under it (often black), so those two are done here first."""
+    img = ImageOps.exif_transpose(img)  # phones store the rotation as a tag; also copies, so never the file's
+    if img.mode in WIDE_GRAY_MODES:
+        img = _gray_to_8bit(img)
+    if img.mode in ALPHA_MODES or "transparency" in img.info:
+        img = _composite(img, background)
+    return img if img.mode == mode else img.convert(mode)
+
+
+def _gray_to_8bit(img: Image.Image) -> Image.Image:
+    """16- or 32-bit grayscale as 8-bit L, scaled by the full range of its bit depth.
+
+    Mode I holds 16-bit data (PIL scales a 16-bit PGM to 0 ... 65535) as well as true 32-bit data, so I
+    values that fit in 16 bits are taken as 16-bit, as the I;16 modes are."""
+    a = np.asarray(img)  # numpy honours the byte order of I;16B
+    if a.dtype.itemsize == 4 and (a.min() < 0 or a.max() > 65535):
+        scaled = a.view(np.uint32) / ((2**32 - 1) / 255)  # PIL reads unsigned 32-bit into signed int32
+    else:
+        scaled = a / 257.0  # 65535 -> 255
+    return Image.fromarray(np.rint(scaled).astype(np.uint8))
+
+
+def _composite(img: Image.Image, background: int) -> Image.Image:
+    """RGB, alpha-blended onto a uniform grey (data.background), so see-through pixels become one colour."""
+    grey = Image.new("RGBA", img.size, (background, background, background, 255))
+    return Image.alpha_composite(grey, img.convert("RGBA")).convert("RGB")
+
+
+def scan_images(paths: list[Path], mode: str, background: int) -> list[str | None]:
+    """For each file, None if it reads as a training image would, else why not."""
+    with ThreadPoolExecutor(max_workers=SCAN_THREADS) as pool:
+        return list(pool.map(lambda p: _why_unreadable(p, mode, background), paths))
+
+
+def _why_unreadable(path: Path, mode: str, background: int) -> str | None:
     try:
-        with Image.open(path) as img:
-            img.load()
-        return True
-    except (OSError, UnidentifiedImageError):
-        return False
+        read_image(path, mode, background)
+    except UnidentifiedImageError:
+        return "cannot identify image file"  # PIL's message goes on with the full path
+    except DECODE_ERRORS as e:
+        return e.strerror if isinstance(e, OSError) and e.strerror else _first_line(e)  # strerror: no path
+    return None
+
+
+def _first_bad(bad: dict[Path, str], root: Path, n: int = 3) -> str:
+    """The first n bad files, relative to root, with why each failed."""
+    shown = [f"{p.relative_to(root)} ({why})" for p, why in list(bad.items())[:n]]
+    return ", ".join(shown + (["..."] if len(bad) > n else []))
 
 
 class TorchvisionDataset(Dataset):

@@ -7,7 +7,8 @@ import json
 import math
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,15 +19,19 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ddpm.checkpoint import link_checkpoint, save_checkpoint
-from ddpm.config import ConfigError, Loss, LRDecay, Objective, validate_train
+from ddpm.checkpoint import link_checkpoint, run_dir_of, save_checkpoint
+from ddpm.config import ConfigError, Loss, LRDecay, Objective, OnNonFinite, validate_train
 from ddpm.data import build_dataset
 from ddpm.diffusion import p_losses
 from ddpm.ema import EMA
 from ddpm.images import forward_figure, save_grid, save_png
+from ddpm.order import BatchSampler, DataOrder, apply_flips
 from ddpm.progress import ProgressReporter, format_duration
+from ddpm.resume import checkpoint_to_resume, load_resumable, resumed_config, rng_state, set_rng_state
+from ddpm.rundir import holds_run, prune_checkpoints, remove_partial_writes, rewind_metrics, same_run
 from ddpm.sampling import generate
 from ddpm.schedules import Schedule, build_schedule
+from ddpm.stopping import StopRequests, TrainingStopped, ignore_stop_signals
 from ddpm.unet import build_model
 
 # Above this share of the image left in x_T, the run says that sampling from N(0, I) starts off the
@@ -61,21 +66,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def batches(dataset: Dataset, cfg: Any, runtime: Runtime) -> Iterator[torch.Tensor]:
-    """An endless stream of shuffled full batches on the device, reshuffled each epoch."""
+def batches(
+    dataset: Dataset, order: DataOrder, start: int, cfg: Any, runtime: Runtime
+) -> Iterator[torch.Tensor]:
+    """The batches of steps ``start``, ``start + 1``, ... (0-based) on the device, in the data order."""
     loader = DataLoader(
         dataset,
-        batch_size=cfg.batch_size,
-        shuffle=True,
-        drop_last=True,
+        batch_sampler=BatchSampler(order, start),
         num_workers=cfg.data.num_workers,
-        persistent_workers=cfg.data.num_workers > 0,
         pin_memory=runtime.device.type == "cuda",
+        worker_init_fn=ignore_stop_signals,
+        # its own generator: creating the iterator would otherwise draw a seed from the global RNG, which
+        # the resumed run restores before that happens and the uninterrupted one after
         generator=torch.Generator().manual_seed(cfg.seed),
     )
-    while True:
-        for x0 in loader:
-            yield x0.to(runtime.device, non_blocking=True)
+    for x0, (_, flips) in zip(loader, order.steps(start), strict=False):
+        yield apply_flips(x0.to(runtime.device, non_blocking=True), flips)
 
 
 @dataclass(frozen=True)
@@ -88,11 +94,13 @@ class StepOptions:
     offset_noise: float
     grad_accum: int
     grad_clip: float
+    skip_nonfinite: bool
 
     @classmethod
     def from_config(cls, cfg: Any) -> StepOptions:
+        skip = cfg.on_nonfinite is OnNonFinite.skip
         return cls(
-            cfg.loss, cfg.objective, cfg.min_snr_gamma, cfg.offset_noise, cfg.grad_accum, cfg.grad_clip
+            cfg.loss, cfg.objective, cfg.min_snr_gamma, cfg.offset_noise, cfg.grad_accum, cfg.grad_clip, skip
         )
 
 
@@ -111,10 +119,11 @@ def train_step(
     schedule: Schedule,
     x0: torch.Tensor,
     opts: StepOptions,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step of Algorithm 1 over the batch x0, in ``grad_accum`` micro-batches. Returns the
-    loss as a device tensor: reading it would force a host synchronisation, so the caller does that only at
-    the logging cadence."""
+    loss and whether it and the gradient are finite, as device tensors: reading them forces a host
+    synchronisation, so the caller does that only at its logging cadence. With ``skip_nonfinite`` a
+    non-finite step changes nothing, which needs that read here, on every step."""
     optimizer.zero_grad(set_to_none=True)
     # t and eps are drawn for the whole batch first, so grad_accum changes memory use, not the result.
     t = torch.randint(0, schedule.timesteps, (x0.shape[0],), device=x0.device)
@@ -126,10 +135,16 @@ def train_step(
         loss = p_losses(model, schedule, x, tt, eps, opts.loss, opts.objective, opts.min_snr_gamma)
         (loss / opts.grad_accum).backward()
         total += loss.detach() / opts.grad_accum
+    params = [p for p in model.parameters() if p.grad is not None]
     if opts.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(params, opts.grad_clip)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    finite = torch.isfinite(total) & torch.isfinite(norm)
+    if opts.skip_nonfinite and not bool(finite):
+        return total, finite
     optimizer.step()
-    return total
+    return total, finite
 
 
 def lr_factor(step: int, warmup: int, decay: LRDecay, total: int) -> float:
@@ -162,13 +177,31 @@ def describe(cfg: Any, n_images: int, n_params: int, runtime: Runtime, run_dir: 
     )
 
 
-def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Train as the config says; every check runs before the first file is written. Returns a summary."""
+def train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Train as the config says, or continue the run that ``cfg.resume`` names; every check runs before
+    the first file is written. ``overrides`` are the command line's (a resumed run checks them against
+    its saved config). Returns a summary; raises TrainingStopped when the run ends early."""
+    run_dir, resume = Path(run_dir), cfg.resume
+    resume_from = checkpoint_to_resume(resume, run_dir)
+    saved = load_resumable(resume_from) if resume_from is not None else None
+    if saved is not None:
+        cfg = resumed_config(cfg, saved["config"], list(overrides))
     validate_train(cfg)
+    fork = resume_from is not None and not same_run(resume_from, run_dir)
+    if holds_run(run_dir) and (resume is None or fork):
+        raise ConfigError(
+            f"hydra.run.dir={run_dir} already holds a run: continue it with resume=auto, "
+            "or choose another hydra.run.dir"
+        )
     runtime = Runtime(device=resolve_device(cfg.device))
     dataset = build_dataset(cfg.data)
     if len(dataset) < cfg.batch_size:
         raise ConfigError(f"batch_size={cfg.batch_size} is larger than the data set ({len(dataset)} images)")
+    if saved is not None and saved["state"]["data"]["n_images"] != len(dataset):
+        raise ConfigError(
+            f"data.root={cfg.data.get('root', cfg.data.name)} now holds {len(dataset)} images, but the "
+            f"resumed run was trained on {saved['state']['data']['n_images']}: its data order cannot go on"
+        )
 
     seed_everything(cfg.seed)
     schedule = build_schedule(cfg.schedule, cfg.timesteps).to(runtime.device)
@@ -177,30 +210,85 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     factor = lambda step: lr_factor(step, cfg.lr_warmup, cfg.lr_decay, cfg.steps)  # noqa: E731
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     ema = EMA(model, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.decay > 0 else None
+    start, elapsed_before = 0, 0.0
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        if ema is not None:
+            ema.model.load_state_dict(saved["ema"])
+        optimizer.load_state_dict(saved["state"]["optimizer"])
+        lr_schedule.load_state_dict(saved["state"]["lr_schedule"])
+        set_rng_state(saved["state"]["rng"])
+        start, elapsed_before = saved["step"], saved["state"]["elapsed_s"]
     sampling_model = ema.model if ema is not None else model
     opts = StepOptions.from_config(cfg)
     shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
     config = plain_config(cfg)
     n_params = sum(p.numel() for p in model.parameters())
+    order = DataOrder(len(dataset), cfg.batch_size, cfg.seed, cfg.data.hflip)
 
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    reporter = ProgressReporter(cfg.steps, start=start)
+    reporter.say(describe(cfg, len(dataset), n_params, runtime, run_dir))
+    if saved is not None:
+        reporter.say(f"resuming from {resume_from} at step {start} of {cfg.steps}")
+    elif resume == "auto":
+        reporter.say(
+            f"resume=auto: no checkpoint in {run_dir / 'checkpoints'} yet, so the run starts at step 0"
+        )
+    if start >= cfg.steps:
+        reporter.say(
+            f"the run is complete (step {start} of steps={cfg.steps}): nothing to do; a larger "
+            "steps= trains on"
+        )
+        return {"steps": start, "time_s": 0.0, "run_dir": str(run_dir), "resumed_from": str(resume_from)}
+    signal = schedule.sqrt_alphas_cumprod[-1].item()
+    if signal > SIGNAL_AT_T_NOTE:
+        reporter.say(
+            f"note: x_T keeps sqrt(abar_T) = {signal:.2f} of the image, while sampling starts from pure "
+            "noise; more timesteps or schedule=cosine close that gap (see forward.png)"
+        )
+
     ckpt_dir, sample_dir = run_dir / "checkpoints", run_dir / "samples"
     metrics_path = run_dir / "metrics.jsonl"
-    stream = batches(dataset, cfg, runtime)
-    first = next(stream)
+    with writing(run_dir, None):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        remove_partial_writes(run_dir)
+        rewind_metrics(metrics_path, start, run_dir_of(resume_from) / "metrics.jsonl" if fork else None)
+    stream = batches(dataset, order, start, cfg, runtime)
+    x0 = next(stream)
+    if runtime.is_main and cfg.forward_n > 0 and start == 0:
+        with writing(run_dir / "forward.png", None):
+            save_png(forward_figure(schedule, x0[: cfg.forward_n], cfg.seed), run_dir / "forward.png")
+
+    last_ckpt: Path | None = resume_from if not fork else None
+    clock = time.perf_counter()
 
     def checkpoint(step: int) -> Path:
         path = ckpt_dir / f"step_{step:06d}.pt"
         cpu = lambda state: {k: v.detach().cpu() for k, v in state.items()}  # noqa: E731
-        save_checkpoint(
-            path,
-            step=step,
-            model=cpu(model.state_dict()),
-            ema=cpu(ema.state_dict()) if ema else None,
-            config=config,
-        )
-        link_checkpoint(path, ckpt_dir / "last.pt")
+        epoch, batch = order.position(step)
+        state = {
+            "optimizer": optimizer.state_dict(),
+            "lr_schedule": lr_schedule.state_dict(),
+            "rng": rng_state(),
+            "data": {"n_images": len(dataset), "epoch": epoch, "batch": batch},  # of the next step
+            "elapsed_s": elapsed_before + time.perf_counter() - clock,
+        }
+        try:
+            save_checkpoint(
+                path,
+                step=step,
+                model=cpu(model.state_dict()),
+                ema=cpu(ema.state_dict()) if ema else None,
+                config=config,
+                state=state,
+            )
+            link_checkpoint(path, ckpt_dir / "last.pt")
+            prune_checkpoints(ckpt_dir, cfg.keep_last, step)
+        except OSError as e:
+            raise TrainingStopped(
+                f"could not write the checkpoint {path}: {os_reason(e)}; {kept_note(last_ckpt)}; stopped "
+                "rather than train on without one: free space or fix permissions, then resume=auto"
+            ) from e
         return path
 
     def sample_grid(step: int) -> Path:
@@ -217,36 +305,50 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             cfg.batch_size,
             runtime.device,
         )
-        save_grid(images, path)
+        with writing(path, last_ckpt):
+            save_grid(images, path)
         return path
 
-    reporter = ProgressReporter(cfg.steps)
-    reporter.say(describe(cfg, len(dataset), n_params, runtime, run_dir))
-    signal = schedule.sqrt_alphas_cumprod[-1].item()
-    if signal > SIGNAL_AT_T_NOTE:
-        reporter.say(
-            f"note: x_T keeps sqrt(abar_T) = {signal:.2f} of the image, while sampling starts from pure "
-            "noise; more timesteps or schedule=cosine close that gap (see forward.png)"
-        )
-    if runtime.is_main and cfg.forward_n > 0:
-        save_png(forward_figure(schedule, first[: cfg.forward_n], cfg.seed), run_dir / "forward.png")
-
     model.train()
-    start = time.perf_counter()
-    interval_start, interval_steps, paused = start, 0, 0.0
+    interval_start, interval_steps, paused = clock, 0, 0.0
     loss_sum = torch.zeros((), device=runtime.device)
+    finite_steps = torch.zeros((), device=runtime.device)
+    first_bad = torch.zeros((), dtype=torch.long, device=runtime.device)  # stop mode: 0 while all finite
+    skipped = in_a_row = 0
     last_loss = float("nan")
-    x0 = first
-    with reporter, open(metrics_path, "a") as metrics:
-        for step in range(1, cfg.steps + 1):
-            loss_sum += train_step(model, optimizer, schedule, x0, opts)
+    resume_hint = f"ddpm-train hydra.run.dir={run_dir} resume=auto"
+    with reporter, StopRequests() as stop, open(metrics_path, "a") as metrics:
+        for step in range(start + 1, cfg.steps + 1):
+            loss, finite = train_step(model, optimizer, schedule, x0, opts)
             lr_schedule.step()
             if ema is not None:
                 ema.update(step)
+            if opts.skip_nonfinite:  # train_step has read `finite` already
+                ok = bool(finite)
+                skipped, in_a_row = skipped + (not ok), 0 if ok else in_a_row + 1
+                if in_a_row >= cfg.max_nonfinite:
+                    raise TrainingStopped(
+                        f"{in_a_row} steps in a row up to step {step} had a non-finite loss or gradient "
+                        f"(max_nonfinite={cfg.max_nonfinite}); {kept_note(last_ckpt)}; lower lr or set "
+                        f"grad_clip, then {resume_hint}"
+                    )
+            else:
+                first_bad = torch.where(finite | (first_bad > 0), first_bad, step)
+            loss_sum += torch.where(finite, loss, 0.0)
+            finite_steps += finite
             interval_steps += 1
             reporter.advance(step)
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                last_loss = loss_sum.item() / interval_steps  # the only host sync of the loop
+            log_due = step % cfg.log_every == 0 or step == cfg.steps or stop.signum is not None
+            grid_due = (cfg.sample_every and step % cfg.sample_every == 0) or step == cfg.steps
+            ckpt_due = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps
+            if (log_due or grid_due or ckpt_due) and not opts.skip_nonfinite and (bad := int(first_bad)):
+                raise TrainingStopped(
+                    f"non-finite loss or gradient at step {bad}; {kept_note(last_ckpt)}, nothing later was "
+                    f"saved; lower lr or set grad_clip (or on_nonfinite=skip), then {resume_hint}"
+                )
+            if log_due:
+                # the loop's host sync: the mean loss of the interval's finite steps
+                last_loss = (loss_sum / finite_steps.clamp(min=1)).item()
                 now = time.perf_counter()
                 # Sampling and checkpointing are not training throughput: their time is left out.
                 img_per_s = interval_steps * cfg.batch_size / (now - interval_start - paused)
@@ -255,35 +357,69 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                     "loss": last_loss,
                     "lr": cfg.lr * factor(step - 1),  # the rate this step used
                     "img_per_s": img_per_s,
-                    "elapsed_s": now - start,
+                    "elapsed_s": elapsed_before + now - clock,
+                    "skipped": skipped,
                 }
-                metrics.write(json.dumps(row) + "\n")
-                metrics.flush()
-                reporter.log(step, last_loss, img_per_s, (cfg.steps - step) * (now - start) / step)
+                with writing(metrics_path, last_ckpt):
+                    metrics.write(json.dumps(row) + "\n")
+                    metrics.flush()
+                reporter.log(step, last_loss, img_per_s, (cfg.steps - step) * (now - clock) / (step - start))
                 loss_sum.zero_()
+                finite_steps.zero_()
                 interval_start, interval_steps, paused = time.perf_counter(), 0, 0.0
             pause_start = time.perf_counter()
-            if (cfg.sample_every and step % cfg.sample_every == 0) or step == cfg.steps:
+            if grid_due:
                 reporter.say(f"step {step}: samples -> {sample_grid(step)}")
-            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
-                reporter.say(f"step {step}: checkpoint -> {checkpoint(step)}")
+            if ckpt_due or stop.signum is not None:
+                last_ckpt = checkpoint(step)
+                reporter.say(f"step {step}: checkpoint -> {last_ckpt}")
+            if stop.signum is not None:
+                raise TrainingStopped(
+                    f"stopped by {stop.name} at step {step} of {cfg.steps}; checkpoint {last_ckpt}; "
+                    f"continue with: {resume_hint}",
+                    exit_code=128 + stop.signum,
+                    error=False,
+                )
             paused += time.perf_counter() - pause_start
             if step < cfg.steps:
                 x0 = next(stream)
 
-    elapsed = time.perf_counter() - start
+    elapsed = time.perf_counter() - clock
     summary = {
         "steps": cfg.steps,
         "time_s": elapsed,
         "final_loss": last_loss,
+        "skipped": skipped,
         "run_dir": str(run_dir),
+        "resumed_from": str(resume_from) if resume_from else None,
         "checkpoint": str(ckpt_dir / "last.pt"),
         "samples": str(sample_dir / f"step_{cfg.steps:06d}.png"),
     }
     reporter.say(
-        f"done: {cfg.steps} steps in {format_duration(elapsed)}, final loss {last_loss:.4f} | "
-        f"checkpoint {summary['checkpoint']} | samples {summary['samples']} | metrics {metrics_path}"
+        f"done: {cfg.steps} steps in {format_duration(elapsed)}, final loss {last_loss:.4f}"
+        + (f", {skipped} non-finite steps skipped" if skipped else "")
+        + f" | checkpoint {summary['checkpoint']} | samples {summary['samples']} | metrics {metrics_path}"
     )
     if runtime.device.type == "cuda":
         torch.cuda.empty_cache()  # multirun jobs share this process: hand the cached blocks back
     return summary
+
+
+def kept_note(last_ckpt: Path | None) -> str:
+    return f"the last good checkpoint, {last_ckpt}, is kept" if last_ckpt else "no checkpoint was written yet"
+
+
+def os_reason(e: OSError) -> str:
+    return e.strerror or str(e) or type(e).__name__
+
+
+@contextmanager
+def writing(path: Path, last_ckpt: Path | None) -> Iterator[None]:
+    """A file of the run that cannot be written (disk full, permission) stops the run with one line."""
+    try:
+        yield
+    except OSError as e:
+        raise TrainingStopped(
+            f"could not write {e.filename or path}: {os_reason(e)}; {kept_note(last_ckpt)}; "
+            "free space or fix permissions, then resume=auto"
+        ) from e

@@ -1,0 +1,61 @@
+"""How a run stops early: a signal asks for it, or a fault forces it; either way with a message that says
+what was kept and how to go on."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType, TracebackType
+from typing import Any
+
+
+class TrainingStopped(Exception):
+    """The run stopped before its last step. ``error`` is False for a requested stop (a signal)."""
+
+    def __init__(self, message: str, exit_code: int = 1, error: bool = True) -> None:
+        super().__init__(message)
+        self.exit_code, self.error = exit_code, error
+
+
+class StopRequests:
+    """SIGINT and SIGTERM set ``signum``; the loop stops at the next step boundary, after a checkpoint.
+    A second signal restores the previous handlers and is delivered again, stopping at once (the last
+    checkpoint on disk is whole either way: checkpoints are written atomically)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else ""
+
+    def __enter__(self) -> StopRequests:
+        # Python only lets the main thread install handlers; elsewhere the signals keep their defaults.
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum is None:
+            self.signum = signum
+            return
+        self._restore()
+        signal.raise_signal(signum)
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader workers leave SIGINT / SIGTERM to the main process, which stops them when it is done:
+    a Ctrl-C reaches the whole process group and would otherwise kill them mid-batch."""
+    for s in StopRequests.SIGNALS:
+        signal.signal(s, signal.SIG_IGN)

@@ -1,0 +1,236 @@
+"""Exact resume, kept checkpoints, signals, non-finite steps and disk faults, through train() itself."""
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY
+
+import ddpm.train
+from ddpm.checkpoint import load_checkpoint
+from ddpm.config import ConfigError
+from ddpm.stopping import TrainingStopped
+from ddpm.train import train
+
+# Everything that draws random numbers or keeps state across steps: dropout (torch RNG), flips and epoch
+# boundaries (the data order: 1,797 digits make 2 batches of 600 an epoch), warm-up and cosine decay (LR
+# schedule), EMA with warm-up, Adam's moments.
+EXACT = TINY + [
+    "batch_size=600",
+    "timesteps=20",
+    "steps=7",
+    "model.dropout=0.1",
+    "data.hflip=true",
+    "lr_warmup=2",
+    "lr_decay=cosine",
+    "checkpoint_every=3",
+    "sample_every=0",
+    "forward_n=0",
+]
+
+
+def rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def signal_at(monkeypatch: pytest.MonkeyPatch, step: int, signum: int = signal.SIGTERM) -> None:
+    """Deliver a real signal to this process during training step ``step`` (counted from this call)."""
+    real, calls = ddpm.train.train_step, []
+
+    def step_then_signal(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == step:
+            signal.raise_signal(signum)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ddpm.train, "train_step", step_then_signal)
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a["step"] == b["step"]
+    for part in ("model", "ema"):
+        assert a[part].keys() == b[part].keys()
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    for sa, sb in zip(
+        a["state"]["optimizer"]["state"].values(), b["state"]["optimizer"]["state"].values(), strict=True
+    ):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_interrupted_and_resumed_run_ends_bit_identical(compose_cfg, tmp_path, monkeypatch):
+    train(compose_cfg("train", EXACT), tmp_path / "whole")
+
+    signal_at(monkeypatch, 5)
+    with pytest.raises(TrainingStopped, match=r"stopped by SIGTERM at step 5 of 7.*resume=auto") as stop:
+        train(compose_cfg("train", EXACT), tmp_path / "cut")
+    assert stop.value.exit_code == 128 + signal.SIGTERM and not stop.value.error
+    assert load_checkpoint(tmp_path / "cut/checkpoints/last.pt")["step"] == 5
+    monkeypatch.undo()
+    summary = train(compose_cfg("train", EXACT + ["resume=auto"]), tmp_path / "cut", ["resume=auto"])
+
+    assert summary["resumed_from"].endswith("last.pt")
+    whole, cut = (load_checkpoint(tmp_path / r / "checkpoints/last.pt") for r in ("whole", "cut"))
+    assert_same_state(whole, cut)
+    # the same rows, each step once; the interrupted run added a row where it stopped
+    assert [r["step"] for r in rows(tmp_path / "cut")] == [1, 2, 3, 4, 5, 6, 7]
+    losses = {r["step"]: r["loss"] for r in rows(tmp_path / "whole")}
+    assert all(r["loss"] == losses[r["step"]] for r in rows(tmp_path / "cut"))
+
+
+def test_resume_from_an_earlier_checkpoint_rewinds_the_metrics(compose_cfg, tmp_path):
+    run = tmp_path / "run"
+    train(compose_cfg("train", EXACT + ["keep_last=0"]), run)
+    final = load_checkpoint(run / "checkpoints/last.pt")
+    ckpt = str(run / "checkpoints/step_000003.pt")
+    train(compose_cfg("train", EXACT + [f"resume={ckpt}"]), run, [f"resume={ckpt}"])
+    assert_same_state(final, load_checkpoint(run / "checkpoints/last.pt"))
+    assert [r["step"] for r in rows(run)] == [1, 2, 3, 4, 5, 6, 7]
+
+
+def test_resume_into_a_new_directory_copies_the_history(compose_cfg, tmp_path):
+    train(compose_cfg("train", EXACT + ["keep_last=0"]), tmp_path / "a")
+    ckpt = str(tmp_path / "a/checkpoints/step_000006.pt")
+    train(compose_cfg("train", EXACT + [f"resume={ckpt}"]), tmp_path / "b", [f"resume={ckpt}"])
+    assert [r["step"] for r in rows(tmp_path / "b")] == [1, 2, 3, 4, 5, 6, 7]
+    assert_same_state(*(load_checkpoint(tmp_path / r / "checkpoints/last.pt") for r in "ab"))
+
+
+def test_resume_takes_the_saved_config_and_refuses_a_different_one(compose_cfg, tmp_path):
+    run = tmp_path / "run"
+    train(compose_cfg("train", EXACT + ["loss=l1", "steps=3"]), run)
+    # Overrides not repeated: the saved loss=l1 holds. steps may grow.
+    train(compose_cfg("train", EXACT + ["steps=4", "resume=auto"]), run, ["steps=4", "resume=auto"])
+    saved = load_checkpoint(run / "checkpoints/last.pt")
+    assert saved["step"] == 4 and saved["config"]["loss"] == "l1"
+    # Repeating the original value is fine; asking for another is not.
+    train(
+        compose_cfg("train", EXACT + ["loss=l1", "steps=5", "resume=auto"]), run, ["loss=l1", "resume=auto"]
+    )
+    with pytest.raises(ConfigError, match=r"loss=huber differs from the resumed run's loss=l1"):
+        train(compose_cfg("train", EXACT + ["loss=huber", "resume=auto"]), run, ["loss=huber", "resume=auto"])
+    with pytest.raises(ConfigError, match=r"model.dim=16 differs"):
+        train(compose_cfg("train", EXACT + ["model.dim=16", "resume=auto"]), run, ["model.dim=16"])
+
+
+def test_resume_auto_starts_a_run_that_has_no_checkpoint_yet(compose_cfg, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "lo')  # killed mid-line
+    train(compose_cfg("train", EXACT + ["steps=2", "resume=auto"]), run)
+    assert "no checkpoint" in capsys.readouterr().out
+    assert [r["step"] for r in rows(run)] == [1, 2] and rows(run)[0]["loss"] != 9.0
+
+
+def test_a_finished_run_resumes_to_nothing(compose_cfg, tmp_path, capsys):
+    train(compose_cfg("train", EXACT + ["steps=2"]), tmp_path)
+    summary = train(compose_cfg("train", EXACT + ["steps=2", "resume=auto"]), tmp_path)
+    assert summary["steps"] == 2 and "nothing to do" in capsys.readouterr().out
+
+
+def test_a_new_run_never_overwrites_one(compose_cfg, tmp_path):
+    train(compose_cfg("train", EXACT + ["steps=1"]), tmp_path)
+    before = (tmp_path / "checkpoints/last.pt").read_bytes()
+    with pytest.raises(ConfigError, match="already holds a run: continue it with resume=auto"):
+        train(compose_cfg("train", EXACT + ["steps=1"]), tmp_path)
+    assert (tmp_path / "checkpoints/last.pt").read_bytes() == before
+
+
+def test_resume_refuses_weights_only_and_changed_data(compose_cfg, tmp_path):
+    from ddpm.checkpoint import save_checkpoint
+
+    bare = tmp_path / "bare.pt"
+    save_checkpoint(bare, step=1, model={}, config={})
+    with pytest.raises(ConfigError, match="holds weights only"):
+        train(compose_cfg("train", EXACT + [f"resume={bare}"]), tmp_path / "x")
+    with pytest.raises(ConfigError, match=r"resume=.*nope.pt does not exist"):
+        train(compose_cfg("train", EXACT + [f"resume={tmp_path / 'nope.pt'}"]), tmp_path / "x")
+
+
+def test_keep_last_keeps_the_newest_checkpoints(compose_cfg, tmp_path):
+    train(
+        compose_cfg("train", TINY + ["steps=5", "checkpoint_every=1", "keep_last=2", "sample_every=0"]),
+        tmp_path,
+    )
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["last.pt", "step_000004.pt", "step_000005.pt"]
+    assert load_checkpoint(tmp_path / "checkpoints/last.pt")["step"] == 5
+
+
+def test_sigint_stops_at_the_step_boundary_with_a_checkpoint(compose_cfg, tmp_path, monkeypatch):
+    signal_at(monkeypatch, 2, signal.SIGINT)
+    with pytest.raises(TrainingStopped, match="stopped by SIGINT at step 2") as stop:
+        train(compose_cfg("train", EXACT), tmp_path)
+    assert stop.value.exit_code == 130
+    assert load_checkpoint(tmp_path / "checkpoints/last.pt")["step"] == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers handed back
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(compose_cfg, tmp_path):
+    # A learning rate this large overflows the weights within a few steps: a real NaN, not an injected one.
+    overrides = EXACT + [
+        "lr=1e30",
+        "lr_warmup=0",
+        "lr_decay=none",
+        "steps=40",
+        "checkpoint_every=1",
+        "log_every=20",
+        "keep_last=0",
+    ]
+    with pytest.raises(TrainingStopped, match=r"non-finite loss or gradient at step (\d+)") as stop:
+        train(compose_cfg("train", overrides), tmp_path)
+    bad = int(stop.value.args[0].split("at step ")[1].split(";")[0])
+    last = load_checkpoint(tmp_path / "checkpoints/last.pt")
+    assert last["step"] == bad - 1 and "last good checkpoint" in str(stop.value)
+    for ckpt in (tmp_path / "checkpoints").iterdir():
+        weights = load_checkpoint(ckpt)["model"]
+        assert all(torch.isfinite(w).all() for w in weights.values()), ckpt.name
+
+
+def test_nonfinite_steps_are_skipped_when_asked(compose_cfg, tmp_path, monkeypatch):
+    real = ddpm.train.build_dataset
+
+    def with_a_nan_image(data):
+        dataset = real(data)
+        dataset.images = dataset.images.float()
+        dataset.images[7] = float("nan")  # one image in 1,797: the batches holding it go non-finite
+        return dataset
+
+    monkeypatch.setattr(ddpm.train, "build_dataset", with_a_nan_image)
+    overrides = TINY + ["batch_size=600", "steps=6", "on_nonfinite=skip", "sample_every=0", "timesteps=20"]
+    summary = train(compose_cfg("train", overrides), tmp_path)
+    assert 1 <= summary["skipped"] <= 3  # one of the three batches of each epoch holds image 7
+    weights = load_checkpoint(tmp_path / "checkpoints/last.pt")["model"]
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert rows(tmp_path)[-1]["skipped"] == summary["skipped"]
+    assert all(r["loss"] == r["loss"] for r in rows(tmp_path))  # no NaN in the log
+
+
+def test_skip_gives_up_after_max_nonfinite_in_a_row(compose_cfg, tmp_path):
+    overrides = TINY + ["lr=1e30", "steps=60", "on_nonfinite=skip", "max_nonfinite=3", "sample_every=0"]
+    with pytest.raises(TrainingStopped, match=r"3 steps in a row up to step \d+ had a non-finite"):
+        train(compose_cfg("train", overrides), tmp_path)
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_the_run(compose_cfg, tmp_path, monkeypatch):
+    # The write of step 4's checkpoint goes to /dev/full: the kernel's own "No space left on device".
+    real, calls = ddpm.train.train_step, []
+
+    def fill_the_disk_before_step_4(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            os.symlink("/dev/full", tmp_path / "checkpoints/.step_000004.pt.tmp")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ddpm.train, "train_step", fill_the_disk_before_step_4)
+    overrides = TINY + ["steps=6", "checkpoint_every=2", "sample_every=0"]
+    with pytest.raises(
+        TrainingStopped,
+        match=r"step_000004.pt: No space left on device; the last good "
+        r"checkpoint, .*step_000002.pt, is kept; stopped rather than train on",
+    ):
+        train(compose_cfg("train", overrides), tmp_path)
+    assert load_checkpoint(tmp_path / "checkpoints/last.pt")["step"] == 2
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.pt", "step_000002.pt"]
