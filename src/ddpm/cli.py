@@ -123,10 +123,17 @@ def sample(cfg: DictConfig) -> None:
     shape = (trained["data"]["channels"], trained["data"]["image_size"], trained["data"]["image_size"])
     objective = Objective[trained.get("objective", "eps")]
     out = Path(cfg.out) if cfg.out is not None else default_out(Path(cfg.ckpt), cfg.seed)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"out={cfg.out} cannot be written: {e.strerror or e}") from e
     images = generate(model, schedule, objective, cfg, cfg.n, shape, cfg.seed, cfg.batch_size, device)
-    save_grid(images, out / "grid.png")
-    if cfg.save_images:
-        save_individual(images, out / "images")
+    try:
+        save_grid(images, out / "grid.png")
+        if cfg.save_images:
+            save_individual(images, out / "images")
+    except OSError as e:
+        raise ConfigError(f"out={out} cannot be written: {e.strerror or e}") from e
     where = f"{out / 'grid.png'}" + (f" and {cfg.n} images in {out / 'images'}" if cfg.save_images else "")
     weights = {"ema": "EMA weights", "model": "raw weights"}[payload["weights"]]
     if cfg.ema and payload["weights"] == "model":
@@ -172,6 +179,20 @@ def one_line_errors(prog: str) -> Iterator[None]:
     except TrainingStopped as e:
         print(f"{prog}: {'error: ' if e.error else ''}{e}", file=sys.stderr)
         sys.exit(e.exit_code)
+    except (ValueError, TypeError) as e:
+        # Hydra's parser raises plain ValueErrors on some malformed overrides ("=1"); ours are bugs.
+        if USER_WANTS_TRACE or not _raised_by_hydra(e):
+            raise
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _raised_by_hydra(e: BaseException) -> bool:
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = Path(tb.tb_frame.f_code.co_filename).parts if tb is not None else ()
+    return "hydra" in where or "omegaconf" in where
 
 
 def run(task: Callable[[], None], prog: str) -> None:

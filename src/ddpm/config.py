@@ -7,6 +7,7 @@ checks what types cannot express (ranges, divisibility), so a bad run stops befo
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from enum import Enum
@@ -281,8 +282,14 @@ def register_configs() -> None:
 
 
 # ------------------------------------------------------------------------------------------- validation
+def _finite(name: str, value: int | float) -> None:
+    if not math.isfinite(value):
+        raise ConfigError(f"{name}={value} is invalid: it must be a finite number")
+
+
 def _at_least(name: str, value: int | float, low: int | float) -> None:
-    if value < low:
+    _finite(name, value)
+    if not value >= low:
         raise ConfigError(f"{name}={value} is invalid: it must be >= {low}")
 
 
@@ -305,6 +312,9 @@ def validate_schedule(schedule: Any, timesteps: int) -> None:
             f"schedule.beta_start={schedule.beta_start}, schedule.beta_end={schedule.beta_end} are invalid: "
             "they need 0 < beta_start <= beta_end < 1"
         )
+    if schedule.name == "sigmoid":
+        _finite("schedule.start", schedule.start)
+        _finite("schedule.end", schedule.end)
     if schedule.name == "sigmoid" and not schedule.start < schedule.end:
         raise ConfigError(f"schedule.start={schedule.start} must be below schedule.end={schedule.end}")
 
@@ -372,13 +382,11 @@ def validate_sampling(cfg: Any, timesteps: int | None) -> None:
         raise ConfigError(
             f"sample_steps={cfg.sample_steps} is invalid: it must lie in [1, T={timesteps}] (null: all T)"
         )
-    if cfg.eta < 0:
-        raise ConfigError(f"eta={cfg.eta} is invalid: it must be >= 0")
+    _at_least("eta", cfg.eta, 0)
 
 
 def validate_objective(cfg: Any) -> None:
-    if cfg.min_snr_gamma < 0:
-        raise ConfigError(f"min_snr_gamma={cfg.min_snr_gamma} is invalid: it must be >= 0 (0: off)")
+    _at_least("min_snr_gamma", cfg.min_snr_gamma, 0)
     _at_least("offset_noise", cfg.offset_noise, 0)
     if cfg.schedule.zero_terminal_snr and cfg.objective is Objective.eps:
         # At abar_T = 0, x_T carries no image: x_0 = (x_T - sqrt(1 - abar_T) eps) / sqrt(abar_T) is 0 / 0.
@@ -402,6 +410,7 @@ def validate_train(cfg: Any) -> None:
             "(batch_size is the number of images per optimizer step)"
         )
     _at_least("steps", cfg.steps, 1)
+    _finite("lr", cfg.lr)
     if not cfg.lr > 0:
         raise ConfigError(f"lr={cfg.lr} is invalid: it must be > 0")
     _at_least("lr_warmup", cfg.lr_warmup, 0)

@@ -1,0 +1,230 @@
+"""Random invalid command lines thrown at ddpm-train and ddpm-sample (hypothesis).
+
+Each one must end in one line on stderr (``ddpm-<prog>: error: ...``), a non-zero exit status, no trace,
+and nothing in the run directory but Hydra's own ``.hydra/``. The entry points run in this process,
+exactly as the console scripts call them, so hundreds of command lines take seconds."""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from conftest import TINY
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from omegaconf import OmegaConf
+
+from ddpm import cli
+from ddpm.config import SAMPLERS
+from ddpm.resume import _flatten
+
+FUZZ = settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+
+words = st.text(alphabet="abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=12)
+# text that no typed key accepts: not a number, bool or null in any spelling
+not_a_value = words.filter(
+    lambda w: w.lower() not in {"true", "false", "null", "nan", "inf", "on", "off", "yes", "no"}
+)
+negative = st.integers(min_value=-(10**12), max_value=-1)
+non_finite = st.sampled_from(["nan", "inf", "-inf"])
+
+
+def below(low: int) -> st.SearchStrategy[str]:
+    return st.integers(min_value=-(10**12), max_value=low - 1).map(str)
+
+
+def floats_outside(low: float, high: float | None = None) -> st.SearchStrategy[str]:
+    """Floats below ``low`` or at or above ``high``, and the non-finite ones."""
+    parts = [
+        st.floats(max_value=low, allow_nan=False, allow_infinity=False).filter(lambda v: v < low).map(repr),
+        non_finite,
+    ]
+    if high is not None:
+        parts.append(st.floats(min_value=high, allow_nan=False, allow_infinity=False).map(repr))
+    return st.one_of(*parts)
+
+
+def not_one_of(choices: set[str]) -> st.SearchStrategy[str]:
+    return not_a_value.filter(lambda w: w not in choices)
+
+
+# For every key of the composed train config, values that must be refused (with the default groups:
+# linear schedule, unet model, digits data). test_every_train_key_is_fuzzed keeps this table complete.
+TRAIN_INVALID: dict[str, st.SearchStrategy[str]] = {
+    "sampler": not_one_of(set(SAMPLERS)),
+    "sample_steps": st.one_of(below(1), st.integers(201, 10**9).map(str), not_a_value),
+    "timestep_spacing": not_one_of({"linspace", "leading", "trailing"}),
+    "eta": floats_outside(0),
+    "ddpm_variance": not_one_of({"small", "large"}),
+    "clip_x0": not_a_value,
+    "schedule.name": not_one_of({"linear", "quadratic", "sigmoid", "cosine"}),
+    "schedule.zero_terminal_snr": not_a_value,  # (true is refused with eps-prediction: see below)
+    "schedule.beta_start": st.one_of(floats_outside(0, 1), st.just("0.5")),  # 0.5 > beta_end
+    "schedule.beta_end": floats_outside(1e-4, 1),
+    "model.name": not_one_of({"unet", "ho2020"}),
+    "model.dim": st.one_of(below(4), st.integers(2, 500).map(lambda k: str(2 * k + 1)), not_a_value),
+    "model.dim_mults": st.one_of(
+        st.just("[]"),
+        st.lists(st.integers(-5, 0), min_size=1, max_size=3).map(
+            lambda xs: "[" + ",".join(map(str, xs)) + "]"
+        ),
+        not_a_value,
+    ),
+    "model.dropout": floats_outside(0, 1),
+    "model.resnet_block_groups": st.one_of(below(1), st.sampled_from(["3", "5", "7", "64"])),
+    "model.attn_heads": below(1),
+    "model.attn_dim_head": below(1),
+    "data.name": not_one_of({"digits", "folder", "mnist", "fashion_mnist", "cifar10"}),
+    "data.image_size": st.one_of(below(1), st.sampled_from(["9", "11", "31"])),  # the U-Net halves it
+    "data.channels": st.integers(-10, 10).filter(lambda c: c not in (1, 3)).map(str),
+    "data.hflip": not_a_value,
+    "data.num_workers": below(0),
+    "ema.decay": floats_outside(0, 1),
+    "ema.warmup": floats_outside(0),
+    "loss": not_one_of({"l1", "l2", "huber"}),
+    "objective": not_one_of({"eps", "x0", "v"}),
+    "min_snr_gamma": floats_outside(0),
+    "offset_noise": floats_outside(0),
+    "timesteps": below(1),
+    "batch_size": below(1),
+    "grad_accum": st.one_of(below(1), st.sampled_from(["3", "5", "7", "256"])),  # must divide 16
+    "steps": below(1),
+    "lr": st.one_of(floats_outside(0), st.just("0")),
+    "lr_warmup": below(0),
+    "lr_decay": not_one_of({"none", "cosine"}),
+    "grad_clip": floats_outside(0),
+    "seed": not_a_value,
+    "device": words.filter(lambda w: w not in ("auto", "cpu", "cuda")),
+    "log_every": below(1),
+    "sample_every": below(0),
+    "checkpoint_every": below(0),
+    "sample_n": below(1),
+    "forward_n": below(0),
+    "keep_last": below(0),
+    "on_nonfinite": not_one_of({"stop", "skip"}),
+    "max_nonfinite": below(1),
+    "resume": words.map(lambda w: f"no_such_dir/{w}.pt"),
+}
+
+# Whole overrides that are wrong in shape rather than in value.
+BAD_SHAPES = st.one_of(
+    words.filter(lambda w: w not in {"loss", "steps"}).map(lambda w: f"{w}_key=1"),  # no such key
+    st.tuples(st.sampled_from(["schedule", "model", "data", "experiment"]), words).map(
+        lambda gw: f"{gw[0]}=no_{gw[1]}"
+    ),  # no such option in the group
+    st.text(alphabet="=[]{}(),'\"\\ ${}:", min_size=1, max_size=8).map(lambda junk: f"loss{junk}"),
+    st.sampled_from(["=1", "steps=", "steps=[1,", "model.dim_mults=[1,2", "loss=${oc.env:NO_SUCH_VAR}"]),
+)
+
+
+def run_entry(main, args: list[str], capsys) -> tuple[int, list[str], str]:
+    old = sys.argv
+    sys.argv = [main.__name__, *args]
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.argv = old
+    captured = capsys.readouterr()
+    return code, captured.err.strip().splitlines(), captured.out + captured.err
+
+
+def assert_refused(prog: str, code: int, lines: list[str], output: str, args: list[str]) -> None:
+    assert code != 0, args
+    assert len(lines) == 1, (args, lines)
+    assert lines[0].startswith(f"{prog}: error: "), (args, lines)
+    assert "Traceback" not in output, args
+
+
+@pytest.fixture(scope="module")
+def fuzz_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("fuzz")
+
+
+def train_refuses(args: list[str], root: Path, capsys) -> None:
+    run = root / f"run_{uuid.uuid4().hex[:8]}"
+    code, lines, output = run_entry(cli.train_main, [*TINY, "steps=1", *args, f"hydra.run.dir={run}"], capsys)
+    assert_refused("ddpm-train", code, lines, output, args)
+    made = [p.relative_to(run).parts[0] for p in run.rglob("*")] if run.exists() else []
+    assert set(made) <= {".hydra"}, (args, made)
+
+
+@pytest.mark.slow
+@FUZZ
+@given(data=st.data())
+def test_random_invalid_train_overrides_are_refused(data, fuzz_dir, capsys):
+    key = data.draw(st.sampled_from(sorted(TRAIN_INVALID)))
+    value = data.draw(TRAIN_INVALID[key])
+    valid = data.draw(
+        st.lists(st.sampled_from(["loss=l1", "timesteps=50", "lr=3e-4", "seed=3"]), unique=True)
+    )
+    train_refuses([*valid, f"{key}={value}"], fuzz_dir, capsys)
+
+
+@pytest.mark.slow
+@FUZZ
+@given(override=BAD_SHAPES)
+def test_random_malformed_train_overrides_are_refused(override, fuzz_dir, capsys):
+    train_refuses([override], fuzz_dir, capsys)
+
+
+def test_every_train_key_is_fuzzed(compose_cfg):
+    keys = set(_flatten(OmegaConf.to_container(compose_cfg("train"), enum_to_str=True)))
+    assert keys == set(TRAIN_INVALID), keys ^ set(TRAIN_INVALID)
+
+
+def test_zero_terminal_snr_with_eps_is_refused(fuzz_dir, capsys):
+    train_refuses(["schedule.zero_terminal_snr=true"], fuzz_dir, capsys)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    from hydra import compose, initialize_config_module
+
+    from ddpm.train import train
+
+    run = tmp_path_factory.mktemp("ckpt")
+    with initialize_config_module(config_module="ddpm.configs", version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[*TINY, "steps=1", "timesteps=20", "forward_n=0"])
+    train(cfg, run)
+    return run / "checkpoints/last.pt"
+
+
+SAMPLE_INVALID: dict[str, st.SearchStrategy[str]] = {
+    "sampler": not_one_of(set(SAMPLERS)),
+    "sample_steps": st.one_of(below(1), st.integers(21, 10**9).map(str), not_a_value),  # T = 20
+    "timestep_spacing": not_one_of({"linspace", "leading", "trailing"}),
+    "eta": floats_outside(0),
+    "ddpm_variance": not_one_of({"small", "large"}),
+    "clip_x0": not_a_value,
+    "ckpt": words.map(lambda w: f"no_such_dir/{w}.pt"),
+    "ema": not_a_value,
+    "n": below(1),
+    "seed": not_a_value,
+    "out": st.just("/dev/null/out"),
+    "batch_size": below(1),
+    "device": words.filter(lambda w: w not in ("auto", "cpu", "cuda")),
+    "save_images": not_a_value,
+}
+
+
+@pytest.mark.slow
+@FUZZ
+@given(data=st.data())
+def test_random_invalid_sample_overrides_are_refused(data, tiny_ckpt, fuzz_dir, capsys):
+    key = data.draw(st.sampled_from(sorted(SAMPLE_INVALID)))
+    value = data.draw(SAMPLE_INVALID[key])
+    out = fuzz_dir / f"out_{uuid.uuid4().hex[:8]}"
+    args = [f"ckpt={tiny_ckpt}", "n=2", f"out={out}", f"{key}={value}"]  # the last value of a key wins
+    code, lines, output = run_entry(cli.sample_main, args, capsys)
+    assert_refused("ddpm-sample", code, lines, output, args)
+    assert not out.exists(), args
+
+
+def test_every_sample_key_is_fuzzed(compose_cfg):
+    keys = set(_flatten(OmegaConf.to_container(compose_cfg("sample"), enum_to_str=True)))
+    assert keys == set(SAMPLE_INVALID), keys ^ set(SAMPLE_INVALID)
