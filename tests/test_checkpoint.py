@@ -88,3 +88,38 @@ def test_weights_of_another_architecture(cfg, tmp_path):
     save_checkpoint(tmp_path / "c.pt", step=1, model={"w": torch.zeros(3)}, config=config)
     with pytest.raises(CheckpointError, match="does not match"):
         load_model(tmp_path / "c.pt", torch.device("cpu"))
+
+
+def test_safetensors_export_loads_like_its_checkpoint(cfg, tmp_path):
+    from ddpm.checkpoint import export_safetensors
+
+    model = build_model(cfg.model, cfg.data.channels, cfg.data.image_size)
+    raw = {k: v.clone() for k, v in model.state_dict().items()}
+    ema = {k: v + 1 for k, v in raw.items()}
+    save_checkpoint(tmp_path / "c.pt", step=5, model=raw, ema=ema, config=plain_config(cfg))
+    payload = load_checkpoint(tmp_path / "c.pt")
+    assert export_safetensors(payload, tmp_path / "ema.safetensors") == "ema"
+    assert export_safetensors(payload, tmp_path / "raw.safetensors", ema=False) == "model"
+    assert (tmp_path / "ema.safetensors").read_bytes()[:8] != b"PK\x03\x04"  # not a zip of pickles
+    for name, want in (("ema", ema), ("raw", raw)):
+        rebuilt, schedule, loaded = load_model(tmp_path / f"{name}.safetensors", torch.device("cpu"))
+        assert loaded["step"] == 5 and loaded["config"] == payload["config"]
+        assert schedule.timesteps == cfg.timesteps
+        assert all(torch.equal(v, want[k]) for k, v in rebuilt.state_dict().items())
+
+
+def test_broken_and_foreign_safetensors_are_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from ddpm.checkpoint import export_safetensors
+
+    save_file({"w": torch.zeros(3)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(CheckpointError, match="not a ddpm export"):
+        load_checkpoint(tmp_path / "other.safetensors")
+    export_safetensors(
+        {"step": 1, "model": {"w": torch.zeros(1000)}, "config": {}}, tmp_path / "x.safetensors"
+    )
+    data = (tmp_path / "x.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"ckpt=.*cut.safetensors is not a readable .safetensors file"):
+        load_checkpoint(tmp_path / "cut.safetensors")

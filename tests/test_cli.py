@@ -82,6 +82,26 @@ def test_sample_writes_grid_and_images_and_repeats_by_seed(trained, cli):
     assert not all(np.array_equal(a, b) for a, b in zip(pixels["s1"], pixels["s3"], strict=True))
 
 
+def test_export_to_safetensors_samples_the_same_images(trained, cli):
+    cwd = trained.parent
+    exported = cli("ddpm-export", "ckpt=run/checkpoints/last.pt", "out=shared/tiny.safetensors", cwd=cwd)
+    assert exported.returncode == 0, exported.stderr
+    assert "EMA weights of run/checkpoints/last.pt (step 3)" in exported.stdout
+    grids = []
+    for ckpt in ("run/checkpoints/last.pt", "shared/tiny.safetensors"):
+        out = f"from_{Path(ckpt).suffix[1:]}"
+        result = cli("ddpm-sample", f"ckpt={ckpt}", "n=4", "seed=1", f"out={out}", "device=cpu", cwd=cwd)
+        assert result.returncode == 0, result.stderr
+        grids.append(np.asarray(Image.open(cwd / out / "grid.png")))
+    assert np.array_equal(*grids)
+    refused = cli("ddpm-train", "resume=shared/tiny.safetensors", cwd=cwd)
+    assert refused.returncode == 2 and "holds weights only" in refused.stderr
+    bad = cli("ddpm-export", "ckpt=run/checkpoints/last.pt", "out=x.pt", cwd=cwd)
+    assert (
+        bad.returncode == 2 and "out=x.pt is invalid: give a file name ending in .safetensors" in bad.stderr
+    )
+
+
 def test_sample_with_ddim_and_dpm_solver_and_without_ema(trained, cli):
     cwd = trained.parent
     common = ["ckpt=run/checkpoints/last.pt", "n=4", "save_images=true"]

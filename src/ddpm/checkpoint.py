@@ -8,6 +8,7 @@ also carries the training state (``state``: optimizer, LR schedule, RNG states, 
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -24,6 +25,7 @@ from ddpm.unet import build_model
 FORMAT = "ddpm-checkpoint"
 VERSION = 2  # 2 added the training state; version 1 files still load for sampling
 READABLE_VERSIONS = (1, 2)
+WEIGHTS_FORMAT = "ddpm-weights"  # the metadata marker of a .safetensors export
 
 
 class CheckpointError(ConfigError):
@@ -89,14 +91,63 @@ def run_dir_of(ckpt: Path) -> Path:
     return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
 
 
+def export_safetensors(payload: dict[str, Any], path: Path, ema: bool = True) -> str:
+    """Write one set of weights (EMA where the checkpoint has it and ``ema``) and the config as a
+    .safetensors file: no pickle at all, so anyone can load it safely; ddpm-sample reads it as it reads a
+    checkpoint. Returns which weights were written."""
+    from safetensors.torch import save_file
+
+    weights = "ema" if ema and "ema" in payload else "model"
+    metadata = {
+        "format": WEIGHTS_FORMAT,
+        "step": str(payload["step"]),
+        "weights": weights,
+        "config": json.dumps(payload["config"]),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        save_file({k: v.contiguous() for k, v in payload[weights].items()}, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return weights
+
+
+def _load_safetensors(path: Path, key: str) -> dict[str, Any]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (not a dict)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{key}={path} is not a readable .safetensors file: {e}") from e
+    if metadata.get("format") != WEIGHTS_FORMAT:
+        raise CheckpointError(
+            f"{key}={path} holds weights, but not a ddpm export (no '{WEIGHTS_FORMAT}' marker)"
+        )
+    weights = metadata.get("weights", "model")
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "step": int(metadata.get("step", 0)),
+        "config": json.loads(metadata["config"]),
+        weights: tensors,
+    }
+
+
 def load_checkpoint(
     path: str | Path, map_location: str | torch.device = "cpu", key: str = "ckpt"
 ) -> dict[str, Any]:
-    """Read a checkpoint of this tool; CheckpointError (one line, naming the config ``key`` that gave the
-    path) for anything else."""
+    """Read a checkpoint of this tool (or its .safetensors export); CheckpointError (one line, naming the
+    config ``key`` that gave the path) for anything else."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"{key}={path} does not exist")
+    if path.suffix == ".safetensors":
+        return _load_safetensors(path, key)
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -134,7 +185,8 @@ def load_model(
 
     payload = load_checkpoint(path)
     config = OmegaConf.create(payload["config"])
-    payload["weights"] = "ema" if ema and "ema" in payload else "model"
+    # an export holds one set of weights, whichever was asked for when it was written
+    payload["weights"] = "ema" if (ema and "ema" in payload) or "model" not in payload else "model"
     try:
         model = build_model(config.model, config.data.channels, config.data.image_size)
         model.load_state_dict(payload[payload["weights"]])

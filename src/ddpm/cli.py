@@ -18,11 +18,11 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, read_write
 from omegaconf.errors import OmegaConfBaseException
 
-from ddpm.checkpoint import load_model, run_dir_of
+from ddpm.checkpoint import export_safetensors, load_checkpoint, load_model, run_dir_of
 from ddpm.config import ConfigError, Objective, register_configs, validate_sample, validate_sampling
 from ddpm.evaluate import evaluate, summary_lines
 from ddpm.images import save_grid, save_individual
-from ddpm.resume import override_keys
+from ddpm.resume import checkpoint_to_resume, override_keys
 from ddpm.rundir import holds_run
 from ddpm.sampling import generate
 from ddpm.stopping import TrainingStopped
@@ -104,6 +104,23 @@ class RunDirGuard(Callback):
                     f"hydra.sweep.dir={sweep} already holds runs: continue them with resume=auto, "
                     "or choose another hydra.sweep.dir"
                 )
+
+
+@hydra.main(version_base="1.3", config_path=CONFIGS, config_name="export")
+def _export(cfg: DictConfig) -> None:
+    with one_line_errors("ddpm-export"):
+        require(cfg)
+        ckpt = Path(cfg.ckpt)
+        out = Path(cfg.out) if cfg.out is not None else ckpt.with_suffix(".safetensors")
+        if out.suffix != ".safetensors":
+            raise ConfigError(f"out={cfg.out} is invalid: give a file name ending in .safetensors")
+        payload = load_checkpoint(ckpt)
+        try:
+            weights = export_safetensors(payload, out, ema=cfg.ema)
+        except OSError as e:
+            raise ConfigError(f"out={out} cannot be written: {e.strerror or e}") from e
+        kind = {"ema": "EMA weights", "model": "raw weights"}[weights]
+        print(f"ddpm-export: {kind} of {ckpt} (step {payload['step']}) and its config -> {out}")
 
 
 def require(cfg: DictConfig) -> None:
@@ -218,3 +235,7 @@ def sample_main() -> None:
 
 def eval_main() -> None:
     run(_eval, "ddpm-eval")
+
+
+def export_main() -> None:
+    run(_export, "ddpm-export")

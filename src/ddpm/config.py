@@ -211,6 +211,13 @@ class SampleConfig(SamplingKeys):
 
 
 @dataclass
+class ExportConfig:
+    ckpt: str = MISSING
+    out: str | None = None
+    ema: bool = MISSING
+
+
+@dataclass
 class EvalConfig(SamplingKeys):
     ckpt: str | None = MISSING
     samples: str | None = MISSING
@@ -272,6 +279,7 @@ def register_configs() -> None:
     cs.store(group="schema", name="train", node=TrainConfig)
     cs.store(group="schema", name="sample", node=SampleConfig)
     cs.store(group="schema", name="eval", node=EvalConfig)
+    cs.store(group="schema", name="export", node=ExportConfig)
     for name, node in SCHEDULE_SCHEMAS.items():
         cs.store(group="schema/schedule", name=name, node=node)
     cs.store(group="schema/model", name="unet", node=UNetConfig)

@@ -138,6 +138,8 @@ def checkpoint_to_resume(resume: str | None, run_dir: Path) -> Path | None:
     path = Path(resume).expanduser()
     if not path.is_file():
         raise ConfigError(f"resume={resume} does not exist: give a checkpoint file, or resume=auto")
+    if path.suffix == ".safetensors":
+        raise ConfigError(f"resume={resume} holds weights only (an export): resume from a .pt checkpoint")
     return path
 
 
