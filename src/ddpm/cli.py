@@ -72,11 +72,8 @@ class RunDirGuard(Callback):
         with one_line_errors("ddpm-train"):
             resume = config.get("resume")
             if resume not in (None, "auto"):
-                ckpt = Path(resume).expanduser()
-                if not ckpt.is_file():
-                    raise ConfigError(
-                        f"resume={resume} does not exist: give a checkpoint file, or resume=auto"
-                    )
+                ckpt = checkpoint_to_resume(resume, Path.cwd())
+                assert ckpt is not None  # a path, not auto
                 if "hydra.run.dir" not in override_keys(list(config.hydra.overrides.hydra)):
                     with read_write(config.hydra):
                         config.hydra.run.dir = str(run_dir_of(ckpt.resolve()))
