@@ -18,6 +18,10 @@ run timeout 150 ddpm-train device=cuda hydra.run.dir=run 2>&1 | tee "$OUT/train_
 run ddpm-sample ckpt=run/checkpoints/last.pt device=cuda n=64 seed=0 out=s1 save_images=true
 run ddpm-sample ckpt=run/checkpoints/last.pt device=cuda n=64 seed=0 out=s2 save_images=true
 cmp -s s1/grid.png s2/grid.png && echo "same seed, same grid on cuda" || echo "grids differ on cuda"
+# resume on the GPU: SIGTERM mid-run, then resume=auto; the CUDA RNG and optimizer state travel through CPU
+ddpm-train device=cuda steps=600 checkpoint_every=100 hydra.run.dir=cut > "$OUT/resume_cuda.log" 2>&1 &
+sleep 25; kill -TERM $!; wait $!; echo "stopped rc=$? (143 expected)" | tee -a "$OUT/resume_cuda.log"
+run ddpm-train hydra.run.dir=cut resume=auto 2>&1 | tail -3 | tee -a "$OUT/resume_cuda.log"
 cp run/samples/step_001500.png "$OUT/digits_cuda_grid.png" 2>/dev/null
 cp run/forward.png "$OUT/digits_cuda_forward.png" 2>/dev/null
 cd "$REPO"
