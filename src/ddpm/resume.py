@@ -10,6 +10,7 @@ bit-identical.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ddpm.checkpoint import CheckpointError, load_checkpoint
-from ddpm.config import ConfigError, typed_train_config
+from ddpm.config import ConfigError, typed_train_config, validate_train
+from ddpm.rundir import holds_run, same_run
 
 # What a resumed run may change: where and how often it reports, how long it runs, where the images are.
 # Everything else would make it a different run than the one its weights and optimizer come from.
@@ -73,6 +75,43 @@ def set_rng_state(state: dict[str, Any]) -> None:
     # A run resumed on another kind of machine keeps going; only its random draws differ from the original.
     if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------------------------- the whole state
+def training_state(
+    optimizer: torch.optim.Optimizer,
+    lr_schedule: torch.optim.lr_scheduler.LRScheduler,
+    n_images: int,
+    position: tuple[int, int],
+    elapsed_s: float,
+) -> dict[str, Any]:
+    """What a checkpoint carries besides the weights; ``position`` is (epoch, batch) of the next step."""
+    return {
+        "optimizer": optimizer.state_dict(),
+        "lr_schedule": lr_schedule.state_dict(),
+        "rng": rng_state(),
+        "data": {"n_images": n_images, "epoch": position[0], "batch": position[1]},
+        "elapsed_s": elapsed_s,
+    }
+
+
+def restore(
+    saved: dict[str, Any],
+    model: torch.nn.Module,
+    ema_model: torch.nn.Module | None,
+    optimizer: torch.optim.Optimizer,
+    lr_schedule: torch.optim.lr_scheduler.LRScheduler,
+) -> tuple[int, float]:
+    """Load a checkpoint's weights and state into freshly built objects; returns (step, elapsed_s).
+    The RNG states go last: building the objects drew from the generators."""
+    model.load_state_dict(saved["model"])
+    if ema_model is not None:
+        ema_model.load_state_dict(saved["ema"])
+    state = saved["state"]
+    optimizer.load_state_dict(state["optimizer"])
+    lr_schedule.load_state_dict(state["lr_schedule"])
+    set_rng_state(state["rng"])
+    return saved["step"], state["elapsed_s"]
 
 
 # ------------------------------------------------------------------------------------------ the config
@@ -151,3 +190,23 @@ def load_resumable(path: Path) -> dict[str, Any]:
             "not resumed"
         )
     return payload
+
+
+def plan_resume(
+    cfg: DictConfig, run_dir: Path, overrides: Sequence[str]
+) -> tuple[DictConfig, Path | None, dict[str, Any] | None, bool]:
+    """(config to train with, checkpoint to continue from, its payload, whether the run continues in
+    another directory than the checkpoint's). Refuses a new run, or a continuation from another run,
+    in a directory that already holds a run."""
+    resume_from = checkpoint_to_resume(cfg.resume, run_dir)
+    saved = load_resumable(resume_from) if resume_from is not None else None
+    fork = resume_from is not None and not same_run(resume_from, run_dir)
+    if holds_run(run_dir) and (cfg.resume is None or fork):
+        raise ConfigError(
+            f"hydra.run.dir={run_dir} already holds a run: continue it with resume=auto, "
+            "or choose another hydra.run.dir"
+        )
+    if saved is not None:
+        cfg = resumed_config(cfg, saved["config"], list(overrides))
+    validate_train(cfg)
+    return cfg, resume_from, saved, fork

@@ -8,6 +8,8 @@ import threading
 from types import FrameType, TracebackType
 from typing import Any
 
+import torch
+
 
 class TrainingStopped(Exception):
     """The run stopped before its last step. ``error`` is False for a requested stop (a signal)."""
@@ -59,3 +61,34 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
     a Ctrl-C reaches the whole process group and would otherwise kill them mid-batch."""
     for s in StopRequests.SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+
+
+class NonFiniteWatch:
+    """Watches for steps whose loss or gradient is NaN or infinite.
+
+    With ``skip``, train_step has already read the flag and left such a step out, so the counts live on
+    the host and ``max_in_a_row`` of them in a row stop the run. Otherwise the first bad step is kept in a
+    device tensor and read only by ``check``, at the loop's cadences, so no step waits for the device."""
+
+    def __init__(self, skip: bool, max_in_a_row: int, device: torch.device) -> None:
+        self.skip, self.max_in_a_row = skip, max_in_a_row
+        self.skipped = self.in_a_row = 0
+        self.first_bad = torch.zeros((), dtype=torch.long, device=device)  # 0 while every step is finite
+
+    def record(self, step: int, finite: torch.Tensor, then: str) -> None:
+        """``then`` ends the message: what was kept and how to go on."""
+        if not self.skip:
+            self.first_bad = torch.where(finite | (self.first_bad > 0), self.first_bad, step)
+            return
+        ok = bool(finite)
+        self.skipped += not ok
+        self.in_a_row = 0 if ok else self.in_a_row + 1
+        if self.in_a_row >= self.max_in_a_row:
+            raise TrainingStopped(
+                f"{self.in_a_row} steps in a row up to step {step} had a non-finite loss or gradient "
+                f"(max_nonfinite={self.max_in_a_row}); {then}"
+            )
+
+    def check(self, then: str) -> None:
+        if not self.skip and (bad := int(self.first_bad)):
+            raise TrainingStopped(f"non-finite loss or gradient at step {bad}; {then}")

@@ -8,7 +8,6 @@ import math
 import random
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,19 +18,19 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ddpm.checkpoint import link_checkpoint, run_dir_of, save_checkpoint
-from ddpm.config import ConfigError, Loss, LRDecay, Objective, OnNonFinite, validate_train
+from ddpm.checkpoint import run_dir_of
+from ddpm.config import ConfigError, Loss, LRDecay, Objective, OnNonFinite
 from ddpm.data import build_dataset
 from ddpm.diffusion import p_losses
 from ddpm.ema import EMA
 from ddpm.images import forward_figure, save_grid, save_png
 from ddpm.order import BatchSampler, DataOrder, apply_flips
 from ddpm.progress import ProgressReporter, format_duration
-from ddpm.resume import checkpoint_to_resume, load_resumable, resumed_config, rng_state, set_rng_state
-from ddpm.rundir import holds_run, prune_checkpoints, remove_partial_writes, rewind_metrics, same_run
+from ddpm.resume import plan_resume, restore, training_state
+from ddpm.rundir import kept_note, remove_partial_writes, rewind_metrics, write_checkpoint, writing
 from ddpm.sampling import generate
 from ddpm.schedules import Schedule, build_schedule
-from ddpm.stopping import StopRequests, TrainingStopped, ignore_stop_signals
+from ddpm.stopping import NonFiniteWatch, StopRequests, TrainingStopped, ignore_stop_signals
 from ddpm.unet import build_model
 
 # Above this share of the image left in x_T, the run says that sampling from N(0, I) starts off the
@@ -182,17 +181,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> dict
     the first file is written. ``overrides`` are the command line's (a resumed run checks them against
     its saved config). Returns a summary; raises TrainingStopped when the run ends early."""
     run_dir, resume = Path(run_dir), cfg.resume
-    resume_from = checkpoint_to_resume(resume, run_dir)
-    saved = load_resumable(resume_from) if resume_from is not None else None
-    if saved is not None:
-        cfg = resumed_config(cfg, saved["config"], list(overrides))
-    validate_train(cfg)
-    fork = resume_from is not None and not same_run(resume_from, run_dir)
-    if holds_run(run_dir) and (resume is None or fork):
-        raise ConfigError(
-            f"hydra.run.dir={run_dir} already holds a run: continue it with resume=auto, "
-            "or choose another hydra.run.dir"
-        )
+    cfg, resume_from, saved, fork = plan_resume(cfg, run_dir, overrides)
     runtime = Runtime(device=resolve_device(cfg.device))
     dataset = build_dataset(cfg.data)
     if len(dataset) < cfg.batch_size:
@@ -212,13 +201,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> dict
     ema = EMA(model, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.decay > 0 else None
     start, elapsed_before = 0, 0.0
     if saved is not None:
-        model.load_state_dict(saved["model"])
-        if ema is not None:
-            ema.model.load_state_dict(saved["ema"])
-        optimizer.load_state_dict(saved["state"]["optimizer"])
-        lr_schedule.load_state_dict(saved["state"]["lr_schedule"])
-        set_rng_state(saved["state"]["rng"])
-        start, elapsed_before = saved["step"], saved["state"]["elapsed_s"]
+        start, elapsed_before = restore(saved, model, ema and ema.model, optimizer, lr_schedule)
     sampling_model = ema.model if ema is not None else model
     opts = StepOptions.from_config(cfg)
     shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
@@ -263,33 +246,20 @@ def train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> dict
     clock = time.perf_counter()
 
     def checkpoint(step: int) -> Path:
-        path = ckpt_dir / f"step_{step:06d}.pt"
         cpu = lambda state: {k: v.detach().cpu() for k, v in state.items()}  # noqa: E731
-        epoch, batch = order.position(step)
-        state = {
-            "optimizer": optimizer.state_dict(),
-            "lr_schedule": lr_schedule.state_dict(),
-            "rng": rng_state(),
-            "data": {"n_images": len(dataset), "epoch": epoch, "batch": batch},  # of the next step
-            "elapsed_s": elapsed_before + time.perf_counter() - clock,
-        }
-        try:
-            save_checkpoint(
-                path,
-                step=step,
-                model=cpu(model.state_dict()),
-                ema=cpu(ema.state_dict()) if ema else None,
-                config=config,
-                state=state,
-            )
-            link_checkpoint(path, ckpt_dir / "last.pt")
-            prune_checkpoints(ckpt_dir, cfg.keep_last, step)
-        except OSError as e:
-            raise TrainingStopped(
-                f"could not write the checkpoint {path}: {os_reason(e)}; {kept_note(last_ckpt)}; stopped "
-                "rather than train on without one: free space or fix permissions, then resume=auto"
-            ) from e
-        return path
+        elapsed = elapsed_before + time.perf_counter() - clock
+        state = training_state(optimizer, lr_schedule, len(dataset), order.position(step), elapsed)
+        ema_weights = cpu(ema.state_dict()) if ema else None
+        return write_checkpoint(
+            ckpt_dir,
+            step,
+            cfg.keep_last,
+            last_ckpt,
+            cpu(model.state_dict()),
+            ema=ema_weights,
+            config=config,
+            state=state,
+        )
 
     def sample_grid(step: int) -> Path:
         path = sample_dir / f"step_{step:06d}.png"
@@ -313,8 +283,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> dict
     interval_start, interval_steps, paused = clock, 0, 0.0
     loss_sum = torch.zeros((), device=runtime.device)
     finite_steps = torch.zeros((), device=runtime.device)
-    first_bad = torch.zeros((), dtype=torch.long, device=runtime.device)  # stop mode: 0 while all finite
-    skipped = in_a_row = 0
+    watch = NonFiniteWatch(opts.skip_nonfinite, cfg.max_nonfinite, runtime.device)
     last_loss = float("nan")
     resume_hint = f"ddpm-train hydra.run.dir={run_dir} resume=auto"
     with reporter, StopRequests() as stop, open(metrics_path, "a") as metrics:
@@ -323,17 +292,9 @@ def train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> dict
             lr_schedule.step()
             if ema is not None:
                 ema.update(step)
-            if opts.skip_nonfinite:  # train_step has read `finite` already
-                ok = bool(finite)
-                skipped, in_a_row = skipped + (not ok), 0 if ok else in_a_row + 1
-                if in_a_row >= cfg.max_nonfinite:
-                    raise TrainingStopped(
-                        f"{in_a_row} steps in a row up to step {step} had a non-finite loss or gradient "
-                        f"(max_nonfinite={cfg.max_nonfinite}); {kept_note(last_ckpt)}; lower lr or set "
-                        f"grad_clip, then {resume_hint}"
-                    )
-            else:
-                first_bad = torch.where(finite | (first_bad > 0), first_bad, step)
+            watch.record(
+                step, finite, f"{kept_note(last_ckpt)}; lower lr or set grad_clip, then {resume_hint}"
+            )
             loss_sum += torch.where(finite, loss, 0.0)
             finite_steps += finite
             interval_steps += 1
@@ -341,10 +302,10 @@ def train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> dict
             log_due = step % cfg.log_every == 0 or step == cfg.steps or stop.signum is not None
             grid_due = (cfg.sample_every and step % cfg.sample_every == 0) or step == cfg.steps
             ckpt_due = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps
-            if (log_due or grid_due or ckpt_due) and not opts.skip_nonfinite and (bad := int(first_bad)):
-                raise TrainingStopped(
-                    f"non-finite loss or gradient at step {bad}; {kept_note(last_ckpt)}, nothing later was "
-                    f"saved; lower lr or set grad_clip (or on_nonfinite=skip), then {resume_hint}"
+            if log_due or grid_due or ckpt_due:  # before anything reads or saves the weights
+                watch.check(
+                    f"{kept_note(last_ckpt)}, nothing later was saved; lower lr or set grad_clip "
+                    f"(or on_nonfinite=skip), then {resume_hint}"
                 )
             if log_due:
                 # the loop's host sync: the mean loss of the interval's finite steps
@@ -358,7 +319,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> dict
                     "lr": cfg.lr * factor(step - 1),  # the rate this step used
                     "img_per_s": img_per_s,
                     "elapsed_s": elapsed_before + now - clock,
-                    "skipped": skipped,
+                    "skipped": watch.skipped,
                 }
                 with writing(metrics_path, last_ckpt):
                     metrics.write(json.dumps(row) + "\n")
@@ -389,7 +350,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> dict
         "steps": cfg.steps,
         "time_s": elapsed,
         "final_loss": last_loss,
-        "skipped": skipped,
+        "skipped": watch.skipped,
         "run_dir": str(run_dir),
         "resumed_from": str(resume_from) if resume_from else None,
         "checkpoint": str(ckpt_dir / "last.pt"),
@@ -397,29 +358,9 @@ def train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> dict
     }
     reporter.say(
         f"done: {cfg.steps} steps in {format_duration(elapsed)}, final loss {last_loss:.4f}"
-        + (f", {skipped} non-finite steps skipped" if skipped else "")
+        + (f", {watch.skipped} non-finite steps skipped" if watch.skipped else "")
         + f" | checkpoint {summary['checkpoint']} | samples {summary['samples']} | metrics {metrics_path}"
     )
     if runtime.device.type == "cuda":
         torch.cuda.empty_cache()  # multirun jobs share this process: hand the cached blocks back
     return summary
-
-
-def kept_note(last_ckpt: Path | None) -> str:
-    return f"the last good checkpoint, {last_ckpt}, is kept" if last_ckpt else "no checkpoint was written yet"
-
-
-def os_reason(e: OSError) -> str:
-    return e.strerror or str(e) or type(e).__name__
-
-
-@contextmanager
-def writing(path: Path, last_ckpt: Path | None) -> Iterator[None]:
-    """A file of the run that cannot be written (disk full, permission) stops the run with one line."""
-    try:
-        yield
-    except OSError as e:
-        raise TrainingStopped(
-            f"could not write {e.filename or path}: {os_reason(e)}; {kept_note(last_ckpt)}; "
-            "free space or fix permissions, then resume=auto"
-        ) from e
