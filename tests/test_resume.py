@@ -234,3 +234,16 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run(compose_cfg, tmp_path
         train(compose_cfg("train", overrides), tmp_path)
     assert load_checkpoint(tmp_path / "checkpoints/last.pt")["step"] == 2
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.pt", "step_000002.pt"]
+
+
+def test_a_folder_with_fewer_readable_images_than_a_batch_is_refused(compose_cfg, tmp_path):
+    from test_data import write_bad_files, write_random
+
+    (tmp_path / "pics").mkdir()
+    write_bad_files(tmp_path / "pics")
+    for i in range(3):
+        write_random(tmp_path / "pics" / f"ok{i}.png", seed=i)
+    overrides = TINY + ["data=folder", f"data.root={tmp_path / 'pics'}", "data.image_size=8", "batch_size=4"]
+    with pytest.raises(ConfigError, match=r"batch_size=4 is larger than the data set \(3 images, besides 4 "):
+        train(compose_cfg("train", overrides), tmp_path / "run")
+    assert not (tmp_path / "run").exists()

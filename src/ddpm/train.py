@@ -185,7 +185,12 @@ def train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> dict
     runtime = Runtime(device=resolve_device(cfg.device))
     dataset = build_dataset(cfg.data)
     if len(dataset) < cfg.batch_size:
-        raise ConfigError(f"batch_size={cfg.batch_size} is larger than the data set ({len(dataset)} images)")
+        skipped = len(getattr(dataset, "skipped", []))
+        unreadable = f", besides {skipped} unreadable files" if skipped else ""
+        raise ConfigError(
+            f"batch_size={cfg.batch_size} is larger than the data set ({len(dataset)} images{unreadable}): "
+            "every step needs a full batch"
+        )
     if saved is not None and saved["state"]["data"]["n_images"] != len(dataset):
         raise ConfigError(
             f"data.root={cfg.data.get('root', cfg.data.name)} now holds {len(dataset)} images, but the "
@@ -357,7 +362,13 @@ def train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> dict
         "samples": str(sample_dir / f"step_{cfg.steps:06d}.png"),
     }
     reporter.say(
-        f"done: {cfg.steps} steps in {format_duration(elapsed)}, final loss {last_loss:.4f}"
+        (
+            f"done: steps {start + 1}-{cfg.steps} in {format_duration(elapsed)} "
+            f"({format_duration(elapsed_before + elapsed)} for all {cfg.steps})"
+            if start
+            else f"done: {cfg.steps} steps in {format_duration(elapsed)}"
+        )
+        + f", final loss {last_loss:.4f}"
         + (f", {watch.skipped} non-finite steps skipped" if watch.skipped else "")
         + f" | checkpoint {summary['checkpoint']} | samples {summary['samples']} | metrics {metrics_path}"
     )
