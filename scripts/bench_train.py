@@ -21,10 +21,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ddpm.config import Loss
-from ddpm.diffusion import p_losses
+from ddpm.config import Loss, Objective
 from ddpm.schedules import Schedule, linear_betas
-from ddpm.train import resolve_device
+from ddpm.train import StepOptions, resolve_device, train_step
 from ddpm.unet import UNet
 
 
@@ -53,13 +52,11 @@ def ddpm_step(shape: Shape, device: torch.device) -> tuple[Step, torch.nn.Module
     schedule = Schedule.from_betas(linear_betas(shape.timesteps, 1e-4, 0.02)).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
 
+    # ddpm-train's own step, with its non-finite watch (on_nonfinite=stop: no host sync)
+    opts = StepOptions(Loss.l2, Objective.eps, 0.0, 0.0, grad_accum=1, grad_clip=0.0, skip_nonfinite=False)
+
     def step(x0: torch.Tensor) -> torch.Tensor:
-        t = torch.randint(0, shape.timesteps, (x0.shape[0],), device=device)
-        loss = p_losses(model, schedule, x0, t, torch.randn_like(x0), Loss.l2)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss.detach()
+        return train_step(model, opt, schedule, x0, opts)[0]
 
     return step, model
 
