@@ -247,3 +247,32 @@ def test_a_folder_with_fewer_readable_images_than_a_batch_is_refused(compose_cfg
     with pytest.raises(ConfigError, match=r"batch_size=4 is larger than the data set \(3 images, besides 4 "):
         train(compose_cfg("train", overrides), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_resume_is_exact_with_loader_workers_and_flips(compose_cfg, tmp_path, monkeypatch):
+    # Two worker processes load the images; the flips and the order come from the data order alone.
+    from test_data import write_random
+
+    (tmp_path / "pics").mkdir()
+    for i in range(40):
+        write_random(tmp_path / "pics" / f"{i:02d}.png", shape=(12, 10, 3), seed=i)
+    overrides = TINY + [
+        "data=folder",
+        f"data.root={tmp_path / 'pics'}",
+        "data.image_size=8",
+        "data.num_workers=2",
+        "data.hflip=true",
+        "steps=6",
+        "checkpoint_every=2",
+        "sample_every=0",
+        "forward_n=0",
+        "timesteps=20",
+    ]  # 40 images: 2 batches of 16 an epoch, so the run crosses two epoch boundaries
+    train(compose_cfg("train", overrides), tmp_path / "whole")
+    signal_at(monkeypatch, 3)
+    with pytest.raises(TrainingStopped):
+        train(compose_cfg("train", overrides), tmp_path / "cut")
+    monkeypatch.undo()
+    train(compose_cfg("train", overrides + ["resume=auto"]), tmp_path / "cut")
+    assert_same_state(*(load_checkpoint(tmp_path / r / "checkpoints/last.pt") for r in ("whole", "cut")))

@@ -220,7 +220,8 @@ def train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> dict
         reporter.say(f"resuming from {resume_from} at step {start} of {cfg.steps}")
     elif resume == "auto":
         reporter.say(
-            f"resume=auto: no checkpoint in {run_dir / 'checkpoints'} yet, so the run starts at step 0"
+            f"resume=auto: no checkpoint in {run_dir / 'checkpoints'} yet, so the run starts at step 0 "
+            "(to continue an earlier run, give its folder as hydra.run.dir)"
         )
     if start >= cfg.steps:
         reporter.say(
