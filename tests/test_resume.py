@@ -276,3 +276,16 @@ def test_resume_is_exact_with_loader_workers_and_flips(compose_cfg, tmp_path, mo
     monkeypatch.undo()
     train(compose_cfg("train", overrides + ["resume=auto"]), tmp_path / "cut")
     assert_same_state(*(load_checkpoint(tmp_path / r / "checkpoints/last.pt") for r in ("whole", "cut")))
+
+
+def test_files_a_crash_left_half_written_are_cleared_on_resume(compose_cfg, tmp_path):
+    overrides = TINY + ["checkpoint_every=1", "sample_every=0"]
+    train(compose_cfg("train", overrides + ["steps=2"]), tmp_path)
+    # what a kill during the writes of step 3 leaves: the temporary files, never a half checkpoint
+    (tmp_path / "checkpoints/.step_000003.pt.tmp").write_bytes(b"PK\x03\x04 half a zip")
+    (tmp_path / "checkpoints/.last.pt.tmp").write_bytes(b"")
+    (tmp_path / "samples/.step_000003.png.tmp").write_bytes(b"\x89PNG")
+    assert load_checkpoint(tmp_path / "checkpoints/last.pt")["step"] == 2
+    train(compose_cfg("train", overrides + ["steps=3", "resume=auto"]), tmp_path, ["steps=3", "resume=auto"])
+    assert not list(tmp_path.rglob(".*.tmp"))
+    assert load_checkpoint(tmp_path / "checkpoints/last.pt")["step"] == 3

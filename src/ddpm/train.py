@@ -340,7 +340,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> dict
             if ckpt_due or stop.signum is not None:
                 last_ckpt = checkpoint(step)
                 reporter.say(f"step {step}: checkpoint -> {last_ckpt}")
-            if stop.signum is not None:
+            if stop.signum is not None and step < cfg.steps:  # at the last step, the run is done anyway
                 raise TrainingStopped(
                     f"stopped by {stop.name} at step {step} of {cfg.steps}; checkpoint {last_ckpt}; "
                     f"continue with: {resume_hint}",
