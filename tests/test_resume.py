@@ -289,3 +289,22 @@ def test_files_a_crash_left_half_written_are_cleared_on_resume(compose_cfg, tmp_
     train(compose_cfg("train", overrides + ["steps=3", "resume=auto"]), tmp_path, ["steps=3", "resume=auto"])
     assert not list(tmp_path.rglob(".*.tmp"))
     assert load_checkpoint(tmp_path / "checkpoints/last.pt")["step"] == 3
+
+
+def test_a_crafted_checkpoint_is_refused_as_a_resume_point(compose_cfg, tmp_path):
+    from test_checkpoint import Exploit
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "run/checkpoints/last.pt"
+    evil.parent.mkdir(parents=True)
+    torch.save({"format": "ddpm-checkpoint", "version": 2, "state": Exploit(str(marker))}, evil)
+    with pytest.raises(
+        ConfigError, match=r"resume=.*last.pt was refused: loading it would call posix.system"
+    ):
+        train(compose_cfg("train", EXACT + ["resume=auto"]), tmp_path / "run")
+    assert not marker.exists()
+    cut = tmp_path / "cut.pt"
+    train(compose_cfg("train", EXACT + ["steps=1"]), tmp_path / "ok")
+    cut.write_bytes((tmp_path / "ok/checkpoints/last.pt").read_bytes()[:5000])
+    with pytest.raises(ConfigError, match=r"resume=.*cut.pt is not a readable checkpoint \(truncated"):
+        train(compose_cfg("train", EXACT + [f"resume={cut}"]), tmp_path / "other")
