@@ -145,9 +145,9 @@ def fuzz_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("fuzz")
 
 
-def train_refuses(args: list[str], root: Path, capsys) -> None:
+def train_refuses(args: list[str], root: Path, capsys, base: list[str] = TINY) -> None:
     run = root / f"run_{uuid.uuid4().hex[:8]}"
-    code, lines, output = run_entry(cli.train_main, [*TINY, "steps=1", *args, f"hydra.run.dir={run}"], capsys)
+    code, lines, output = run_entry(cli.train_main, [*base, "steps=1", *args, f"hydra.run.dir={run}"], capsys)
     assert_refused("ddpm-train", code, lines, output, args)
     made = [p.relative_to(run).parts[0] for p in run.rglob("*")] if run.exists() else []
     assert set(made) <= {".hydra"}, (args, made)
@@ -175,6 +175,105 @@ def test_random_malformed_train_overrides_are_refused(override, fuzz_dir, capsys
 def test_every_train_key_is_fuzzed(compose_cfg):
     keys = set(_flatten(OmegaConf.to_container(compose_cfg("train"), enum_to_str=True)))
     assert keys == set(TRAIN_INVALID), keys ^ set(TRAIN_INVALID)
+
+
+# The keys that only some group options have, each with a valid base to go wrong from. A tiny base, so
+# that a value let through by mistake trains one quick step (and fails the test) rather than a big model.
+HO_TINY = [
+    "model=ho2020",
+    "model.dim=32",
+    "model.dim_mults=[1,2]",
+    "model.num_res_blocks=1",
+    "model.attn_resolutions=[4]",
+    "batch_size=16",
+    "sample_n=4",
+    "device=cpu",
+    "timesteps=20",
+]
+GROUP_INVALID: dict[str, tuple[list[str], dict[str, st.SearchStrategy[str]]]] = {
+    "schedule=sigmoid": (
+        ["schedule=sigmoid"],
+        {
+            "schedule.start": st.one_of(non_finite, st.just("7.0")),  # start must be below end = 6
+            "schedule.end": st.one_of(non_finite, st.just("-7.0")),
+        },
+    ),
+    "schedule=cosine": (
+        ["schedule=cosine"],
+        {
+            "schedule.s": floats_outside(0),
+            "schedule.max_beta": st.one_of(floats_outside(0, 1), st.just("0")),
+        },
+    ),
+    "model=ho2020": (
+        [],
+        {
+            "model.num_res_blocks": below(1),
+            "model.attn_resolutions": st.one_of(st.sampled_from(["[3]", "[16]", "[8,5]"]), not_a_value),
+            "model.dim": st.integers(1, 200).map(lambda k: str(2 * k)).filter(lambda d: int(d) % 32 != 0),
+        },
+    ),
+    "data=folder": (
+        [],
+        {  # base: a folder of images, made by the test
+            "data.root": words.map(lambda w: f"no_such_dir/{w}"),
+            "data.bad_images": not_one_of({"skip", "error"}),
+            "data.background": st.one_of(below(0), st.integers(256, 10**9).map(str), not_a_value),
+        },
+    ),
+    "data=mnist": (
+        ["data=mnist", "data.download=false"],
+        {
+            "data.root": words.map(lambda w: f"no_such_dir/{w}"),  # and no download: the files are not there
+            "data.download": not_a_value,
+        },
+    ),
+}
+
+
+@pytest.mark.slow
+@FUZZ
+@given(data=st.data())
+def test_random_invalid_group_keys_are_refused(data, fuzz_dir, capsys):
+    option = data.draw(st.sampled_from(sorted(GROUP_INVALID)))
+    args, keys = GROUP_INVALID[option]
+    key = data.draw(st.sampled_from(sorted(keys)))
+    base = HO_TINY if option == "model=ho2020" else TINY
+    if option == "data=folder":
+        args = folder_args(fuzz_dir)
+    train_refuses([*args, f"{key}={data.draw(keys[key])}"], fuzz_dir, capsys, base=base)
+
+
+def folder_args(root: Path) -> list[str]:
+    pics = root / "pics"
+    if not pics.exists():
+        from test_data import write_random
+
+        pics.mkdir()
+        for i in range(20):
+            write_random(pics / f"{i}.png", seed=i)
+    return ["data=folder", f"data.root={pics}", "data.image_size=8", "data.channels=1"]
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        "schedule=quadratic",
+        "schedule=sigmoid",
+        "schedule=cosine",
+        "model=ho2020",
+        "data=folder",
+        "data=mnist",
+        "data=fashion_mnist",
+        "data=cifar10",
+    ],
+)
+def test_every_group_key_is_fuzzed(compose_cfg, option):
+    default = set(_flatten(OmegaConf.to_container(compose_cfg("train"), enum_to_str=True)))
+    keys = set(_flatten(OmegaConf.to_container(compose_cfg("train", [option]), enum_to_str=True)))
+    family = {"data=fashion_mnist": "data=mnist", "data=cifar10": "data=mnist"}.get(option, option)
+    fuzzed = set(GROUP_INVALID.get(family, ([], {}))[1])
+    assert keys - default <= fuzzed, (keys - default) - fuzzed
 
 
 def test_zero_terminal_snr_with_eps_is_refused(fuzz_dir, capsys):
