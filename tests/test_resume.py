@@ -90,6 +90,24 @@ def test_resume_from_an_earlier_checkpoint_rewinds_the_metrics(compose_cfg, tmp_
     assert [r["step"] for r in rows(run)] == [1, 2, 3, 4, 5, 6, 7]
 
 
+def test_a_crash_after_going_back_leaves_the_run_at_the_earlier_checkpoint(
+    compose_cfg, tmp_path, monkeypatch
+):
+    run = tmp_path / "run"
+    train(compose_cfg("train", EXACT + ["keep_last=0"]), run)
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("the machine went away")
+
+    monkeypatch.setattr(ddpm.train, "train_step", crash)
+    ckpt = str(run / "checkpoints/step_000003.pt")
+    with pytest.raises(RuntimeError):
+        train(compose_cfg("train", EXACT + [f"resume={ckpt}"]), run, [f"resume={ckpt}"])
+    # resume=auto now continues from step 3, where the metrics were wound back to, not from step 7
+    assert load_checkpoint(run / "checkpoints/last.pt")["step"] == 3
+    assert [r["step"] for r in rows(run)] == [1, 2, 3]
+
+
 def test_resume_into_a_new_directory_copies_the_history(compose_cfg, tmp_path):
     train(compose_cfg("train", EXACT + ["keep_last=0"]), tmp_path / "a")
     ckpt = str(tmp_path / "a/checkpoints/step_000006.pt")

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ddpm.checkpoint import run_dir_of
+from ddpm.checkpoint import link_checkpoint, run_dir_of
 from ddpm.config import ConfigError, Loss, LRDecay, Objective, OnNonFinite
 from ddpm.data import build_dataset
 from ddpm.diffusion import p_losses
@@ -206,7 +206,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> dict
     ema = EMA(model, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.decay > 0 else None
     start, elapsed_before = 0, 0.0
     if saved is not None:
-        start, elapsed_before = restore(saved, model, ema and ema.model, optimizer, lr_schedule)
+        start, elapsed_before = restore(saved, model, ema.model if ema else None, optimizer, lr_schedule)
     sampling_model = ema.model if ema is not None else model
     opts = StepOptions.from_config(cfg)
     shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
@@ -242,6 +242,9 @@ def train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> dict
         run_dir.mkdir(parents=True, exist_ok=True)
         remove_partial_writes(run_dir)
         rewind_metrics(metrics_path, start, run_dir_of(resume_from) / "metrics.jsonl" if fork else None)
+        if resume_from is not None and resume_from.parent.resolve() == ckpt_dir.resolve():
+            # back to an earlier checkpoint: from now on it is the run's newest, for resume=auto too
+            link_checkpoint(resume_from, ckpt_dir / "last.pt")
     stream = batches(dataset, order, start, cfg, runtime)
     x0 = next(stream)
     if runtime.is_main and cfg.forward_n > 0 and start == 0:
