@@ -101,6 +101,8 @@ def test_safetensors_export_loads_like_its_checkpoint(cfg, tmp_path):
     assert export_safetensors(payload, tmp_path / "ema.safetensors") == "ema"
     assert export_safetensors(payload, tmp_path / "raw.safetensors", ema=False) == "model"
     assert (tmp_path / "ema.safetensors").read_bytes()[:8] != b"PK\x03\x04"  # not a zip of pickles
+    mode = lambda name: os.stat(tmp_path / name).st_mode & 0o777  # noqa: E731
+    assert mode("ema.safetensors") == mode("c.pt")  # shareable as any file the user writes
     for name, want in (("ema", ema), ("raw", raw)):
         rebuilt, schedule, loaded = load_model(tmp_path / f"{name}.safetensors", torch.device("cpu"))
         assert loaded["step"] == 5 and loaded["config"] == payload["config"]

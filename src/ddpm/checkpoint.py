@@ -95,7 +95,7 @@ def export_safetensors(payload: dict[str, Any], path: Path, ema: bool = True) ->
     """Write one set of weights (EMA where the checkpoint has it and ``ema``) and the config as a
     .safetensors file: no pickle at all, so anyone can load it safely; ddpm-sample reads it as it reads a
     checkpoint. Returns which weights were written."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     weights = "ema" if ema and "ema" in payload else "model"
     metadata = {
@@ -107,7 +107,11 @@ def export_safetensors(payload: dict[str, Any], path: Path, ema: bool = True) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        save_file({k: v.contiguous() for k, v in payload[weights].items()}, str(tmp), metadata=metadata)
+        data = save({k: v.contiguous() for k, v in payload[weights].items()}, metadata=metadata)
+        with open(tmp, "wb") as f:  # a plain file, with the user's usual permissions
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
