@@ -20,7 +20,7 @@ from ddpm import cli
 from ddpm.config import SAMPLERS
 from ddpm.resume import _flatten
 
-FUZZ = settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+FUZZ = settings(max_examples=100, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 
 words = st.text(alphabet="abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=12)
 # text that no typed key accepts: not a number, bool or null in any spelling
