@@ -85,6 +85,18 @@ def test_evaluate_a_checkpoint_writes_eval_json(compose_cfg, checkpoint, tmp_pat
     assert report["features"] == saved["features"]
 
 
+def test_evaluate_a_safetensors_export_scores_as_its_checkpoint(compose_cfg, checkpoint, tmp_path):
+    from ddpm.checkpoint import export_safetensors, load_checkpoint
+
+    export = tmp_path / "shared.safetensors"
+    export_safetensors(load_checkpoint(checkpoint), export)
+    scores = [
+        evaluate(eval_cfg(compose_cfg, tmp_path, f"ckpt={ckpt}", f"out={tmp_path / name}"))["features"]
+        for ckpt, name in ((checkpoint, "pt"), (export, "st"))
+    ]
+    assert scores[0] == scores[1]  # the same EMA weights, seed and sampler: the same samples and scores
+
+
 def test_evaluate_a_folder_with_enough_images_reports_fid(compose_cfg, digits, tmp_path):
     from ddpm.images import save_individual
 
