@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ddpm.config import ConfigError
+from ddpm.files import fsync_dir, write_atomically
 from ddpm.schedules import Schedule, build_schedule
 from ddpm.unet import build_model
 
@@ -32,14 +33,6 @@ class CheckpointError(ConfigError):
     """A file that is missing, unreadable or not a checkpoint of this tool."""
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(
     path: Path,
     *,
@@ -49,25 +42,13 @@ def save_checkpoint(
     ema: dict[str, torch.Tensor] | None = None,
     state: dict[str, Any] | None = None,
 ) -> None:
-    """Write atomically; on any failure (disk full, permission) the temporary file is removed, an earlier
-    file at ``path`` is left as it was, and the OSError propagates."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write atomically (files.write_atomically): a failure leaves an earlier file at ``path`` whole."""
     payload = {"format": FORMAT, "version": VERSION, "step": step, "model": model, "config": config}
     if ema is not None:
         payload["ema"] = ema
     if state is not None:
         payload["state"] = state
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    write_atomically(path, lambda f: torch.save(payload, f))
 
 
 def link_checkpoint(src: Path, dst: Path) -> None:
@@ -83,7 +64,7 @@ def link_checkpoint(src: Path, dst: Path) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(dst.parent)
+    fsync_dir(dst.parent)
 
 
 def run_dir_of(ckpt: Path) -> Path:
@@ -104,18 +85,9 @@ def export_safetensors(payload: dict[str, Any], path: Path, ema: bool = True) ->
         "weights": weights,
         "config": json.dumps(payload["config"]),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        data = save({k: v.contiguous() for k, v in payload[weights].items()}, metadata=metadata)
-        with open(tmp, "wb") as f:  # a plain file, with the user's usual permissions
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    # safetensors' own save_file would make the file 0600; written here, it gets the usual permissions
+    data = save({k: v.contiguous() for k, v in payload[weights].items()}, metadata=metadata)
+    write_atomically(path, lambda f: f.write(data))
     return weights
 
 

@@ -23,7 +23,7 @@ from ddpm.config import ConfigError, Objective, register_configs, validate_sampl
 from ddpm.evaluate import evaluate, summary_lines
 from ddpm.images import save_grid, save_individual
 from ddpm.resume import checkpoint_to_resume, override_keys
-from ddpm.rundir import holds_run
+from ddpm.rundir import holds_run, refuse_existing_run
 from ddpm.sampling import generate
 from ddpm.stopping import TrainingStopped
 from ddpm.train import resolve_device, train
@@ -78,12 +78,9 @@ class RunDirGuard(Callback):
                     with read_write(config.hydra):
                         config.hydra.run.dir = str(run_dir_of(ckpt.resolve()))
             run_dir = Path(config.hydra.run.dir)
-            if holds_run(run_dir):
-                if resume is None:
-                    raise ConfigError(
-                        f"hydra.run.dir={run_dir} already holds a run: continue it with resume=auto, "
-                        "or choose another hydra.run.dir"
-                    )
+            if resume is None:
+                refuse_existing_run(run_dir)
+            elif holds_run(run_dir):
                 with read_write(config.hydra):
                     config.hydra.output_subdir = f".hydra/resumed_{time.strftime('%Y-%m-%d_%H-%M-%S')}"
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -11,6 +10,7 @@ from PIL import Image, ImageDraw
 from torchvision.utils import make_grid
 
 from ddpm.diffusion import q_sample
+from ddpm.files import write_atomically
 from ddpm.schedules import Schedule
 
 # Cells of a grid are enlarged (nearest neighbour, whole factors) to at least this many pixels, so 8x8 or
@@ -27,15 +27,8 @@ def to_pil(image: torch.Tensor) -> Image.Image:
 
 
 def save_png(image: Image.Image, path: Path) -> None:
-    """Write next to the target and rename, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Written atomically, so a reader never sees half a file."""
+    write_atomically(path, lambda f: image.save(f, format="PNG"))
 
 
 def display_scale(size: int) -> int:

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ddpm.checkpoint import CheckpointError, load_checkpoint
 from ddpm.config import ConfigError, typed_train_config, validate_train
-from ddpm.rundir import holds_run, same_run
+from ddpm.rundir import refuse_existing_run, same_run
 
 # What a resumed run may change: where and how often it reports, how long it runs, where the images are.
 # Everything else would make it a different run than the one its weights and optimizer come from.
@@ -201,11 +201,8 @@ def plan_resume(
     resume_from = checkpoint_to_resume(cfg.resume, run_dir)
     saved = load_resumable(resume_from) if resume_from is not None else None
     fork = resume_from is not None and not same_run(resume_from, run_dir)
-    if holds_run(run_dir) and (cfg.resume is None or fork):
-        raise ConfigError(
-            f"hydra.run.dir={run_dir} already holds a run: continue it with resume=auto, "
-            "or choose another hydra.run.dir"
-        )
+    if cfg.resume is None or fork:
+        refuse_existing_run(run_dir)
     if saved is not None:
         cfg = resumed_config(cfg, saved["config"], list(overrides))
     validate_train(cfg)

@@ -4,7 +4,6 @@ metrics.jsonl back to the step a resumed run continues from, and stopping the ru
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,6 +13,8 @@ from typing import Any
 import torch
 
 from ddpm.checkpoint import link_checkpoint, run_dir_of, save_checkpoint
+from ddpm.config import ConfigError
+from ddpm.files import write_atomically
 from ddpm.stopping import TrainingStopped
 
 # What ddpm-train writes; Hydra's own .hydra/ is not a run.
@@ -23,6 +24,15 @@ STEP_FILE = re.compile(r"step_(\d+)\.pt")
 
 def holds_run(run_dir: Path) -> bool:
     return any((run_dir / name).exists() for name in RUN_CONTENT)
+
+
+def refuse_existing_run(run_dir: Path) -> None:
+    """A run directory is never overwritten except by a resume of its run."""
+    if holds_run(run_dir):
+        raise ConfigError(
+            f"hydra.run.dir={run_dir} already holds a run: continue it with resume=auto, "
+            "or choose another hydra.run.dir"
+        )
 
 
 def remove_partial_writes(run_dir: Path) -> list[Path]:
@@ -48,8 +58,8 @@ def prune_checkpoints(ckpt_dir: Path, keep_last: int, step: int) -> list[Path]:
     Later ones, left by a run resumed from an earlier checkpoint, are replaced as the run reaches them."""
     if keep_last <= 0:
         return []
-    older = sorted(s for s in step_checkpoints(ckpt_dir) if s <= step)
-    doomed = [ckpt_dir / f"step_{s:06d}.pt" for s in older[:-keep_last]]
+    found = step_checkpoints(ckpt_dir)
+    doomed = [found[s] for s in sorted(s for s in found if s <= step)[:-keep_last]]
     for p in doomed:
         p.unlink(missing_ok=True)
     return doomed
@@ -70,9 +80,7 @@ def rewind_metrics(metrics: Path, step: int, source: Path | None = None) -> int:
             continue
         if row.get("step", 0) <= step:
             kept.append(line)
-    tmp = metrics.with_name(f".{metrics.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, metrics)
+    write_atomically(metrics, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
     return len(kept)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
 from types import FrameType, TracebackType
 from typing import Any
 
@@ -75,8 +76,8 @@ class NonFiniteWatch:
         self.skipped = self.in_a_row = 0
         self.first_bad = torch.zeros((), dtype=torch.long, device=device)  # 0 while every step is finite
 
-    def record(self, step: int, finite: torch.Tensor, then: str) -> None:
-        """``then`` ends the message: what was kept and how to go on."""
+    def record(self, step: int, finite: torch.Tensor, then: Callable[[], str]) -> None:
+        """``then()`` ends the message (what was kept, how to go on); it is built only on a fault."""
         if not self.skip:
             self.first_bad = torch.where(finite | (self.first_bad > 0), self.first_bad, step)
             return
@@ -86,9 +87,9 @@ class NonFiniteWatch:
         if self.in_a_row >= self.max_in_a_row:
             raise TrainingStopped(
                 f"{self.in_a_row} steps in a row up to step {step} had a non-finite loss or gradient "
-                f"(max_nonfinite={self.max_in_a_row}); {then}"
+                f"(max_nonfinite={self.max_in_a_row}); {then()}"
             )
 
-    def check(self, then: str) -> None:
+    def check(self, then: Callable[[], str]) -> None:
         if not self.skip and (bad := int(self.first_bad)):
-            raise TrainingStopped(f"non-finite loss or gradient at step {bad}; {then}")
+            raise TrainingStopped(f"non-finite loss or gradient at step {bad}; {then()}")

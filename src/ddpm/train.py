@@ -295,15 +295,24 @@ def train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> dict
     watch = NonFiniteWatch(opts.skip_nonfinite, cfg.max_nonfinite, runtime.device)
     last_loss = float("nan")
     resume_hint = f"ddpm-train hydra.run.dir={run_dir} resume=auto"
+
+    # the end of a non-finite fault's message, built only when one happens
+    def skip_advice() -> str:
+        return f"{kept_note(last_ckpt)}; lower lr or set grad_clip, then {resume_hint}"
+
+    def stop_advice() -> str:
+        return (
+            f"{kept_note(last_ckpt)}, nothing later was saved; lower lr or set grad_clip "
+            f"(or on_nonfinite=skip), then {resume_hint}"
+        )
+
     with reporter, StopRequests() as stop, open(metrics_path, "a") as metrics:
         for step in range(start + 1, cfg.steps + 1):
             loss, finite = train_step(model, optimizer, schedule, x0, opts)
             lr_schedule.step()
             if ema is not None:
                 ema.update(step)
-            watch.record(
-                step, finite, f"{kept_note(last_ckpt)}; lower lr or set grad_clip, then {resume_hint}"
-            )
+            watch.record(step, finite, skip_advice)
             loss_sum += torch.where(finite, loss, 0.0)
             finite_steps += finite
             interval_steps += 1
@@ -312,10 +321,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> dict
             grid_due = (cfg.sample_every and step % cfg.sample_every == 0) or step == cfg.steps
             ckpt_due = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps
             if log_due or grid_due or ckpt_due:  # before anything reads or saves the weights
-                watch.check(
-                    f"{kept_note(last_ckpt)}, nothing later was saved; lower lr or set grad_clip "
-                    f"(or on_nonfinite=skip), then {resume_hint}"
-                )
+                watch.check(stop_advice)
             if log_due:
                 # the loop's host sync: the mean loss of the interval's finite steps
                 last_loss = (loss_sum / finite_steps.clamp(min=1)).item()
