@@ -22,10 +22,10 @@ sample: $(STAMP)
 	$(BIN)/ddpm-sample ckpt=$(CKPT) $(ARGS)
 
 test: $(STAMP)
-	$(BIN)/pytest
+	$(BIN)/pytest -n auto
 
 test-fast: $(STAMP)
-	$(BIN)/pytest -m "not slow"
+	$(BIN)/pytest -n auto -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests scripts

@@ -21,15 +21,13 @@ from typing import TypeVar
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 
-from ddpm.config import Loss, Objective
-from ddpm.data import FolderDataset
-from ddpm.diffusion import p_losses
-from ddpm.schedules import Schedule, linear_betas
-from ddpm.train import StepOptions, train_step
-from ddpm.unet import UNet
+from ddpm.data.folder import FolderDataset
+from ddpm.diffusion.forward import Loss, Objective, p_losses
+from ddpm.diffusion.schedules import Schedule, linear_betas
+from ddpm.models.unet import UNet
+from ddpm.training.step import StepOptions, train_step
 
 T = TypeVar("T")
 
@@ -78,21 +76,9 @@ def scan_cost(n: int) -> None:
         rng = np.random.default_rng(0)
         for i in range(n):
             Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(Path(root) / f"{i}.jpg")
-        data = OmegaConf.create(
-            {
-                "name": "folder",
-                "root": root,
-                "image_size": 64,
-                "channels": 3,
-                "hflip": False,
-                "num_workers": 0,
-                "bad_images": "skip",
-                "background": 255,
-            }
-        )
         build, read = [], []
         for _ in range(3):
-            dataset, ms = timed(lambda: FolderDataset(data))
+            dataset, ms = timed(lambda: FolderDataset(root, image_size=64, channels=3))
             build.append(ms)
             read.append(timed(lambda ds=dataset: [ds[i] for i in range(len(ds))])[1])
         b, r = statistics.median(build), statistics.median(read)

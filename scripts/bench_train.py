@@ -21,10 +21,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ddpm.config import Loss, Objective
-from ddpm.schedules import Schedule, linear_betas
-from ddpm.train import StepOptions, resolve_device, train_step
-from ddpm.unet import UNet
+from ddpm.diffusion.forward import Loss, Objective
+from ddpm.diffusion.schedules import Schedule, linear_betas
+from ddpm.models.unet import UNet
+from ddpm.runtime import resolve_device
+from ddpm.training.step import StepOptions, train_step
 
 
 @dataclass(frozen=True)

@@ -21,16 +21,19 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_module
 
-from ddpm.config import LRDecay, register_configs
+from ddpm.config import register_configs
 from ddpm.data import build_dataset, load_subset
-from ddpm.ema import EMA
-from ddpm.features import classifier_extractor
+from ddpm.diffusion.sampling import SamplingOptions, generate
+from ddpm.diffusion.schedules import build_schedule
+from ddpm.evaluation.features import classifier_extractor
+from ddpm.evaluation.metrics import fid, precision_recall
 from ddpm.images import save_grid
-from ddpm.metrics import fid, precision_recall
-from ddpm.sampling import generate
-from ddpm.schedules import build_schedule
-from ddpm.train import StepOptions, lr_factor, seed_everything, train_step
-from ddpm.unet import build_model
+from ddpm.models import build_model
+from ddpm.runtime import seed_everything
+from ddpm.trained import TrainedModel
+from ddpm.training.ema import EMA
+from ddpm.training.plan import plain_config
+from ddpm.training.step import LRDecay, StepOptions, lr_factor, train_step
 
 
 def ours(minutes: float, images: torch.Tensor, n: int, overrides: list[str]) -> tuple[torch.Tensor, dict]:
@@ -55,9 +58,8 @@ def ours(minutes: float, images: torch.Tensor, n: int, overrides: list[str]) -> 
             ema.update(step)
     train_s = time.perf_counter() - start
     start = time.perf_counter()
-    shape = tuple(images.shape[1:])
-    sampler_model = ema.model if ema is not None else model
-    samples = generate(sampler_model, schedule, cfg.objective, cfg, n, shape, 0, 250, torch.device("cpu"))
+    trained = TrainedModel.from_config(ema.model if ema is not None else model, schedule, plain_config(cfg))
+    samples = generate(trained, SamplingOptions.from_config(cfg), n, 0, 250)
     info = {
         "steps": step,
         "train_s": train_s,

@@ -2,10 +2,13 @@ import os
 
 import pytest
 import torch
+from conftest import Exploit
 
-from ddpm.checkpoint import CheckpointError, link_checkpoint, load_checkpoint, load_model, save_checkpoint
-from ddpm.train import plain_config
-from ddpm.unet import build_model
+from ddpm.checkpoint import link_checkpoint, load_checkpoint, save_checkpoint
+from ddpm.errors import CheckpointError
+from ddpm.models import build_model
+from ddpm.trained import load_trained
+from ddpm.training.plan import plain_config
 
 
 @pytest.fixture
@@ -20,13 +23,13 @@ def test_round_trip_rebuilds_model_and_schedule(cfg, tmp_path):
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     save_checkpoint(tmp_path / "c.pt", step=7, model=weights, config=plain_config(cfg))
     assert not list(tmp_path.glob(".*.tmp"))
-    rebuilt, schedule, payload = load_model(tmp_path / "c.pt", torch.device("cpu"))
-    assert payload["step"] == 7 and payload["config"]["loss"] == "huber"
-    assert schedule.timesteps == cfg.timesteps
-    for k, v in rebuilt.state_dict().items():
+    trained = load_trained(tmp_path / "c.pt", torch.device("cpu"))
+    assert trained.step == 7 and trained.config["loss"] == "huber" and trained.objective.name == "eps"
+    assert trained.schedule.timesteps == cfg.timesteps and trained.shape == (1, 8, 8)
+    for k, v in trained.model.state_dict().items():
         torch.testing.assert_close(v, weights[k])
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 4])
-    torch.testing.assert_close(rebuilt(x, t), model.eval()(x, t))
+    torch.testing.assert_close(trained.model(x, t), model.eval()(x, t))
 
 
 def test_link_makes_last_the_same_file(tmp_path):
@@ -65,14 +68,6 @@ def test_torch_file_of_another_tool(tmp_path):
         load_checkpoint(tmp_path / "other.pt")
 
 
-class Exploit:
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_pickle_that_would_run_code_is_refused(tmp_path):
     marker = tmp_path / "pwned"
     torch.save(
@@ -87,7 +82,7 @@ def test_weights_of_another_architecture(cfg, tmp_path):
     config = plain_config(cfg)
     save_checkpoint(tmp_path / "c.pt", step=1, model={"w": torch.zeros(3)}, config=config)
     with pytest.raises(CheckpointError, match="does not match"):
-        load_model(tmp_path / "c.pt", torch.device("cpu"))
+        load_trained(tmp_path / "c.pt", torch.device("cpu"))
 
 
 def test_safetensors_export_loads_like_its_checkpoint(cfg, tmp_path):
@@ -104,10 +99,10 @@ def test_safetensors_export_loads_like_its_checkpoint(cfg, tmp_path):
     mode = lambda name: os.stat(tmp_path / name).st_mode & 0o777  # noqa: E731
     assert mode("ema.safetensors") == mode("c.pt")  # shareable as any file the user writes
     for name, want in (("ema", ema), ("raw", raw)):
-        rebuilt, schedule, loaded = load_model(tmp_path / f"{name}.safetensors", torch.device("cpu"))
-        assert loaded["step"] == 5 and loaded["config"] == payload["config"]
-        assert schedule.timesteps == cfg.timesteps
-        assert all(torch.equal(v, want[k]) for k, v in rebuilt.state_dict().items())
+        trained = load_trained(tmp_path / f"{name}.safetensors", torch.device("cpu"))
+        assert trained.step == 5 and trained.config == payload["config"]
+        assert trained.schedule.timesteps == cfg.timesteps
+        assert all(torch.equal(v, want[k]) for k, v in trained.model.state_dict().items())
 
 
 def test_broken_and_foreign_safetensors_are_refused(tmp_path):

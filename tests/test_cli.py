@@ -163,77 +163,6 @@ def test_train_on_a_folder_of_images(tmp_path, cli):
     assert Image.open(tmp_path / "run/samples/step_000002.png").mode == "RGB"
 
 
-BAD_TRAIN = [
-    (["loss=mse"], "Invalid value 'mse', expected one of [l1, l2, huber]"),
-    (["schedule=exp"], "schedule=exp is invalid: choose one of cosine, linear, quadratic, sigmoid"),
-    (
-        ["data=imagenet"],
-        "data=imagenet is invalid: choose one of cifar10, digits, fashion_mnist, folder, mnist",
-    ),
-    (["model=resnet"], "model=resnet is invalid: choose one of ho2020, unet"),
-    (["timesteps=0"], "timesteps=0 is invalid: it must be >= 1"),
-    (["batch_size=0"], "batch_size=0 is invalid: it must be >= 1"),
-    (
-        ["data.image_size=10", "model.dim_mults=[1,2,4]"],
-        "data.image_size=10 is invalid for model.dim_mults=[1, 2, 4]",
-    ),
-    (["data=folder", "data.root=missing"], "data.root=missing is not a folder"),
-    (["data=folder", "data.root=empty"], "data.root=empty holds no images"),
-    (["data=folder", "data.root=junk"], "data.root=junk holds no readable image"),
-    (["data=folder"], "data.root is required"),
-    (
-        ["data=mnist", "data.root=nodata", "data.download=false"],
-        "data=mnist: the data set in data.root=nodata is not there",
-    ),
-    (["timestep=5"], "Key 'timestep' not in 'TrainConfig'"),
-    (["steps=many"], "Value 'many' of type 'str' could not be converted to Integer"),
-]
-
-
-@pytest.mark.parametrize(("args", "message"), BAD_TRAIN, ids=[" ".join(a) for a, _ in BAD_TRAIN])
-def test_bad_train_input_is_one_line_and_writes_nothing(tmp_path, cli, args, message):
-    (tmp_path / "empty").mkdir()
-    (tmp_path / "junk").mkdir()
-    (tmp_path / "junk" / "a.png").write_bytes(b"not a png")
-    result = cli("ddpm-train", *args, "steps=1", "hydra.run.dir=run", cwd=tmp_path)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("ddpm-train: error: ") and message in lines[0]
-    assert "Traceback" not in result.stderr + result.stdout
-    made = files_under(tmp_path / "run") if (tmp_path / "run").exists() else []
-    assert all(name.startswith(".hydra/") for name in made), made
-
-
-BAD_SAMPLE = [
-    (["ckpt=nope.pt"], "ckpt=nope.pt does not exist"),
-    (["ckpt=junk.pt"], "ckpt=junk.pt is not a readable checkpoint"),
-    ([], "ckpt is required"),
-    (["ckpt=junk.pt", "n=0"], "n=0 is invalid"),
-    (["ckpt=junk.pt", "sampler=euler"], "sampler='euler' is invalid: choose one of ddpm, ddim, dpm_solver++"),
-    (["ckpt=junk.pt", "sample_steps=-3"], "sample_steps=-3 is invalid"),
-    (["ckpt=junk.pt", "timestep_spacing=uniform"], "expected one of [linspace, leading, trailing]"),
-    (["ckpt=junk.pt", "samplers=ddim"], "Key 'samplers' not in 'SampleConfig'"),
-    (
-        ["ckpt=run/checkpoints/last.pt", "sample_steps=201"],
-        "sample_steps=201 is invalid: it must lie in [1, T=200]",
-    ),
-]
-
-
-@pytest.mark.parametrize(("args", "message"), BAD_SAMPLE, ids=[" ".join(a) or "none" for a, _ in BAD_SAMPLE])
-def test_bad_sample_input_is_one_line(trained, cli, args, message):
-    cwd = trained.parent
-    (cwd / "junk.pt").write_bytes(b"\x00" * 100)
-    result = cli("ddpm-sample", *args, "out=out_bad", cwd=cwd)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ddpm-sample: error: ") and message in lines[0], (
-        result.stderr
-    )
-    assert not (cwd / "out_bad").exists()
-
-
 def test_full_error_shows_the_trace(tmp_path, cli):
     result = cli(
         "ddpm-train", "timesteps=0", "hydra.run.dir=run", cwd=tmp_path, env={"HYDRA_FULL_ERROR": "1"}
@@ -303,25 +232,3 @@ def test_eval_scores_a_checkpoint(trained, cli):
     assert "classifier (classifier accuracy" in result.stdout and "KID" in result.stdout
     assert "FID needs more images than the 128 features" in result.stdout
     assert (cwd / "cache").is_dir()
-
-
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        ([], "give exactly one of ckpt=PATH"),
-        (["ckpt=nope.pt"], "ckpt=nope.pt does not exist"),
-        (["samples=pics"], "samples=DIR needs data="),
-        (
-            ["ckpt=run/checkpoints/last.pt", "features=[inception]", "inception_weights=missing.pth"],
-            "inception_weights=missing.pth does not exist",
-        ),
-    ],
-)
-def test_bad_eval_input_is_one_line(trained, cli, args, message):
-    result = cli("ddpm-eval", *args, "n=4", "n_real=4", "out=eval_bad", cwd=trained.parent)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ddpm-eval: error: ") and message in lines[0], (
-        result.stderr
-    )
-    assert not (trained.parent / "eval_bad").exists()

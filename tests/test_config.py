@@ -2,7 +2,9 @@ import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
-from ddpm.config import ConfigError, Loss, validate_sample, validate_train
+from ddpm.diffusion.forward import Loss
+from ddpm.errors import ConfigError
+from ddpm.validate import validate_sample, validate_train
 
 
 def test_defaults_compose_to_the_contract(compose_cfg):
@@ -149,8 +151,6 @@ def test_annotated_fashion_mnist_preset(compose_cfg):
 
 
 def test_ddpm_cifar10_preset(compose_cfg):
-    from ddpm.unet import build_model
-
     cfg = compose_cfg("train", ["experiment=ddpm_cifar10"])
     assert (cfg.data.name, cfg.data.image_size, cfg.data.channels, cfg.data.hflip) == ("cifar10", 32, 3, True)
     assert cfg.timesteps == 1000 and cfg.schedule.name == "linear"
@@ -164,9 +164,7 @@ def test_ddpm_cifar10_preset(compose_cfg):
     )
     assert cfg.lr == 2e-4 and cfg.batch_size == 128 and cfg.lr_warmup == 5000
     assert cfg.ema.decay == 0.9999 and cfg.grad_clip == 1.0 and cfg.steps == 800000
-    validate_train(cfg)
-    params = sum(p.numel() for p in build_model(cfg.model, 3, 32).parameters())
-    assert params == pytest.approx(35.7e6, abs=0.5e6)
+    validate_train(cfg)  # the model's size is test_unet's business
 
 
 def test_preset_keys_can_still_be_overridden(compose_cfg):

@@ -5,10 +5,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
+from conftest import write_bad_files, write_random, write_truncated
 from PIL import Image
 
-from ddpm.data import DataError, build_dataset, find_images
+from ddpm.data import build_dataset
+from ddpm.data.folder import FolderDataset, find_images
+from ddpm.errors import DataError
 
 
 def test_digits_are_the_sklearn_set_in_minus_one_to_one(compose_cfg):
@@ -102,25 +104,6 @@ def folder_cfg(compose_cfg, root: Path, *overrides: str, size: int = 8, channels
     return compose_cfg("train", base + list(overrides)).data
 
 
-def write_random(path: Path, shape: tuple[int, ...] = (16, 16, 3), seed: int = 0) -> None:
-    Image.fromarray(np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)).save(path)
-
-
-def write_truncated(path: Path) -> None:
-    """A valid image file cut to half its bytes: the header opens, the pixel data ends early."""
-    write_random(path, (32, 32, 3))
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-
-
-def write_bad_files(root: Path) -> None:
-    """Four files that cannot be read, named so that they sort first."""
-    write_truncated(root / "a_cut.jpg")
-    write_truncated(root / "b_cut.png")
-    (root / "c_text.jpg").write_text("not an image, whatever the extension says")
-    (root / "d_empty.png").write_bytes(b"")
-
-
 @pytest.mark.parametrize("name", ["cut.jpg", "cut.png"])
 def test_a_truncated_file_opens_but_does_not_decode(tmp_path, name):
     # The case a header-only check (Image.open, verify) misses.
@@ -177,21 +160,13 @@ def test_folder_with_only_unreadable_images(compose_cfg, tmp_path, policy):
         build_dataset(folder_cfg(compose_cfg, tmp_path, f"data.bad_images={policy}"))
 
 
-def test_folder_config_without_the_folder_only_keys(tmp_path):
-    # ddpm-eval reads a folder of samples with the data config of any data set: skip, white background.
+def test_a_folder_read_without_a_data_config_skips_bad_files(tmp_path):
+    # ddpm-eval reads a folder of samples by its path and the real set's shape: skip, white background.
     write_random(tmp_path / "ok.png")
     (tmp_path / "bad.png").write_bytes(b"")
-    data = OmegaConf.create(
-        {
-            "name": "folder",
-            "root": str(tmp_path),
-            "image_size": 8,
-            "channels": 3,
-            "hflip": False,
-            "num_workers": 0,
-        }
-    )
-    assert len(build_dataset(data)) == 1
+    assert len(FolderDataset(str(tmp_path), image_size=8, channels=3, key="samples")) == 1
+    with pytest.raises(DataError, match=r"samples=.*missing is not a folder"):
+        FolderDataset(str(tmp_path / "missing"), image_size=8, channels=3, key="samples")
 
 
 @pytest.mark.parametrize("channels", [1, 3])

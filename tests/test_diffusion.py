@@ -3,10 +3,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddpm.config import Loss, Objective
-from ddpm.diffusion import make_denoiser, p_losses, predict_x0_eps, q_sample, snr_weight, target
-from ddpm.sampling import p_sample, p_sample_loop
-from ddpm.schedules import build_schedule
+from ddpm.diffusion.forward import (
+    Loss,
+    Objective,
+    make_denoiser,
+    p_losses,
+    predict_x0_eps,
+    q_sample,
+    snr_weight,
+    target,
+)
+from ddpm.diffusion.sampling import p_sample, p_sample_loop
+from ddpm.diffusion.schedules import build_schedule
 
 
 @pytest.fixture

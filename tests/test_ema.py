@@ -2,9 +2,10 @@ import pytest
 import torch
 from conftest import TINY
 
-from ddpm.checkpoint import load_checkpoint, load_model
-from ddpm.ema import EMA, ema_decay
-from ddpm.train import train
+from ddpm.checkpoint import load_checkpoint
+from ddpm.trained import load_trained
+from ddpm.training.ema import EMA, ema_decay
+from ddpm.training.loop import train
 
 
 def test_warmup_rule():
@@ -35,12 +36,12 @@ def test_checkpoint_holds_ema_and_sampling_chooses(compose_cfg, tmp_path):
     payload = load_checkpoint(tmp_path / "checkpoints/last.pt")
     assert set(payload) >= {"model", "ema"}
     assert any(not torch.equal(payload["model"][k], payload["ema"][k]) for k in payload["model"])
-    ema_model, _, info = load_model(tmp_path / "checkpoints/last.pt", torch.device("cpu"), ema=True)
-    raw_model, _, raw_info = load_model(tmp_path / "checkpoints/last.pt", torch.device("cpu"), ema=False)
-    assert info["weights"] == "ema" and raw_info["weights"] == "model"
-    for k, v in ema_model.state_dict().items():
+    ema = load_trained(tmp_path / "checkpoints/last.pt", torch.device("cpu"), ema=True)
+    raw = load_trained(tmp_path / "checkpoints/last.pt", torch.device("cpu"), ema=False)
+    assert ema.weights == "ema" and raw.weights == "model"
+    for k, v in ema.model.state_dict().items():
         torch.testing.assert_close(v, payload["ema"][k])
-    for k, v in raw_model.state_dict().items():
+    for k, v in raw.model.state_dict().items():
         torch.testing.assert_close(v, payload["model"][k])
 
 
@@ -48,5 +49,5 @@ def test_no_ema_means_no_ema_in_the_checkpoint(compose_cfg, tmp_path):
     cfg = compose_cfg("train", TINY + ["steps=2", "sample_every=0", "forward_n=0", "ema.decay=0"])
     train(cfg, tmp_path)
     assert "ema" not in load_checkpoint(tmp_path / "checkpoints/last.pt")
-    _, _, info = load_model(tmp_path / "checkpoints/last.pt", torch.device("cpu"), ema=True)
-    assert info["weights"] == "model"
+    info = load_trained(tmp_path / "checkpoints/last.pt", torch.device("cpu"), ema=True)
+    assert info.weights == "model"

@@ -4,23 +4,19 @@ import json
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, compose
 
-from ddpm.config import ConfigError
 from ddpm.data import build_dataset, load_subset
-from ddpm.evaluate import evaluate
-from ddpm.features import FeatureError, classifier_extractor, fid_inception
-from ddpm.metrics import fid
-from ddpm.train import train
+from ddpm.errors import ConfigError, FeatureError
+from ddpm.evaluation.evaluate import evaluate
+from ddpm.evaluation.features import classifier_extractor, fid_inception
+from ddpm.evaluation.metrics import fid
+from ddpm.training.loop import train
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    from hydra import compose, initialize_config_module
-
-    with initialize_config_module(config_module="ddpm.configs", version_base="1.3"):
-        cfg = compose(config_name="train")
-    return build_dataset(cfg.data)
+def digits():
+    return build_dataset(compose("train").data)
 
 
 def test_classifier_features_rank_real_above_noise(digits, tmp_path):
@@ -47,12 +43,8 @@ def test_classifier_needs_labels(tmp_path):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from hydra import compose, initialize_config_module
-
     run = tmp_path_factory.mktemp("run")
-    with initialize_config_module(config_module="ddpm.configs", version_base="1.3"):
-        cfg = compose(config_name="train", overrides=TINY + ["steps=2", "sample_every=0", "forward_n=0"])
-    train(cfg, run)
+    train(compose("train", TINY + ["steps=2", "sample_every=0", "forward_n=0"]), run)
     return run / "checkpoints" / "last.pt"
 
 
@@ -83,18 +75,6 @@ def test_evaluate_a_checkpoint_writes_eval_json(compose_cfg, checkpoint, tmp_pat
     assert clf["dim"] == 128 and clf["fid"] is None  # 40 images < 128 features: no FID, with a warning
     assert {"kid", "kid_std", "precision", "recall", "classifier_accuracy"} <= set(clf)
     assert report["features"] == saved["features"]
-
-
-def test_evaluate_a_safetensors_export_scores_as_its_checkpoint(compose_cfg, checkpoint, tmp_path):
-    from ddpm.checkpoint import export_safetensors, load_checkpoint
-
-    export = tmp_path / "shared.safetensors"
-    export_safetensors(load_checkpoint(checkpoint), export)
-    scores = [
-        evaluate(eval_cfg(compose_cfg, tmp_path, f"ckpt={ckpt}", f"out={tmp_path / name}"))["features"]
-        for ckpt, name in ((checkpoint, "pt"), (export, "st"))
-    ]
-    assert scores[0] == scores[1]  # the same EMA weights, seed and sampler: the same samples and scores
 
 
 def test_evaluate_a_folder_with_enough_images_reports_fid(compose_cfg, digits, tmp_path):
@@ -144,7 +124,7 @@ def test_inception_download_offline_says_what_to_do(monkeypatch):
 @pytest.mark.slow
 def test_inception_features_from_a_local_weights_file(tmp_path):
     """The loading code on a file of the real format (random weights: the real ones need a download)."""
-    from ddpm.features import fid_inception_structure, inception_extractor
+    from ddpm.evaluation.features import fid_inception_structure, inception_extractor
 
     torch.manual_seed(0)
     structure = fid_inception_structure()

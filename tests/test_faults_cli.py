@@ -69,7 +69,8 @@ def test_kill_9_at_a_random_moment_loses_at_most_checkpoint_every_steps(tmp_path
     whole = run_to_end(*LONG, "hydra.run.dir=whole", cwd=tmp_path)
     assert "done: 400 steps" in whole.stdout
 
-    target = random.Random().randrange(30, 370)  # printed by the assertions below when they fail
+    # A seeded draw, so a failure repeats; the moment the kill lands within that step still varies.
+    target = random.Random(4).randrange(30, 370)
     proc = start(*LONG, "hydra.run.dir=cut", cwd=tmp_path)
     seen = wait_for_step(proc, tmp_path / "cut", target)
     os.kill(proc.pid, signal.SIGKILL)
@@ -148,23 +149,3 @@ def test_a_sweep_run_twice_is_refused_and_resumes_with_auto(tmp_path, cli):
     assert more.stdout.count("at step 2 of 3") == 2
     folders = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir())
     assert len(folders) == 2 and "loss=l1" in folders[0] and "steps" not in folders[0]
-
-
-def test_a_diverging_run_stops_with_one_line_and_no_nan_checkpoint(tmp_path, cli):
-    result = cli(
-        "ddpm-train",
-        *TINY,
-        "lr=1e30",
-        "steps=50",
-        "checkpoint_every=1",
-        "log_every=10",
-        "hydra.run.dir=run",
-        cwd=tmp_path,
-    )
-    assert result.returncode == 1
-    (line,) = result.stderr.strip().splitlines()
-    assert re.match(
-        r"ddpm-train: error: non-finite loss or gradient at step \d+; the last good checkpoint", line
-    )
-    weights = load_checkpoint(tmp_path / "run/checkpoints/last.pt")["model"]
-    assert all(torch.isfinite(w).all() for w in weights.values())

@@ -6,19 +6,18 @@ exactly as the console scripts call them, so hundreds of command lines take seco
 
 from __future__ import annotations
 
-import sys
 import uuid
 from pathlib import Path
 
 import pytest
-from conftest import TINY
+from conftest import TINY, assert_refused, compose, run_entry, write_random
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
 from ddpm import cli
-from ddpm.config import SAMPLERS
-from ddpm.resume import _flatten
+from ddpm.diffusion.sampling import SAMPLERS
+from ddpm.training.plan import flatten
 
 FUZZ = settings(max_examples=100, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 
@@ -101,6 +100,7 @@ TRAIN_INVALID: dict[str, st.SearchStrategy[str]] = {
     "sample_every": below(0),
     "checkpoint_every": below(0),
     "sample_n": below(1),
+    "sample_batch_size": below(1),
     "forward_n": below(0),
     "keep_last": below(0),
     "on_nonfinite": not_one_of({"stop", "skip"}),
@@ -117,27 +117,6 @@ BAD_SHAPES = st.one_of(
     st.text(alphabet="=[]{}(),'\"\\ ${}:", min_size=1, max_size=8).map(lambda junk: f"loss{junk}"),
     st.sampled_from(["=1", "steps=", "steps=[1,", "model.dim_mults=[1,2", "loss=${oc.env:NO_SUCH_VAR}"]),
 )
-
-
-def run_entry(main, args: list[str], capsys) -> tuple[int, list[str], str]:
-    old = sys.argv
-    sys.argv = [main.__name__, *args]
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    finally:
-        sys.argv = old
-    captured = capsys.readouterr()
-    return code, captured.err.strip().splitlines(), captured.out + captured.err
-
-
-def assert_refused(prog: str, code: int, lines: list[str], output: str, args: list[str]) -> None:
-    assert code != 0, args
-    assert len(lines) == 1, (args, lines)
-    assert lines[0].startswith(f"{prog}: error: "), (args, lines)
-    assert "Traceback" not in output, args
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +152,7 @@ def test_random_malformed_train_overrides_are_refused(override, fuzz_dir, capsys
 
 
 def test_every_train_key_is_fuzzed(compose_cfg):
-    keys = set(_flatten(OmegaConf.to_container(compose_cfg("train"), enum_to_str=True)))
+    keys = set(flatten(OmegaConf.to_container(compose_cfg("train"), enum_to_str=True)))
     assert keys == set(TRAIN_INVALID), keys ^ set(TRAIN_INVALID)
 
 
@@ -247,8 +226,6 @@ def test_random_invalid_group_keys_are_refused(data, fuzz_dir, capsys):
 def folder_args(root: Path) -> list[str]:
     pics = root / "pics"
     if not pics.exists():
-        from test_data import write_random
-
         pics.mkdir()
         for i in range(20):
             write_random(pics / f"{i}.png", seed=i)
@@ -269,8 +246,8 @@ def folder_args(root: Path) -> list[str]:
     ],
 )
 def test_every_group_key_is_fuzzed(compose_cfg, option):
-    default = set(_flatten(OmegaConf.to_container(compose_cfg("train"), enum_to_str=True)))
-    keys = set(_flatten(OmegaConf.to_container(compose_cfg("train", [option]), enum_to_str=True)))
+    default = set(flatten(OmegaConf.to_container(compose_cfg("train"), enum_to_str=True)))
+    keys = set(flatten(OmegaConf.to_container(compose_cfg("train", [option]), enum_to_str=True)))
     family = {"data=fashion_mnist": "data=mnist", "data=cifar10": "data=mnist"}.get(option, option)
     fuzzed = set(GROUP_INVALID.get(family, ([], {}))[1])
     assert keys - default <= fuzzed, (keys - default) - fuzzed
@@ -282,14 +259,10 @@ def test_zero_terminal_snr_with_eps_is_refused(fuzz_dir, capsys):
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory) -> Path:
-    from hydra import compose, initialize_config_module
-
-    from ddpm.train import train
+    from ddpm.training.loop import train
 
     run = tmp_path_factory.mktemp("ckpt")
-    with initialize_config_module(config_module="ddpm.configs", version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[*TINY, "steps=1", "timesteps=20", "forward_n=0"])
-    train(cfg, run)
+    train(compose("train", [*TINY, "steps=1", "timesteps=20", "forward_n=0"]), run)
     return run / "checkpoints/last.pt"
 
 
@@ -325,5 +298,5 @@ def test_random_invalid_sample_overrides_are_refused(data, tiny_ckpt, fuzz_dir, 
 
 
 def test_every_sample_key_is_fuzzed(compose_cfg):
-    keys = set(_flatten(OmegaConf.to_container(compose_cfg("sample"), enum_to_str=True)))
+    keys = set(flatten(OmegaConf.to_container(compose_cfg("sample"), enum_to_str=True)))
     assert keys == set(SAMPLE_INVALID), keys ^ set(SAMPLE_INVALID)

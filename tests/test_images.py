@@ -1,6 +1,7 @@
 import torch
 from PIL import Image
 
+from ddpm.diffusion.schedules import Schedule, linear_betas
 from ddpm.images import (
     display_scale,
     forward_figure,
@@ -9,7 +10,6 @@ from ddpm.images import (
     save_grid,
     save_individual,
 )
-from ddpm.schedules import Schedule, linear_betas
 
 
 def test_small_images_are_enlarged_in_grids_only(tmp_path):

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from ddpm.metrics import fid, frechet_distance, kid, precision_recall
+from ddpm.evaluation.metrics import fid, frechet_distance, kid, precision_recall
 
 
 def test_frechet_distance_of_diagonal_gaussians_closed_form():

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, Exploit, write_bad_files, write_random
 
-import ddpm.train
+import ddpm.training.loop
 from ddpm.checkpoint import load_checkpoint
-from ddpm.config import ConfigError
-from ddpm.stopping import TrainingStopped
-from ddpm.train import train
+from ddpm.errors import CheckpointError, ConfigError
+from ddpm.training.loop import train
+from ddpm.training.stopping import TrainingStopped
 
 # Everything that draws random numbers or keeps state across steps: dropout (torch RNG), flips and epoch
 # boundaries (the data order: 1,797 digits make 2 batches of 600 an epoch), warm-up and cosine decay (LR
@@ -38,7 +38,7 @@ def rows(run: Path) -> list[dict]:
 
 def signal_at(monkeypatch: pytest.MonkeyPatch, step: int, signum: int = signal.SIGTERM) -> None:
     """Deliver a real signal to this process during training step ``step`` (counted from this call)."""
-    real, calls = ddpm.train.train_step, []
+    real, calls = ddpm.training.loop.train_step, []
 
     def step_then_signal(*args, **kwargs):
         calls.append(1)
@@ -46,7 +46,7 @@ def signal_at(monkeypatch: pytest.MonkeyPatch, step: int, signum: int = signal.S
             signal.raise_signal(signum)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ddpm.train, "train_step", step_then_signal)
+    monkeypatch.setattr(ddpm.training.loop, "train_step", step_then_signal)
 
 
 def assert_same_state(a: dict, b: dict) -> None:
@@ -99,7 +99,7 @@ def test_a_crash_after_going_back_leaves_the_run_at_the_earlier_checkpoint(
     def crash(*args, **kwargs):
         raise RuntimeError("the machine went away")
 
-    monkeypatch.setattr(ddpm.train, "train_step", crash)
+    monkeypatch.setattr(ddpm.training.loop, "train_step", crash)
     ckpt = str(run / "checkpoints/step_000003.pt")
     with pytest.raises(RuntimeError):
         train(compose_cfg("train", EXACT + [f"resume={ckpt}"]), run, [f"resume={ckpt}"])
@@ -161,7 +161,7 @@ def test_resume_refuses_weights_only_and_changed_data(compose_cfg, tmp_path):
 
     bare = tmp_path / "bare.pt"
     save_checkpoint(bare, step=1, model={}, config={})
-    with pytest.raises(ConfigError, match="holds weights only"):
+    with pytest.raises(CheckpointError, match="holds weights only"):
         train(compose_cfg("train", EXACT + [f"resume={bare}"]), tmp_path / "x")
     with pytest.raises(ConfigError, match=r"resume=.*nope.pt does not exist"):
         train(compose_cfg("train", EXACT + [f"resume={tmp_path / 'nope.pt'}"]), tmp_path / "x")
@@ -208,7 +208,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(compose_cfg, tm
 
 
 def test_nonfinite_steps_are_skipped_when_asked(compose_cfg, tmp_path, monkeypatch):
-    real = ddpm.train.build_dataset
+    real = ddpm.training.loop.build_dataset
 
     def with_a_nan_image(data):
         dataset = real(data)
@@ -216,7 +216,7 @@ def test_nonfinite_steps_are_skipped_when_asked(compose_cfg, tmp_path, monkeypat
         dataset.images[7] = float("nan")  # one image in 1,797: the batches holding it go non-finite
         return dataset
 
-    monkeypatch.setattr(ddpm.train, "build_dataset", with_a_nan_image)
+    monkeypatch.setattr(ddpm.training.loop, "build_dataset", with_a_nan_image)
     overrides = TINY + ["batch_size=600", "steps=6", "on_nonfinite=skip", "sample_every=0", "timesteps=20"]
     summary = train(compose_cfg("train", overrides), tmp_path)
     assert 1 <= summary["skipped"] <= 3  # one of the three batches of each epoch holds image 7
@@ -234,7 +234,7 @@ def test_skip_gives_up_after_max_nonfinite_in_a_row(compose_cfg, tmp_path):
 
 def test_a_checkpoint_that_cannot_be_written_stops_the_run(compose_cfg, tmp_path, monkeypatch):
     # The write of step 4's checkpoint goes to /dev/full: the kernel's own "No space left on device".
-    real, calls = ddpm.train.train_step, []
+    real, calls = ddpm.training.loop.train_step, []
 
     def fill_the_disk_before_step_4(*args, **kwargs):
         calls.append(1)
@@ -242,7 +242,7 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run(compose_cfg, tmp_path
             os.symlink("/dev/full", tmp_path / "checkpoints/.step_000004.pt.tmp")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ddpm.train, "train_step", fill_the_disk_before_step_4)
+    monkeypatch.setattr(ddpm.training.loop, "train_step", fill_the_disk_before_step_4)
     overrides = TINY + ["steps=6", "checkpoint_every=2", "sample_every=0"]
     with pytest.raises(
         TrainingStopped,
@@ -255,8 +255,6 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run(compose_cfg, tmp_path
 
 
 def test_a_folder_with_fewer_readable_images_than_a_batch_is_refused(compose_cfg, tmp_path):
-    from test_data import write_bad_files, write_random
-
     (tmp_path / "pics").mkdir()
     write_bad_files(tmp_path / "pics")
     for i in range(3):
@@ -270,8 +268,6 @@ def test_a_folder_with_fewer_readable_images_than_a_batch_is_refused(compose_cfg
 @pytest.mark.slow
 def test_resume_is_exact_with_loader_workers_and_flips(compose_cfg, tmp_path, monkeypatch):
     # Two worker processes load the images; the flips and the order come from the data order alone.
-    from test_data import write_random
-
     (tmp_path / "pics").mkdir()
     for i in range(40):
         write_random(tmp_path / "pics" / f"{i:02d}.png", shape=(12, 10, 3), seed=i)
@@ -310,19 +306,17 @@ def test_files_a_crash_left_half_written_are_cleared_on_resume(compose_cfg, tmp_
 
 
 def test_a_crafted_checkpoint_is_refused_as_a_resume_point(compose_cfg, tmp_path):
-    from test_checkpoint import Exploit
-
     marker = tmp_path / "pwned"
     evil = tmp_path / "run/checkpoints/last.pt"
     evil.parent.mkdir(parents=True)
     torch.save({"format": "ddpm-checkpoint", "version": 2, "state": Exploit(str(marker))}, evil)
     with pytest.raises(
-        ConfigError, match=r"resume=.*last.pt was refused: loading it would call posix.system"
+        CheckpointError, match=r"resume=.*last.pt was refused: loading it would call posix.system"
     ):
         train(compose_cfg("train", EXACT + ["resume=auto"]), tmp_path / "run")
     assert not marker.exists()
     cut = tmp_path / "cut.pt"
     train(compose_cfg("train", EXACT + ["steps=1"]), tmp_path / "ok")
     cut.write_bytes((tmp_path / "ok/checkpoints/last.pt").read_bytes()[:5000])
-    with pytest.raises(ConfigError, match=r"resume=.*cut.pt is not a readable checkpoint \(truncated"):
+    with pytest.raises(CheckpointError, match=r"resume=.*cut.pt is not a readable checkpoint \(truncated"):
         train(compose_cfg("train", EXACT + [f"resume={cut}"]), tmp_path / "other")

@@ -4,10 +4,15 @@ sampler must reproduce the data distribution up to its discretisation error."""
 import pytest
 import torch
 
-from ddpm.config import Objective, Spacing
-from ddpm.diffusion import make_denoiser
-from ddpm.sampling import SAMPLERS, ddim_sample, dpm_solver_pp_sample, p_sample_loop, sampling_timesteps
-from ddpm.schedules import Schedule, cosine_betas, linear_betas, rescale_zero_terminal_snr
+from ddpm.diffusion.forward import Objective, make_denoiser
+from ddpm.diffusion.sampling import (
+    Spacing,
+    ddim_sample,
+    dpm_solver_pp_sample,
+    p_sample_loop,
+    sampling_timesteps,
+)
+from ddpm.diffusion.schedules import Schedule, cosine_betas, linear_betas, rescale_zero_terminal_snr
 
 MU, SD = 0.1, 0.25
 
@@ -114,7 +119,18 @@ def test_timestep_spacings():
         assert sampling_timesteps(1000, 1, spacing)[0] in (0, 999)
 
 
-def test_every_configured_sampler_is_registered():
-    from ddpm.config import SAMPLERS as NAMES
+@pytest.mark.parametrize("spacing", list(Spacing))
+@pytest.mark.parametrize("timesteps", [50, 200, 1000])
+def test_every_count_of_steps_gives_that_many_distinct_timesteps(timesteps, spacing):
+    for n in range(1, timesteps + 1):
+        ts = sampling_timesteps(timesteps, n, spacing)
+        assert len(ts) == n and len(set(ts)) == n, (n, ts)
+        assert ts == sorted(ts, reverse=True) and ts[-1] >= 0 and ts[0] <= timesteps - 1, (n, ts)
+        if spacing is Spacing.trailing:
+            assert ts[0] == timesteps - 1
 
-    assert tuple(SAMPLERS) == NAMES
+
+def test_trailing_counts_that_a_float_range_overshot():
+    # arange(200, 0, -200 / 29) holds 30 values, the last of which rounds to 0 and so became t = -1
+    assert sampling_timesteps(200, 29, Spacing.trailing)[-1] == 6
+    assert sampling_timesteps(1000, 61, Spacing.trailing)[-1] == 15

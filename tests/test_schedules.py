@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from ddpm.schedules import Schedule, build_schedule, cosine_betas, make_betas
+from ddpm.diffusion.schedules import Schedule, build_schedule, cosine_betas, make_betas
 
 SCHEDULES = ["linear", "quadratic", "sigmoid", "cosine"]
 

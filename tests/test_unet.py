@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from ddpm.config import ConfigError, validate_model
-from ddpm.unet import UNet, build_model
+from ddpm.errors import ConfigError
+from ddpm.models import build_model, check_model
+from ddpm.models.unet import UNet
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -46,13 +47,13 @@ def test_image_size_must_survive_the_halvings(compose_cfg, size, dim_mults):
     with pytest.raises(
         ConfigError, match=rf"data.image_size={size} is invalid.*multiple of {2 ** (len(dim_mults) - 1)}"
     ):
-        validate_model(cfg.model, size)
+        check_model(cfg.model, size)
 
 
 def test_group_count_must_divide_the_widths(compose_cfg):
     cfg = compose_cfg("train", ["model.dim=12", "model.resnet_block_groups=8"])
     with pytest.raises(ConfigError, match=r"model.resnet_block_groups=8 .* \[12, 24, 48\]"):
-        validate_model(cfg.model, 8)
+        check_model(cfg.model, 8)
 
 
 def test_ho2020_is_the_35_7m_cifar10_model(compose_cfg):
@@ -60,7 +61,7 @@ def test_ho2020_is_the_35_7m_cifar10_model(compose_cfg):
     model = build_model(cfg.model, 3, 32)
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(35.7e6, abs=0.5e6)
     # attention only at 16x16: in the second level down, the second level up and the middle
-    from ddpm.unet_ho import AttnBlock
+    from ddpm.models.unet_ho import AttnBlock
 
     assert [isinstance(a, AttnBlock) for lvl in model.down for a in lvl.attns] == [0, 0, 1, 1, 0, 0, 0, 0]
     assert sum(isinstance(m, AttnBlock) for m in model.modules()) == 2 + 3 + 1
@@ -71,7 +72,7 @@ def test_ho2020_is_the_35_7m_cifar10_model(compose_cfg):
     ("dim_mults", "size", "attn"), [((1,), 8, [8]), ((1, 2), 16, [8]), ((1, 2, 2), 28, [14, 7])]
 )
 def test_ho2020_output_shape(channels, dim_mults, size, attn):
-    from ddpm.unet_ho import HoUNet
+    from ddpm.models.unet_ho import HoUNet
 
     model = HoUNet(
         channels, size, ch=32, ch_mult=dim_mults, num_res_blocks=1, attn_resolutions=attn, dropout=0.0
@@ -94,4 +95,4 @@ def test_ho2020_output_shape(channels, dim_mults, size, attn):
 def test_ho2020_checks(compose_cfg, overrides, message):
     cfg = compose_cfg("train", ["model=ho2020", "data=cifar10", *overrides])
     with pytest.raises(ConfigError, match=message):
-        validate_model(cfg.model, 32)
+        check_model(cfg.model, 32)

@@ -3,7 +3,7 @@
 Files are written atomically (temporary file, fsync, rename) and read with ``weights_only=True``, so a
 crash never leaves half a checkpoint and loading one never runs code. A checkpoint written by ddpm-train
 also carries the training state (``state``: optimizer, LR schedule, RNG states, data position) that
-``resume`` continues from; see resume.py.
+``resume`` continues from; see training/state.py. trained.py rebuilds a model from one.
 """
 
 from __future__ import annotations
@@ -18,19 +18,13 @@ from typing import Any
 
 import torch
 
-from ddpm.config import ConfigError
+from ddpm.errors import CheckpointError
 from ddpm.files import fsync_dir, write_atomically
-from ddpm.schedules import Schedule, build_schedule
-from ddpm.unet import build_model
 
 FORMAT = "ddpm-checkpoint"
 VERSION = 2  # 2 added the training state; version 1 files still load for sampling
 READABLE_VERSIONS = (1, 2)
 WEIGHTS_FORMAT = "ddpm-weights"  # the metadata marker of a .safetensors export
-
-
-class CheckpointError(ConfigError):
-    """A file that is missing, unreadable or not a checkpoint of this tool."""
 
 
 def save_checkpoint(
@@ -114,18 +108,17 @@ def _load_safetensors(path: Path, key: str) -> dict[str, Any]:
     }
 
 
-def load_checkpoint(
-    path: str | Path, map_location: str | torch.device = "cpu", key: str = "ckpt"
-) -> dict[str, Any]:
-    """Read a checkpoint of this tool (or its .safetensors export); CheckpointError (one line, naming the
-    config ``key`` that gave the path) for anything else."""
+def load_checkpoint(path: str | Path, key: str = "ckpt", mmap: bool = False) -> dict[str, Any]:
+    """Read a checkpoint of this tool (or its .safetensors export) to the CPU; CheckpointError (one line,
+    naming the config ``key`` that gave the path) for anything else. ``mmap`` maps the tensors instead of
+    reading them."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"{key}={path} does not exist")
     if path.suffix == ".safetensors":
         return _load_safetensors(path, key)
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         # The safe unpickler names the callable a crafted file asks for ("GLOBAL posix.system").
         wanted = re.search(r"GLOBAL ([\w.]+)|[Uu]nsupported global: GLOBAL ([\w.]+)", str(e))
@@ -150,24 +143,3 @@ def load_checkpoint(
             f"{key}={path} has format version {version}; this ddpm reads versions {readable}"
         )
     return payload
-
-
-def load_model(
-    path: str | Path, device: torch.device, ema: bool = True
-) -> tuple[torch.nn.Module, Schedule, dict[str, Any]]:
-    """Rebuild the U-Net and the schedule from a checkpoint alone; returns (model, schedule, payload).
-    With ``ema`` the EMA weights are loaded where the checkpoint has them; payload["weights"] says which."""
-    from omegaconf import OmegaConf
-
-    payload = load_checkpoint(path)
-    config = OmegaConf.create(payload["config"])
-    # an export holds one set of weights, whichever was asked for when it was written
-    payload["weights"] = "ema" if (ema and "ema" in payload) or "model" not in payload else "model"
-    try:
-        model = build_model(config.model, config.data.channels, config.data.image_size)
-        model.load_state_dict(payload[payload["weights"]])
-        schedule = build_schedule(config.schedule, config.timesteps)
-    except (RuntimeError, KeyError, AttributeError) as e:
-        reason = str(e).splitlines()[0]
-        raise CheckpointError(f"ckpt={path} does not match this ddpm's U-Net: {reason}") from e
-    return model.to(device).eval(), schedule.to(device), payload

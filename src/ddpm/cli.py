@@ -1,5 +1,6 @@
-"""Console entry points ``ddpm-train`` and ``ddpm-sample``: Hydra parses the command line, the library does
-the work, and a bad input ends in one line on stderr (the full trace with HYDRA_FULL_ERROR=1)."""
+"""Console entry points ``ddpm-train``, ``ddpm-sample``, ``ddpm-eval`` and ``ddpm-export``: Hydra parses the
+command line, the library does the work, and a bad input ends in one line on stderr (the full trace with
+HYDRA_FULL_ERROR=1)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -18,19 +20,30 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, read_write
 from omegaconf.errors import OmegaConfBaseException
 
-from ddpm.checkpoint import export_safetensors, load_checkpoint, load_model, run_dir_of
-from ddpm.config import ConfigError, Objective, register_configs, validate_sample, validate_sampling
-from ddpm.evaluate import evaluate, summary_lines
+from ddpm.checkpoint import export_safetensors, load_checkpoint, run_dir_of
+from ddpm.config import register_configs
+from ddpm.diffusion.sampling import SamplingOptions, check_sampling, generate
+from ddpm.errors import ConfigError, DdpmError
+from ddpm.evaluation.evaluate import evaluate, summary_lines
 from ddpm.images import save_grid, save_individual
-from ddpm.resume import checkpoint_to_resume, override_keys
-from ddpm.rundir import holds_run, refuse_existing_run
-from ddpm.sampling import generate
-from ddpm.stopping import TrainingStopped
-from ddpm.train import resolve_device, train
+from ddpm.runtime import Runtime
+from ddpm.trained import load_trained
+from ddpm.training.loop import train
+from ddpm.training.plan import override_keys, plan_run
+from ddpm.training.rundir import holds_run
+from ddpm.training.stopping import TrainingStopped
+from ddpm.validate import validate_sample
 
 CONFIGS = "pkg://ddpm.configs"
-USER_WANTS_TRACE = os.environ.get("HYDRA_FULL_ERROR") == "1"
+TRACE_VARIABLE = "HYDRA_FULL_ERROR"  # =1: the full trace instead of one line
+# What the user asked for: run() sets the variable itself while Hydra runs, so it is read before that.
+_user_wants_trace: ContextVar[bool | None] = ContextVar("user_wants_trace", default=None)
 register_configs()
+
+
+def user_wants_trace() -> bool:
+    asked = _user_wants_trace.get()
+    return asked if asked is not None else os.environ.get(TRACE_VARIABLE) == "1"
 
 
 @hydra.main(version_base="1.3", config_path=CONFIGS, config_name="train")
@@ -70,18 +83,11 @@ class RunDirGuard(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         with one_line_errors("ddpm-train"):
-            resume = config.get("resume")
-            if resume not in (None, "auto"):
-                ckpt = checkpoint_to_resume(resume, Path.cwd())
-                assert ckpt is not None  # a path, not auto
-                if "hydra.run.dir" not in override_keys(list(config.hydra.overrides.hydra)):
-                    with read_write(config.hydra):
-                        config.hydra.run.dir = str(run_dir_of(ckpt.resolve()))
-            run_dir = Path(config.hydra.run.dir)
-            if resume is None:
-                refuse_existing_run(run_dir)
-            elif holds_run(run_dir):
-                with read_write(config.hydra):
+            given = "hydra.run.dir" in override_keys(config.hydra.overrides.hydra)
+            plan = plan_run(config, Path(config.hydra.run.dir), config.hydra.overrides.task, given)
+            with read_write(config.hydra):
+                config.hydra.run.dir = str(plan.run_dir)
+                if plan.continues_in_place:
                     config.hydra.output_subdir = f".hydra/resumed_{time.strftime('%Y-%m-%d_%H-%M-%S')}"
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -127,18 +133,15 @@ def require(cfg: DictConfig) -> None:
 def sample(cfg: DictConfig) -> None:
     """Draw cfg.n images from the checkpoint cfg.ckpt; every check runs before anything is written."""
     validate_sample(cfg)
-    device = resolve_device(cfg.device)
-    model, schedule, payload = load_model(cfg.ckpt, device, ema=cfg.ema)
-    validate_sampling(cfg, schedule.timesteps)
-    trained = payload["config"]
-    shape = (trained["data"]["channels"], trained["data"]["image_size"], trained["data"]["image_size"])
-    objective = Objective[trained.get("objective", "eps")]
+    trained = load_trained(cfg.ckpt, Runtime.from_config(cfg).device, ema=cfg.ema)
+    check_sampling(cfg, trained.schedule.timesteps)
     out = Path(cfg.out) if cfg.out is not None else default_out(Path(cfg.ckpt), cfg.seed)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"out={cfg.out} cannot be written: {e.strerror or e}") from e
-    images = generate(model, schedule, objective, cfg, cfg.n, shape, cfg.seed, cfg.batch_size, device)
+    sampling = SamplingOptions.from_config(cfg)
+    images = generate(trained, sampling, cfg.n, cfg.seed, cfg.batch_size)
     try:
         save_grid(images, out / "grid.png")
         if cfg.save_images:
@@ -146,12 +149,12 @@ def sample(cfg: DictConfig) -> None:
     except OSError as e:
         raise ConfigError(f"out={out} cannot be written: {e.strerror or e}") from e
     where = f"{out / 'grid.png'}" + (f" and {cfg.n} images in {out / 'images'}" if cfg.save_images else "")
-    weights = {"ema": "EMA weights", "model": "raw weights"}[payload["weights"]]
-    if cfg.ema and payload["weights"] == "model":
+    weights = {"ema": "EMA weights", "model": "raw weights"}[trained.weights]
+    if cfg.ema and trained.weights == "model":
         weights += " (the checkpoint has no EMA)"
-    steps = cfg.sample_steps or schedule.timesteps
+    steps = sampling.steps(trained.schedule.timesteps)
     print(
-        f"ddpm-sample: {cfg.n} samples from {cfg.ckpt} (step {payload['step']}, {weights}, "
+        f"ddpm-sample: {cfg.n} samples from {cfg.ckpt} (step {trained.step}, {weights}, "
         f"{cfg.sampler} with {steps} steps) -> {where}"
     )
 
@@ -180,10 +183,11 @@ def one_line_errors(prog: str) -> Iterator[None]:
 
     Used around Hydra's composition and inside each job: a SystemExit passes through Hydra untouched,
     where an exception would be reported again with the job's overrides."""
+    wants_trace = user_wants_trace()
     try:
         yield
-    except (ConfigError, HydraException, OmegaConfBaseException) as e:
-        if USER_WANTS_TRACE:
+    except (DdpmError, HydraException, OmegaConfBaseException) as e:
+        if wants_trace:
             raise
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
@@ -192,7 +196,7 @@ def one_line_errors(prog: str) -> Iterator[None]:
         sys.exit(e.exit_code)
     except (ValueError, TypeError) as e:
         # Hydra's parser raises plain ValueErrors on some malformed overrides ("=1"); ours are bugs.
-        if USER_WANTS_TRACE or not _raised_by_hydra(e):
+        if wants_trace or not _raised_by_hydra(e):
             raise
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
@@ -207,16 +211,18 @@ def _raised_by_hydra(e: BaseException) -> bool:
 
 
 def run(task: Callable[[], None], prog: str) -> None:
-    before = os.environ.get("HYDRA_FULL_ERROR")
-    os.environ["HYDRA_FULL_ERROR"] = "1"  # let composition errors reach us, not Hydra's multi-line report
+    before = os.environ.get(TRACE_VARIABLE)
+    asked = _user_wants_trace.set(before == "1")
+    os.environ[TRACE_VARIABLE] = "1"  # let composition errors reach us, not Hydra's multi-line report
     try:
         with one_line_errors(prog):
             task()
     finally:
         if before is None:
-            os.environ.pop("HYDRA_FULL_ERROR", None)
+            os.environ.pop(TRACE_VARIABLE, None)
         else:
-            os.environ["HYDRA_FULL_ERROR"] = before
+            os.environ[TRACE_VARIABLE] = before
+        _user_wants_trace.reset(asked)
 
 
 def train_main() -> None:

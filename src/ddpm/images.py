@@ -9,9 +9,9 @@ import torch
 from PIL import Image, ImageDraw
 from torchvision.utils import make_grid
 
-from ddpm.diffusion import q_sample
+from ddpm.diffusion.forward import q_sample
+from ddpm.diffusion.schedules import Schedule
 from ddpm.files import write_atomically
-from ddpm.schedules import Schedule
 
 # Cells of a grid are enlarged (nearest neighbour, whole factors) to at least this many pixels, so 8x8 or
 # 28x28 samples can be seen; single-image PNGs keep the model's resolution.

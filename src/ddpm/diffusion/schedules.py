@@ -1,4 +1,5 @@
-"""Beta schedules and the quantities of the forward process derived from them, computed once.
+"""Beta schedules (the ``schedule`` config group) and the quantities of the forward process derived from
+them, computed once.
 
 Index ``t`` runs over 0 ... T-1 (the paper's 1 ... T): ``alphas_cumprod[t]`` is abar_{t+1}.
 """
@@ -10,6 +11,44 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
+from omegaconf import MISSING
+
+from ddpm import checks
+from ddpm.errors import ConfigError
+from ddpm.registry import Option, Registry
+
+
+# ---------------------------------------------------------------------------------------------- schemas
+@dataclass
+class ScheduleConfig:
+    name: str = MISSING
+    zero_terminal_snr: bool = MISSING  # rescale so abar_T = 0 exactly (Lin et al. 2024, Algorithm 1)
+
+
+@dataclass
+class LinearSchedule(ScheduleConfig):
+    beta_start: float = MISSING
+    beta_end: float = MISSING
+
+
+@dataclass
+class QuadraticSchedule(LinearSchedule):
+    pass
+
+
+@dataclass
+class SigmoidSchedule(LinearSchedule):
+    start: float = MISSING  # the sigmoid is evaluated on linspace(start, end, T)
+    end: float = MISSING
+
+
+@dataclass
+class CosineSchedule(ScheduleConfig):
+    s: float = MISSING  # offset that keeps beta_1 from being vanishingly small (Nichol & Dhariwal)
+    max_beta: float = MISSING  # clip near t = T, where the cosine formula sends beta to 1
+
+
+# ------------------------------------------------------------------------------------------------ betas
 
 
 def linear_betas(timesteps: int, beta_start: float, beta_end: float) -> torch.Tensor:
@@ -47,19 +86,62 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     return 1 - alphas
 
 
+# ----------------------------------------------------------------------------------------------- checks
+def check_beta_range(cfg: Any) -> None:
+    if not 0 < cfg.beta_start <= cfg.beta_end < 1:
+        raise ConfigError(
+            f"schedule.beta_start={cfg.beta_start}, schedule.beta_end={cfg.beta_end} are invalid: "
+            "they need 0 < beta_start <= beta_end < 1"
+        )
+
+
+def check_sigmoid(cfg: Any) -> None:
+    check_beta_range(cfg)
+    checks.finite("schedule.start", cfg.start)
+    checks.finite("schedule.end", cfg.end)
+    if not cfg.start < cfg.end:
+        raise ConfigError(f"schedule.start={cfg.start} must be below schedule.end={cfg.end}")
+
+
+def check_cosine(cfg: Any) -> None:
+    if not 0 < cfg.max_beta < 1:
+        raise ConfigError(f"schedule.max_beta={cfg.max_beta} is invalid: it must lie in (0, 1)")
+    checks.at_least("schedule.s", cfg.s, 0)
+
+
+SCHEDULES: Registry[torch.Tensor] = Registry(
+    "schedule",
+    Option(
+        "linear", LinearSchedule, lambda c, T: linear_betas(T, c.beta_start, c.beta_end), check_beta_range
+    ),
+    Option(
+        "quadratic",
+        QuadraticSchedule,
+        lambda c, T: quadratic_betas(T, c.beta_start, c.beta_end),
+        check_beta_range,
+    ),
+    Option(
+        "sigmoid",
+        SigmoidSchedule,
+        lambda c, T: sigmoid_betas(T, c.beta_start, c.beta_end, c.start, c.end),
+        check_sigmoid,
+    ),
+    Option("cosine", CosineSchedule, lambda c, T: cosine_betas(T, c.s, c.max_beta), check_cosine),
+)
+
+
+def check_schedule(cfg: Any, timesteps: int) -> None:
+    checks.at_least("timesteps", timesteps, 1)
+    SCHEDULES[cfg.name].check(cfg)
+
+
 def make_betas(cfg: Any, timesteps: int) -> torch.Tensor:
     """Betas for the schedule config ``cfg`` (a ``schedule`` group entry)."""
-    if cfg.name == "linear":
-        betas = linear_betas(timesteps, cfg.beta_start, cfg.beta_end)
-    elif cfg.name == "quadratic":
-        betas = quadratic_betas(timesteps, cfg.beta_start, cfg.beta_end)
-    elif cfg.name == "sigmoid":
-        betas = sigmoid_betas(timesteps, cfg.beta_start, cfg.beta_end, cfg.start, cfg.end)
-    elif cfg.name == "cosine":
-        betas = cosine_betas(timesteps, cfg.s, cfg.max_beta)
-    else:
-        raise ValueError(f"unknown schedule {cfg.name!r}")
+    betas = SCHEDULES[cfg.name].build(cfg, timesteps)
     return rescale_zero_terminal_snr(betas) if cfg.zero_terminal_snr else betas
+
+
+# ---------------------------------------------------------------------------------- the forward process
 
 
 @dataclass(frozen=True)

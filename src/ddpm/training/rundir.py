@@ -1,21 +1,15 @@
-"""The run directory's bookkeeping: is a run there, writing checkpoints and keeping the newest, winding
-metrics.jsonl back to the step a resumed run continues from, and stopping the run when a write fails."""
+"""The run directory's bookkeeping: is a run there, which step-numbered checkpoints to keep, and winding
+metrics.jsonl back to the step a resumed run continues from."""
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
-import torch
-
-from ddpm.checkpoint import link_checkpoint, run_dir_of, save_checkpoint
-from ddpm.config import ConfigError
+from ddpm.checkpoint import run_dir_of
+from ddpm.errors import ConfigError
 from ddpm.files import write_atomically
-from ddpm.stopping import TrainingStopped
 
 # What ddpm-train writes; Hydra's own .hydra/ is not a run.
 RUN_CONTENT = ("checkpoints", "samples", "metrics.jsonl", "forward.png")
@@ -86,46 +80,3 @@ def rewind_metrics(metrics: Path, step: int, source: Path | None = None) -> int:
 
 def same_run(ckpt: Path, run_dir: Path) -> bool:
     return run_dir_of(ckpt.resolve()) == run_dir.resolve()
-
-
-def kept_note(last_ckpt: Path | None) -> str:
-    return f"the last good checkpoint, {last_ckpt}, is kept" if last_ckpt else "no checkpoint was written yet"
-
-
-def os_reason(e: OSError) -> str:
-    return e.strerror or str(e) or type(e).__name__
-
-
-@contextmanager
-def writing(path: Path, last_ckpt: Path | None) -> Iterator[None]:
-    """A file of the run that cannot be written (disk full, permission) stops the run with one line."""
-    try:
-        yield
-    except OSError as e:
-        raise TrainingStopped(
-            f"could not write {e.filename or path}: {os_reason(e)}; {kept_note(last_ckpt)}; "
-            "free space or fix permissions, then resume=auto"
-        ) from e
-
-
-def write_checkpoint(
-    ckpt_dir: Path,
-    step: int,
-    keep_last: int,
-    last_ckpt: Path | None,
-    model: dict[str, torch.Tensor],
-    **payload: Any,
-) -> Path:
-    """checkpoints/step_<step>.pt, then last.pt pointing at it, then the oldest beyond ``keep_last``
-    removed. A failed write stops the run: training on without a safety net would risk more than it saves."""
-    path = ckpt_dir / f"step_{step:06d}.pt"
-    try:
-        save_checkpoint(path, step=step, model=model, **payload)
-        link_checkpoint(path, ckpt_dir / "last.pt")
-        prune_checkpoints(ckpt_dir, keep_last, step)
-    except OSError as e:
-        raise TrainingStopped(
-            f"could not write the checkpoint {path}: {os_reason(e)}; {kept_note(last_ckpt)}; stopped "
-            "rather than train on without one: free space or fix permissions, then resume=auto"
-        ) from e
-    return path

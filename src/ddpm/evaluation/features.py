@@ -10,16 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddpm.config import ConfigError
+from ddpm.errors import FeatureError
+from ddpm.files import write_atomically
 
 Extractor = Callable[[torch.Tensor], torch.Tensor]  # images in [-1, 1] -> (N, D) features
+FEATURES = ("classifier", "inception")  # the feature spaces ddpm-eval scores in
 
 # pytorch-fid's port of the TensorFlow FID Inception weights
 FID_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
-
-
-class FeatureError(ConfigError):
-    """A feature network that cannot be built here; the message says what to do instead."""
 
 
 # ------------------------------------------------------------------------------------------- classifier
@@ -87,16 +85,13 @@ def classifier_extractor(
                 "cifar10); for a folder of images use features=[inception]"
             )
         net, accuracy = train_classifier(images, labels, steps, seed)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.tmp")
         state = {
             "state": net.state_dict(),
             "accuracy": accuracy,
             "channels": images.shape[1],
             "classes": int(labels.max()) + 1,
         }
-        torch.save(state, tmp)
-        tmp.replace(cache)
+        write_atomically(cache, lambda f: torch.save(state, f))
     net.eval()
 
     @torch.no_grad()

@@ -11,27 +11,54 @@ loops do not synchronise with the device.
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from fractions import Fraction
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
-from ddpm.config import Objective, Spacing
-from ddpm.diffusion import Denoiser, make_denoiser
-from ddpm.schedules import Schedule
+from ddpm import checks
+from ddpm.diffusion.forward import Denoiser
+from ddpm.diffusion.schedules import Schedule
+from ddpm.errors import ConfigError
+
+if TYPE_CHECKING:
+    from ddpm.trained import TrainedModel
+
+
+class Spacing(Enum):
+    """Which of the T training timesteps a shorter sampling run visits."""
+
+    linspace = "linspace"
+    leading = "leading"
+    trailing = "trailing"
+
+
+class Variance(Enum):
+    """The variance of each ancestral step."""
+
+    small = "small"  # beta~_t, the posterior variance
+    large = "large"  # beta_t
 
 
 def sampling_timesteps(timesteps: int, steps: int, spacing: Spacing) -> list[int]:
-    """``steps`` of the T training timesteps, descending. ``linspace`` spreads them evenly over
-    [0, T-1]; ``leading`` takes 0, k, 2k, ... (k = T // steps); ``trailing`` takes T-1, T-1-k', ...
-    (k' = T / steps), which always starts from the noisiest step (Lin et al. 2024, table 2)."""
+    """``steps`` distinct timesteps of [0, T-1], descending. ``linspace`` spreads them evenly over
+    [0, T-1]; ``leading`` takes 0, k, 2k, ... (k = T // steps); ``trailing`` takes round(T - i T / steps)
+    - 1 for i = 0 ... steps - 1, which always starts from the noisiest step (Lin et al. 2024, table 2).
+    Trailing is computed in exact fractions: a float range from T down to 0 overshoots by one step for
+    some n (T=200: n=29, 31, ...) and then ends in -1."""
+    if not 1 <= steps <= timesteps:
+        raise ValueError(f"cannot visit {steps} of {timesteps} timesteps")
     if spacing is Spacing.linspace:
-        ts = torch.linspace(0, timesteps - 1, steps, dtype=torch.float64).round().long()
+        ts = torch.linspace(0, timesteps - 1, steps, dtype=torch.float64).round().long().tolist()
     elif spacing is Spacing.leading:
-        ts = torch.arange(steps) * (timesteps // steps)
+        ts = [i * (timesteps // steps) for i in range(steps)]
     else:
-        ts = (torch.arange(timesteps, 0, -timesteps / steps, dtype=torch.float64).round() - 1).long()
-    return sorted({int(t) for t in ts}, reverse=True)
+        # round() of a Fraction rounds half to even, as the float version did where it was right
+        ts = [round(Fraction(timesteps * (steps - i), steps)) - 1 for i in range(steps)]
+    return sorted(set(ts), reverse=True)
 
 
 def _alphas_cumprod(schedule: Schedule, timesteps: list[int]) -> tuple[list[float], list[float]]:
@@ -150,46 +177,77 @@ def dpm_solver_pp_sample(
     raise ValueError("no timesteps to visit")
 
 
-SAMPLERS = {"ddpm": p_sample_loop, "ddim": ddim_sample, "dpm_solver++": dpm_solver_pp_sample}
+# ------------------------------------------------------------------------------------ choosing a sampler
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How images are drawn: the sampling keys of ddpm-train, ddpm-sample and ddpm-eval."""
+
+    sampler: str = "ddpm"
+    sample_steps: int | None = None  # None: all T
+    timestep_spacing: Spacing = Spacing.linspace
+    eta: float = 0.0  # ddim only
+    ddpm_variance: Variance = Variance.small  # ddpm only
+    clip_x0: bool = True
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> SamplingOptions:
+        return cls(
+            cfg.sampler, cfg.sample_steps, cfg.timestep_spacing, cfg.eta, cfg.ddpm_variance, cfg.clip_x0
+        )
+
+    def steps(self, timesteps: int) -> int:
+        return self.sample_steps or timesteps
 
 
-def sampler_options(cfg: Any) -> dict[str, Any]:
-    """The keyword options of the configured sampler (the others' keys are not its business)."""
-    if cfg.sampler == "ddpm":
-        return {"variance": cfg.ddpm_variance.name}
-    if cfg.sampler == "ddim":
-        return {"eta": cfg.eta}
-    return {}
+@dataclass(frozen=True)
+class Sampler:
+    """A sampler and the keyword options it takes from SamplingOptions (the others' are not its business)."""
+
+    run: Callable[..., torch.Tensor]
+    options: Callable[[SamplingOptions], dict[str, Any]] = lambda s: {}
+
+
+SAMPLERS: dict[str, Sampler] = {
+    "ddpm": Sampler(p_sample_loop, lambda s: {"variance": s.ddpm_variance.name}),
+    "ddim": Sampler(ddim_sample, lambda s: {"eta": s.eta}),
+    "dpm_solver++": Sampler(dpm_solver_pp_sample),
+}
+
+
+def check_sampling(cfg: Any, timesteps: int | None) -> None:
+    """The sampling keys, against the number of training timesteps T where it is known."""
+    checks.one_of("sampler", cfg.sampler, SAMPLERS)
+    checks.at_least("sample_steps", cfg.sample_steps or 1, 1)
+    if timesteps is not None and cfg.sample_steps is not None and not 1 <= cfg.sample_steps <= timesteps:
+        raise ConfigError(
+            f"sample_steps={cfg.sample_steps} is invalid: it must lie in [1, T={timesteps}] (null: all T)"
+        )
+    checks.at_least("eta", cfg.eta, 0)
 
 
 @torch.no_grad()
 def generate(
-    model: nn.Module,
-    schedule: Schedule,
-    objective: Objective,
-    sampling: Any,
-    n: int,
-    shape: tuple[int, int, int],
-    seed: int,
-    batch_size: int,
-    device: torch.device,
+    trained: TrainedModel, sampling: SamplingOptions, n: int, seed: int, batch_size: int
 ) -> torch.Tensor:
-    """n images of ``shape`` = (C, H, W) in [-1, 1], drawn ``batch_size`` at a time with the sampler that
-    ``sampling`` names (keys sampler, sample_steps, timestep_spacing, clip_x0, eta, ddpm_variance).
+    """n images in [-1, 1] of the trained model's shape, drawn ``batch_size`` at a time on its device.
 
     One generator, seeded once, supplies x_T and every step's noise: the same seed, n and batch size give
     the same images."""
+    model, schedule = trained.model, trained.schedule
+    device = schedule.betas.device
     was_training = model.training
     model.eval()
-    denoise = make_denoiser(model, schedule, objective, sampling.clip_x0)
-    steps = sampling.sample_steps or schedule.timesteps
-    timesteps = sampling_timesteps(schedule.timesteps, steps, sampling.timestep_spacing)
-    sampler, options = SAMPLERS[sampling.sampler], sampler_options(sampling)
+    denoise = trained.denoiser(sampling.clip_x0)
+    timesteps = sampling_timesteps(
+        schedule.timesteps, sampling.steps(schedule.timesteps), sampling.timestep_spacing
+    )
+    sampler = SAMPLERS[sampling.sampler]
+    options = sampler.options(sampling)
     generator = torch.Generator(device=device).manual_seed(seed)
     chunks = []
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
-        x_T = torch.randn((b, *shape), generator=generator, device=device)
-        chunks.append(sampler(denoise, schedule, x_T, timesteps, generator, **options).cpu())
+        x_T = torch.randn((b, *trained.shape), generator=generator, device=device)
+        chunks.append(sampler.run(denoise, schedule, x_T, timesteps, generator, **options).cpu())
     model.train(was_training)
     return torch.cat(chunks)

@@ -1,26 +1,28 @@
-"""Training images as tensors in [-1, 1], shaped (channels, image_size, image_size), from the data config."""
+"""A folder of images as a data set (``data=folder``): every file decoded once at start, bad files skipped
+or refused, and every mode converted the same way."""
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import MISSING
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
-from torchvision.transforms import v2
 
-from ddpm.config import BadImages, ConfigError
+from ddpm.data.sets import DataConfig, first_line, image_transform, pil_mode
+from ddpm.errors import DataError
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
 )
-DATASETS = ("digits", "folder", "mnist", "fashion_mnist", "cifar10")
 
 # Grayscale modes wider than 8 bits: I;16* from 16-bit PNG and TIFF, I from 16-bit PGM and 32-bit TIFF.
 WIDE_GRAY_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
@@ -33,50 +35,18 @@ DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 SCAN_THREADS = min(8, os.cpu_count() or 1)  # PIL releases the GIL while decoding; more mostly adds memory
 
 
-class DataError(ConfigError):
-    """The data named by the config cannot be read; the message says why and what to do."""
+class BadImages(Enum):
+    """What a folder data set does with files that fail to decode (truncated, corrupt, not an image)."""
+
+    skip = "skip"
+    error = "error"
 
 
-def image_transform(data: Any) -> Callable[[Any], torch.Tensor]:
-    """PIL image or uint8 tensor -> float tensor in [-1, 1]: resize the short side, centre-crop.
-
-    Deterministic: the random flips (data.hflip) are drawn by the data order (order.py), so that a resumed
-    run sees the same images. Built from picklable parts only, so DataLoader workers can receive it under
-    any start method."""
-    half = [0.5] * data.channels
-    return v2.Compose(
-        [
-            v2.ToImage(),
-            v2.Resize(data.image_size, antialias=True),
-            v2.CenterCrop(data.image_size),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(mean=half, std=half),  # [0, 1] -> [-1, 1]
-        ]
-    )
-
-
-def pil_mode(channels: int) -> str:
-    return "RGB" if channels == 3 else "L"
-
-
-class DigitsDataset(Dataset):
-    """The 1,797 8x8 handwritten digits that ship with scikit-learn (intensities 0 ... 16)."""
-
-    def __init__(self, data: Any) -> None:
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
-        pixels = torch.from_numpy(digits.images).float()  # (N, 8, 8) in [0, 16]
-        self.labels = torch.from_numpy(digits.target).long()
-        images = (pixels / 16.0 * 255.0).round().to(torch.uint8)[:, None]  # (N, 1, 8, 8)
-        self.images = images.expand(-1, data.channels, -1, -1) if data.channels == 3 else images
-        self.transform = image_transform(data)
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.transform(self.images[i])
+@dataclass
+class FolderData(DataConfig):
+    root: str = MISSING
+    bad_images: BadImages = MISSING
+    background: int = MISSING  # grey level that transparent pixels are composited onto
 
 
 def find_images(root: Path) -> list[Path]:
@@ -90,19 +60,27 @@ class FolderDataset(Dataset):
     Files that fail to decode are skipped with one warning (data.bad_images=skip) or stop the run
     (data.bad_images=error); ``skipped`` lists them."""
 
-    def __init__(self, data: Any) -> None:
-        root = Path(data.root).expanduser()
+    def __init__(
+        self,
+        root: str,
+        image_size: int,
+        channels: int,
+        bad_images: BadImages = BadImages.skip,
+        background: int = 255,
+        key: str = "data.root",
+    ) -> None:
+        shown = root  # as the user wrote it, under the config key that gave it
+        root = Path(root).expanduser()
         if not root.is_dir():
-            raise DataError(f"data.root={data.root} is not a folder; give a folder of images")
+            raise DataError(f"{key}={shown} is not a folder; give a folder of images")
         paths = find_images(root)
         if not paths:
             raise DataError(
-                f"data.root={data.root} holds no images (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
+                f"{key}={shown} holds no images (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
             )
-        self.mode = pil_mode(data.channels)
-        # eval builds a folder config from any data config, which may lack the folder-only keys
-        self.background = int(_option(data, "background", 255))
-        policy = BadImages(_option(data, "bad_images", BadImages.skip))
+        self.mode = pil_mode(channels)
+        self.background = int(background)
+        policy = BadImages(bad_images)
         # Every file is decoded once, here, rather than found bad when training first reads it: a bad file
         # would otherwise crash a DataLoader worker hours into a run, and the one warning needs the count
         # before training starts.
@@ -110,35 +88,30 @@ class FolderDataset(Dataset):
         bad = {p: why for p, why in zip(paths, reasons, strict=True) if why is not None}
         if len(bad) == len(paths):
             raise DataError(
-                f"data.root={data.root} holds no readable image ({len(paths)} image files failed to open: "
+                f"{key}={shown} holds no readable image ({len(paths)} image files failed to open: "
                 f"{_first_bad(bad, root)})"
             )
         if bad and policy is BadImages.error:
             raise DataError(
-                f"data.root={data.root}: {len(bad)} of {len(paths)} image files cannot be read: "
+                f"{key}={shown}: {len(bad)} of {len(paths)} image files cannot be read: "
                 f"{_first_bad(bad, root)}; fix or remove them, or skip them with data.bad_images=skip"
             )
         if bad:
             print(
-                f"warning: data.root={data.root}: skipped {len(bad)} of {len(paths)} image files that cannot "
+                f"warning: {key}={shown}: skipped {len(bad)} of {len(paths)} image files that cannot "
                 f"be read: {_first_bad(bad, root)}",
                 file=sys.stderr,
             )
         self.paths = [p for p in paths if p not in bad]
         self.skipped: list[Path] = list(bad)
         self.labels = None
-        self.transform = image_transform(data)
+        self.transform = image_transform(image_size, channels)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
         return self.transform(read_image(self.paths[i], self.mode, self.background))
-
-
-def _option(data: Any, key: str, default: Any) -> Any:
-    value = getattr(data, key, None)
-    return default if value is None else value
 
 
 def read_image(path: Path, mode: str, background: int) -> Image.Image:
@@ -192,7 +165,7 @@ def _why_unreadable(path: Path, mode: str, background: int) -> str | None:
     except UnidentifiedImageError:
         return "cannot identify image file"  # PIL's message goes on with the full path
     except DECODE_ERRORS as e:
-        return e.strerror if isinstance(e, OSError) and e.strerror else _first_line(e)  # strerror: no path
+        return e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)  # strerror: no path
     return None
 
 
@@ -202,58 +175,5 @@ def _first_bad(bad: dict[Path, str], root: Path, n: int = 3) -> str:
     return ", ".join(shown + (["..."] if len(bad) > n else []))
 
 
-class TorchvisionDataset(Dataset):
-    """MNIST, Fashion-MNIST or CIFAR-10 (training split) through torchvision, kept as PIL images."""
-
-    def __init__(self, data: Any) -> None:
-        from torchvision import datasets
-
-        cls = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST, "cifar10": datasets.CIFAR10}
-        root = Path(data.root).expanduser()
-        try:
-            self.base = cls[data.name](str(root), train=True, download=data.download)
-        except (RuntimeError, OSError) as e:  # torchvision: "Dataset not found"; urllib: no network
-            how = (
-                "could not be downloaded (no network?)"
-                if data.download
-                else "is not there (data.download=false)"
-            )
-            raise DataError(
-                f"data={data.name}: the data set in data.root={data.root} {how}: {_first_line(e)}; "
-                "copy the files there, or train offline with data=folder data.root=DIR or data=digits"
-            ) from e
-        self.labels = torch.as_tensor(self.base.targets).long()
-        self.mode = pil_mode(data.channels)
-        self.transform = image_transform(data)
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        img, _ = self.base[i]
-        return self.transform(img.convert(self.mode))
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-def build_dataset(data: Any) -> Dataset:
-    """The data set of a ``data`` config entry; raises DataError, before any work, if it cannot be read."""
-    if data.name == "digits":
-        return DigitsDataset(data)
-    if data.name == "folder":
-        return FolderDataset(data)
-    if data.name in ("mnist", "fashion_mnist", "cifar10"):
-        return TorchvisionDataset(data)
-    raise ConfigError(f"data.name={data.name!r} is invalid: choose one of {', '.join(DATASETS)}")
-
-
-def load_subset(dataset: Dataset, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """n images (all, if the set is smaller) drawn without replacement, and their labels where known."""
-    g = torch.Generator().manual_seed(seed)
-    index = torch.randperm(len(dataset), generator=g)[: min(n, len(dataset))]
-    images = torch.stack([dataset[int(i)] for i in index])
-    labels = getattr(dataset, "labels", None)
-    return images, (labels[index] if labels is not None else None)
+def folder_dataset(data: Any) -> FolderDataset:
+    return FolderDataset(data.root, data.image_size, data.channels, data.bad_images, data.background)

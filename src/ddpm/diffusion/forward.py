@@ -4,13 +4,30 @@ prediction targets and loss weightings that followed it."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from enum import Enum
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddpm.config import Loss, Objective
-from ddpm.schedules import Schedule, extract
+from ddpm.diffusion.schedules import Schedule, extract
+
+
+class Loss(Enum):
+    """The distance between the network's output and its target."""
+
+    l1 = "l1"
+    l2 = "l2"
+    huber = "huber"  # smooth l1: quadratic below 1, linear above
+
+
+class Objective(Enum):
+    """What the network predicts: the noise (Ho et al.), the clean image, or v (Salimans & Ho 2022)."""
+
+    eps = "eps"
+    x0 = "x0"
+    v = "v"
+
 
 # (x_t, t) -> (x0_hat, eps_hat): a model's output read through its objective.
 Denoiser = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]

@@ -1,27 +1,26 @@
-"""The U-Net noise predictor eps_theta(x_t, t) of the annotated DDPM (after Ho et al. 2020)."""
+"""``model=unet``: the U-Net noise predictor eps_theta(x_t, t) of the annotated DDPM (after Ho et al.)."""
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from omegaconf import MISSING
 from torch import nn
 
+from ddpm import checks
+from ddpm.errors import ConfigError
+from ddpm.models.base import ModelConfig, SinusoidalPositionEmbeddings
+from ddpm.registry import Option
 
-class SinusoidalPositionEmbeddings(nn.Module):
-    """Transformer position encoding of the timestep t (Vaswani et al. 2017)."""
 
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.dim = dim
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        half = self.dim // 2
-        freqs = torch.exp(torch.arange(half, device=t.device) * -(math.log(10000) / (half - 1)))
-        args = t.float()[:, None] * freqs[None, :]
-        return torch.cat([args.sin(), args.cos()], dim=-1)
+@dataclass
+class UNetConfig(ModelConfig):
+    resnet_block_groups: int = MISSING  # GroupNorm groups in the residual blocks
+    attn_heads: int = MISSING
+    attn_dim_head: int = MISSING
 
 
 class WeightStandardizedConv2d(nn.Conv2d):
@@ -223,12 +222,18 @@ class UNet(nn.Module):
         return self.final_conv(x)
 
 
-def build_model(cfg: Any, channels: int, image_size: int) -> nn.Module:
-    """The noise predictor of a ``model`` config entry for (channels, image_size, image_size) images."""
-    if cfg.name == "ho2020":
-        from ddpm.unet_ho import build_ho_unet
+def check_unet(cfg: Any, widths: list[int], image_size: int) -> None:
+    checks.at_least("model.attn_heads", cfg.attn_heads, 1)
+    checks.at_least("model.attn_dim_head", cfg.attn_dim_head, 1)
+    groups = cfg.resnet_block_groups
+    checks.at_least("model.resnet_block_groups", groups, 1)
+    if any(w % groups for w in widths):
+        raise ConfigError(
+            f"model.resnet_block_groups={groups} is invalid: it must divide every block width {widths}"
+        )
 
-        return build_ho_unet(cfg, channels, image_size)
+
+def build_unet(cfg: Any, channels: int, image_size: int) -> UNet:
     return UNet(
         channels=channels,
         dim=cfg.dim,
@@ -238,3 +243,6 @@ def build_model(cfg: Any, channels: int, image_size: int) -> nn.Module:
         attn_dim_head=cfg.attn_dim_head,
         dropout=cfg.dropout,
     )
+
+
+UNET = Option("unet", UNetConfig, build_unet, check_unet)

@@ -6,14 +6,23 @@ from __future__ import annotations
 import signal
 import threading
 from collections.abc import Callable
+from enum import Enum
 from types import FrameType, TracebackType
 from typing import Any
 
 import torch
 
 
+class OnNonFinite(Enum):
+    """What training does when a step's loss or gradient is NaN or infinite."""
+
+    stop = "stop"
+    skip = "skip"
+
+
 class TrainingStopped(Exception):
-    """The run stopped before its last step. ``error`` is False for a requested stop (a signal)."""
+    """The run stopped before its last step (a signal, a non-finite step, a file it could not write).
+    ``error`` is False for a requested stop; ``exit_code`` is the command's exit status."""
 
     def __init__(self, message: str, exit_code: int = 1, error: bool = True) -> None:
         super().__init__(message)

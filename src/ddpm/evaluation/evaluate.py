@@ -10,41 +10,22 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ddpm.checkpoint import load_model, run_dir_of
-from ddpm.config import ConfigError, Objective, validate_device, validate_sampling
+from ddpm.checkpoint import run_dir_of
 from ddpm.data import build_dataset, load_subset
-from ddpm.features import Extractor, classifier_extractor, inception_extractor
+from ddpm.data.folder import FolderDataset
+from ddpm.diffusion.sampling import SamplingOptions, check_sampling, generate
+from ddpm.errors import ConfigError
+from ddpm.evaluation.features import (
+    Extractor,
+    classifier_extractor,
+    inception_extractor,
+)
+from ddpm.evaluation.metrics import fid, kid, precision_recall
+from ddpm.files import write_atomically
 from ddpm.images import save_grid
-from ddpm.metrics import fid, kid, precision_recall
-from ddpm.sampling import generate
-from ddpm.train import resolve_device
-
-FEATURES = ("classifier", "inception")
-
-
-def validate_eval(cfg: Any) -> None:
-    if (cfg.ckpt is None) == (cfg.samples is None):
-        raise ConfigError("give exactly one of ckpt=PATH (score its samples) or samples=DIR (score a folder)")
-    if cfg.samples is not None and cfg.data is None:
-        raise ConfigError(
-            "samples=DIR needs data=... (digits, folder, mnist, fashion_mnist, cifar10) for the real images"
-        )
-    if not cfg.features or any(f not in FEATURES for f in cfg.features):
-        raise ConfigError(f"features={list(cfg.features)} is invalid: choose from {', '.join(FEATURES)}")
-    for key in ("n", "n_real", "kid_subsets"):
-        if cfg[key] < 2:
-            raise ConfigError(f"{key}={cfg[key]} is invalid: it must be >= 2")
-    for key in ("classifier_steps", "classifier_images", "kid_subset_size", "knn_k", "batch_size"):
-        if cfg[key] < 1:
-            raise ConfigError(f"{key}={cfg[key]} is invalid: it must be >= 1")
-    weights = cfg.inception_weights
-    if "inception" in cfg.features and weights is not None and not Path(weights).expanduser().is_file():
-        raise ConfigError(
-            f"inception_weights={cfg.inception_weights} does not exist; it is pytorch-fid's "
-            "pt_inception-2015-12-05-6726825d.pth"
-        )
-    validate_sampling(cfg, None)
-    validate_device(cfg.device)
+from ddpm.runtime import Runtime
+from ddpm.trained import load_trained
+from ddpm.validate import validate_eval
 
 
 def real_data_config(data: Any) -> DictConfig:
@@ -68,30 +49,26 @@ def default_out(cfg: Any) -> Path:
 def generated_images(cfg: Any, device: torch.device) -> tuple[torch.Tensor, DictConfig, dict[str, Any]]:
     """The images to score, the data config of the real ones, and a record of where the images came from."""
     if cfg.ckpt is not None:
-        model, schedule, payload = load_model(cfg.ckpt, device, ema=cfg.ema)
-        validate_sampling(cfg, schedule.timesteps)
-        trained = payload["config"]
-        data = real_data_config(cfg.data if cfg.data is not None else trained["data"])
+        trained = load_trained(cfg.ckpt, device, ema=cfg.ema)
+        check_sampling(cfg, trained.schedule.timesteps)
+        data = real_data_config(cfg.data if cfg.data is not None else trained.config["data"])
         shape = (data.channels, data.image_size, data.image_size)
-        if (trained["data"]["channels"], trained["data"]["image_size"]) != (data.channels, data.image_size):
-            raise ConfigError(
-                f"data={data.name} is {shape}, but ckpt={cfg.ckpt} makes "
-                f"{trained['data']['channels']}x{trained['data']['image_size']}^2 images"
-            )
-        objective = Objective[trained.get("objective", "eps")]
-        images = generate(model, schedule, objective, cfg, cfg.n, shape, cfg.seed, cfg.batch_size, device)
+        if trained.shape != shape:
+            c, size = trained.shape[0], trained.shape[1]
+            raise ConfigError(f"data={data.name} is {shape}, but ckpt={cfg.ckpt} makes {c}x{size}^2 images")
+        sampling = SamplingOptions.from_config(cfg)
+        images = generate(trained, sampling, cfg.n, cfg.seed, cfg.batch_size)
         source = {
             "ckpt": cfg.ckpt,
-            "step": payload["step"],
-            "weights": payload["weights"],
-            "sampler": cfg.sampler,
-            "sample_steps": cfg.sample_steps or schedule.timesteps,
+            "step": trained.step,
+            "weights": trained.weights,
+            "sampler": sampling.sampler,
+            "sample_steps": sampling.steps(trained.schedule.timesteps),
         }
         return images, data, source
     data = real_data_config(cfg.data)
-    folder = real_data_config(data)
-    folder.name, folder.root = "folder", cfg.samples
-    images, _ = load_subset(build_dataset(folder), cfg.n, cfg.seed)
+    folder = FolderDataset(cfg.samples, data.image_size, data.channels, key="samples")
+    images, _ = load_subset(folder, cfg.n, cfg.seed)
     return images, data, {"samples": cfg.samples}
 
 
@@ -130,8 +107,9 @@ def score(real: torch.Tensor, fake: torch.Tensor, cfg: Any) -> tuple[dict[str, A
 
 
 def evaluate(cfg: Any) -> dict[str, Any]:
+    """Score as cfg says and write eval.json; every check runs before any work."""
     validate_eval(cfg)
-    device = resolve_device(cfg.device)
+    device = Runtime.from_config(cfg).device
     fake, data, source = generated_images(cfg, device)
     dataset = build_dataset(data)
     real, _ = load_subset(dataset, cfg.n_real, cfg.seed)
@@ -149,9 +127,8 @@ def evaluate(cfg: Any) -> dict[str, Any]:
         if warning:
             print(f"ddpm-eval: warning: {name}: {warning}")
         report["features"][name] = {**result, **extra}
-    out.mkdir(parents=True, exist_ok=True)
     save_grid(fake[:64], out / "samples.png")
-    (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_atomically(out / "eval.json", lambda f: f.write((json.dumps(report, indent=2) + "\n").encode()))
     report["out"] = str(out)
     return report
 

@@ -8,15 +8,26 @@ with 32 groups, and dropout inside every residual block.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from omegaconf import MISSING
 from torch import nn
 
-from ddpm.unet import SinusoidalPositionEmbeddings
+from ddpm import checks
+from ddpm.errors import ConfigError
+from ddpm.models.base import ModelConfig, SinusoidalPositionEmbeddings
+from ddpm.registry import Option
 
 GROUPS = 32  # GroupNorm groups, fixed by the architecture
+
+
+@dataclass
+class HoUNetConfig(ModelConfig):
+    num_res_blocks: int = MISSING
+    attn_resolutions: list[int] = MISSING  # image sizes (after halving) that get self-attention
 
 
 def norm(channels: int) -> nn.GroupNorm:
@@ -148,6 +159,22 @@ class HoUNet(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
+def check_ho_unet(cfg: Any, widths: list[int], image_size: int) -> None:
+    checks.at_least("model.num_res_blocks", cfg.num_res_blocks, 1)
+    if any(w % GROUPS for w in widths):
+        raise ConfigError(
+            f"model.dim={cfg.dim} is invalid for model=ho2020: its GroupNorm has {GROUPS} groups, so every "
+            f"width {widths} must be a multiple of {GROUPS}"
+        )
+    resolutions = [image_size // 2**i for i in range(len(cfg.dim_mults))]
+    stray = [r for r in cfg.attn_resolutions if r not in resolutions]
+    if stray:
+        raise ConfigError(
+            f"model.attn_resolutions={list(cfg.attn_resolutions)} is invalid: {stray} is not a "
+            f"resolution of this U-Net ({', '.join(map(str, resolutions))})"
+        )
+
+
 def build_ho_unet(cfg: Any, channels: int, image_size: int) -> HoUNet:
     return HoUNet(
         channels=channels,
@@ -158,3 +185,6 @@ def build_ho_unet(cfg: Any, channels: int, image_size: int) -> HoUNet:
         attn_resolutions=tuple(cfg.attn_resolutions),
         dropout=cfg.dropout,
     )
+
+
+HO2020 = Option("ho2020", HoUNetConfig, build_ho_unet, check_ho_unet)

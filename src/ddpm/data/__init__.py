@@ -1,0 +1,57 @@
+"""Training images as tensors in [-1, 1], shaped (channels, image_size, image_size): the ``data`` config
+group, one registered option per data set."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from ddpm import checks
+from ddpm.data.folder import FolderData, folder_dataset
+from ddpm.data.sets import (
+    DataConfig,
+    DigitsDataset,
+    TorchvisionData,
+    TorchvisionDataset,
+)
+from ddpm.errors import ConfigError
+from ddpm.registry import Option, Registry
+
+
+def check_folder(data: Any) -> None:
+    if not 0 <= data.background <= 255:
+        raise ConfigError(f"data.background={data.background} is invalid: it must lie in [0, 255]")
+
+
+DATASETS: Registry[Dataset] = Registry(
+    "data",
+    Option("digits", DataConfig, DigitsDataset),
+    Option("folder", FolderData, folder_dataset, check_folder),
+    Option("mnist", TorchvisionData, TorchvisionDataset, schema_name="torchvision"),
+    Option("fashion_mnist", TorchvisionData, TorchvisionDataset, schema_name="torchvision"),
+    Option("cifar10", TorchvisionData, TorchvisionDataset, schema_name="torchvision"),
+)
+
+
+def check_data(data: Any) -> None:
+    option = DATASETS[data.name]
+    checks.at_least("data.image_size", data.image_size, 1)
+    checks.one_of("data.channels", data.channels, (1, 3))
+    checks.at_least("data.num_workers", data.num_workers, 0)
+    option.check(data)
+
+
+def build_dataset(data: Any) -> Dataset:
+    """The data set of a ``data`` config entry; raises DataError, before any work, if it cannot be read."""
+    return DATASETS[data.name].build(data)
+
+
+def load_subset(dataset: Dataset, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """n images (all, if the set is smaller) drawn without replacement, and their labels where known."""
+    g = torch.Generator().manual_seed(seed)
+    index = torch.randperm(len(dataset), generator=g)[: min(n, len(dataset))]
+    images = torch.stack([dataset[int(i)] for i in index])
+    labels = getattr(dataset, "labels", None)
+    return images, (labels[index] if labels is not None else None)

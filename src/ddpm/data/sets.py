@@ -1,0 +1,110 @@
+"""The data sets with their own format (the ``data`` config group's digits, mnist, fashion_mnist and
+cifar10), the schemas of the group, and the transform every set shares."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import MISSING
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+from ddpm.errors import DataError
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    image_size: int = MISSING
+    channels: int = MISSING
+    hflip: bool = MISSING
+    num_workers: int = MISSING
+
+
+@dataclass
+class TorchvisionData(DataConfig):
+    root: str = MISSING
+    download: bool = MISSING
+
+
+def image_transform(image_size: int, channels: int) -> Callable[[Any], torch.Tensor]:
+    """PIL image or uint8 tensor -> float tensor in [-1, 1]: resize the short side, centre-crop.
+
+    Deterministic: the random flips (data.hflip) are drawn by the data order (order.py), so that a resumed
+    run sees the same images. Built from picklable parts only, so DataLoader workers can receive it under
+    any start method."""
+    half = [0.5] * channels
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize(image_size, antialias=True),
+            v2.CenterCrop(image_size),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=half, std=half),  # [0, 1] -> [-1, 1]
+        ]
+    )
+
+
+def pil_mode(channels: int) -> str:
+    return "RGB" if channels == 3 else "L"
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+class DigitsDataset(Dataset):
+    """The 1,797 8x8 handwritten digits that ship with scikit-learn (intensities 0 ... 16)."""
+
+    def __init__(self, data: Any) -> None:
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        pixels = torch.from_numpy(digits.images).float()  # (N, 8, 8) in [0, 16]
+        self.labels = torch.from_numpy(digits.target).long()
+        images = (pixels / 16.0 * 255.0).round().to(torch.uint8)[:, None]  # (N, 1, 8, 8)
+        self.images = images.expand(-1, data.channels, -1, -1) if data.channels == 3 else images
+        self.transform = image_transform(data.image_size, data.channels)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.transform(self.images[i])
+
+
+class TorchvisionDataset(Dataset):
+    """MNIST, Fashion-MNIST or CIFAR-10 (training split) through torchvision, kept as PIL images."""
+
+    def __init__(self, data: Any) -> None:
+        from torchvision import datasets
+
+        cls = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST, "cifar10": datasets.CIFAR10}
+        root = Path(data.root).expanduser()
+        try:
+            self.base = cls[data.name](str(root), train=True, download=data.download)
+        except (RuntimeError, OSError) as e:  # torchvision: "Dataset not found"; urllib: no network
+            how = (
+                "could not be downloaded (no network?)"
+                if data.download
+                else "is not there (data.download=false)"
+            )
+            raise DataError(
+                f"data={data.name}: the data set in data.root={data.root} {how}: {first_line(e)}; "
+                "copy the files there, or train offline with data=folder data.root=DIR or data=digits"
+            ) from e
+        self.labels = torch.as_tensor(self.base.targets).long()
+        self.mode = pil_mode(data.channels)
+        self.transform = image_transform(data.image_size, data.channels)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        img, _ = self.base[i]
+        return self.transform(img.convert(self.mode))

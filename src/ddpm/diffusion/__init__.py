@@ -1,0 +1,1 @@
+"""The diffusion process itself: schedules, the forward process and training objective, the samplers."""

@@ -1,0 +1,26 @@
+"""The noise predictors (the ``model`` config group): one factory over the registered U-Nets."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ddpm.models.base import ModelConfig, check_levels
+from ddpm.models.unet import UNET
+from ddpm.models.unet_ho import HO2020
+from ddpm.registry import Registry
+
+MODELS: Registry[nn.Module] = Registry("model", UNET, HO2020)
+
+__all__ = ["MODELS", "ModelConfig", "build_model", "check_model"]
+
+
+def check_model(cfg: Any, image_size: int) -> None:
+    option = MODELS[cfg.name]
+    option.check(cfg, check_levels(cfg, image_size), image_size)
+
+
+def build_model(cfg: Any, channels: int, image_size: int) -> nn.Module:
+    """The noise predictor of a ``model`` config entry for (channels, image_size, image_size) images."""
+    return MODELS[cfg.name].build(cfg, channels, image_size)

@@ -1,0 +1,53 @@
+"""What every ``model`` config has, the checks every U-Net needs, and the layer they share."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from omegaconf import MISSING
+from torch import nn
+
+from ddpm.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    dim: int = MISSING  # base width
+    dim_mults: list[int] = MISSING  # width multipliers, one per resolution level
+    dropout: float = MISSING
+
+
+def check_levels(cfg: Any, image_size: int) -> list[int]:
+    """The checks every U-Net here needs; returns the block widths for the option's own checks."""
+    if cfg.dim < 4 or cfg.dim % 2:
+        raise ConfigError(f"model.dim={cfg.dim} is invalid: it must be even and >= 4 (the time embedding)")
+    if len(cfg.dim_mults) == 0 or min(cfg.dim_mults) < 1:
+        mults = list(cfg.dim_mults)
+        raise ConfigError(f"model.dim_mults={mults} is invalid: give one or more integers >= 1")
+    if not 0 <= cfg.dropout < 1:
+        raise ConfigError(f"model.dropout={cfg.dropout} is invalid: it must lie in [0, 1)")
+    factor = 2 ** (len(cfg.dim_mults) - 1)
+    if image_size % factor:
+        raise ConfigError(
+            f"data.image_size={image_size} is invalid for model.dim_mults={list(cfg.dim_mults)}: "
+            f"the U-Net halves it {len(cfg.dim_mults) - 1} times, so it must be a multiple of {factor}"
+        )
+    return sorted({cfg.dim, *(cfg.dim * m for m in cfg.dim_mults)})
+
+
+class SinusoidalPositionEmbeddings(nn.Module):
+    """Transformer position encoding of the timestep t (Vaswani et al. 2017)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.dim // 2
+        freqs = torch.exp(torch.arange(half, device=t.device) * -(math.log(10000) / (half - 1)))
+        args = t.float()[:, None] * freqs[None, :]
+        return torch.cat([args.sin(), args.cos()], dim=-1)

@@ -1,0 +1,361 @@
+"""The training loop: ``train(cfg, run_dir)`` = ``setup`` (everything a run needs, checked and built before
+the first file is written) + one flat loop whose phases are labelled, writing through a RunWriter."""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ddpm.checkpoint import run_dir_of
+from ddpm.data import build_dataset
+from ddpm.data.order import BatchSampler, DataOrder, apply_flips
+from ddpm.diffusion.sampling import SamplingOptions, generate
+from ddpm.diffusion.schedules import Schedule, build_schedule
+from ddpm.errors import ConfigError
+from ddpm.images import forward_figure
+from ddpm.models import build_model
+from ddpm.progress import ProgressReporter, format_duration
+from ddpm.runtime import Runtime, seed_everything
+from ddpm.trained import TrainedModel
+from ddpm.training.ema import EMA
+from ddpm.training.plan import RunPlan, plain_config, plan_run
+from ddpm.training.state import restore, training_state
+from ddpm.training.step import StepOptions, lr_factor, train_step
+from ddpm.training.stopping import (
+    NonFiniteWatch,
+    StopRequests,
+    TrainingStopped,
+    ignore_stop_signals,
+)
+from ddpm.training.writer import RunWriter, on_cpu
+from ddpm.validate import validate_train
+
+# Above this share of the image left in x_T, the run says that sampling from N(0, I) starts off the
+# training distribution. It only prints a note: the annotated DDPM's own recipe (T=200) is above it.
+SIGNAL_AT_T_NOTE = 0.1
+
+
+@dataclass
+class Run:
+    """What a run needs, built by ``setup``; ``start`` is the number of steps already taken."""
+
+    cfg: DictConfig
+    plan: RunPlan
+    runtime: Runtime
+    dataset: Dataset
+    order: DataOrder
+    schedule: Schedule
+    model: nn.Module
+    ema: EMA | None
+    optimizer: torch.optim.Optimizer
+    lr_schedule: torch.optim.lr_scheduler.LambdaLR
+    start: int = 0
+    elapsed_before: float = 0.0  # training time of the steps taken before a resume
+
+    @property
+    def sampling_model(self) -> TrainedModel:
+        model = self.ema.model if self.ema is not None else self.model
+        return TrainedModel.from_config(model, self.schedule, plain_config(self.cfg))
+
+    def describe(self) -> str:
+        cfg, d = self.cfg, self.cfg.data
+        n_params = sum(p.numel() for p in self.model.parameters())
+        return (
+            f"ddpm-train | data {d.name} {d.image_size}x{d.image_size}x{d.channels} ({len(self.dataset):,} "
+            f"images) | U-Net {n_params / 1e6:.2f}M params | "
+            f"{cfg.schedule.name} schedule, T={cfg.timesteps} | "
+            f"{cfg.objective.name}-prediction, {cfg.loss.name} loss | batch {cfg.batch_size} | "
+            f"{cfg.steps} steps | EMA {cfg.ema.decay or 'off'} | sampler {cfg.sampler} | "
+            f"{self.runtime.describe()} | run dir {self.plan.run_dir}"
+        )
+
+
+def check_data_fits(cfg: DictConfig, dataset: Dataset, saved: dict[str, Any] | None) -> None:
+    if len(dataset) < cfg.batch_size:
+        skipped = len(getattr(dataset, "skipped", []))
+        unreadable = f", besides {skipped} unreadable files" if skipped else ""
+        raise ConfigError(
+            f"batch_size={cfg.batch_size} is larger than the data set ({len(dataset)} images{unreadable}): "
+            "every step needs a full batch"
+        )
+    if saved is not None and saved["state"]["data"]["n_images"] != len(dataset):
+        raise ConfigError(
+            f"data.root={cfg.data.get('root', cfg.data.name)} now holds {len(dataset)} images, but the "
+            f"resumed run was trained on {saved['state']['data']['n_images']}: its data order cannot go on"
+        )
+
+
+def setup(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> Run:
+    """Plan, check and build the run; nothing is written yet."""
+    plan = plan_run(cfg, run_dir, overrides)
+    cfg = plan.config
+    validate_train(cfg)
+    runtime = Runtime.from_config(cfg)
+    dataset = build_dataset(cfg.data)
+    check_data_fits(cfg, dataset, plan.saved)
+
+    seed_everything(cfg.seed)
+    schedule = build_schedule(cfg.schedule, cfg.timesteps).to(runtime.device)
+    model = build_model(cfg.model, cfg.data.channels, cfg.data.image_size).to(runtime.device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    factor = lambda step: lr_factor(step, cfg.lr_warmup, cfg.lr_decay, cfg.steps)  # noqa: E731
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    ema = EMA(model, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.decay > 0 else None
+    order = DataOrder(len(dataset), cfg.batch_size, cfg.seed, cfg.data.hflip)
+    run = Run(cfg, plan, runtime, dataset, order, schedule, model, ema, optimizer, lr_schedule)
+    if plan.saved is not None:
+        ema_model = ema.model if ema is not None else None
+        run.start, run.elapsed_before = restore(plan.saved, model, ema_model, optimizer, lr_schedule)
+    return run
+
+
+def batches(run: Run) -> Iterator[torch.Tensor]:
+    """The batches of steps ``start``, ``start + 1``, ... (0-based) on the device, in the data order."""
+    loader = DataLoader(
+        run.dataset,
+        batch_sampler=BatchSampler(run.order, run.start),
+        num_workers=run.cfg.data.num_workers,
+        pin_memory=run.runtime.device.type == "cuda",
+        worker_init_fn=ignore_stop_signals,
+        # its own generator: creating the iterator would otherwise draw a seed from the global RNG, which
+        # the resumed run restores before that happens and the uninterrupted one after
+        generator=torch.Generator().manual_seed(run.cfg.seed),
+    )
+    for x0, (_, flips) in zip(loader, run.order.steps(run.start), strict=False):
+        yield apply_flips(x0.to(run.runtime.device, non_blocking=True), flips)
+
+
+class Interval:
+    """The mean loss of the finite steps and the training throughput since the last log line; the time
+    spent drawing grids and writing checkpoints is left out of the throughput."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss_sum = torch.zeros((), device=device)
+        self.finite_steps = torch.zeros((), device=device)
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum.zero_()
+        self.finite_steps.zero_()
+        self.started, self.steps, self.away = time.perf_counter(), 0, 0.0
+
+    def add(self, loss: torch.Tensor, finite: torch.Tensor) -> None:
+        self.loss_sum += torch.where(finite, loss, 0.0)
+        self.finite_steps += finite
+        self.steps += 1
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.away += time.perf_counter() - start
+
+    def mean_loss(self) -> float:
+        return (self.loss_sum / self.finite_steps.clamp(min=1)).item()  # the loop's host sync
+
+    def images_per_s(self, batch_size: int) -> float:
+        return self.steps * batch_size / (time.perf_counter() - self.started - self.away)
+
+
+@dataclass(frozen=True)
+class Due:
+    """What a step ends with: a log line, a checkpoint, a grid, a stop. A stop request (a signal) brings
+    the log line and the checkpoint forward to this step; the last step has all of them."""
+
+    log: bool
+    checkpoint: bool
+    grid: bool
+    last: bool
+    stop: bool
+
+    @classmethod
+    def at(cls, step: int, cfg: DictConfig, stop_requested: bool) -> Due:
+        last = step == cfg.steps
+        return cls(
+            log=step % cfg.log_every == 0 or last or stop_requested,
+            checkpoint=bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+            or last
+            or stop_requested,
+            grid=bool(cfg.sample_every and step % cfg.sample_every == 0) or last,
+            last=last,
+            stop=stop_requested and not last,
+        )
+
+
+def train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Train as the config says, or continue the run that ``cfg.resume`` names. ``overrides`` are the
+    command line's (a resumed run checks them against its saved config). Returns a summary; raises
+    TrainingStopped when the run ends early."""
+    run = setup(cfg, Path(run_dir), overrides)
+    cfg, start = run.cfg, run.start
+    reporter = ProgressReporter(cfg.steps, start=start)
+    if not announce(run, reporter):
+        return {
+            "steps": start,
+            "time_s": 0.0,
+            "run_dir": str(run.plan.run_dir),
+            "resumed_from": str(run.plan.checkpoint),
+        }
+    writer = open_writer(run)
+    stream = batches(run)
+    x0 = next(stream)
+    if run.runtime.is_main and cfg.forward_n > 0 and start == 0:
+        writer.forward(forward_figure(run.schedule, x0[: cfg.forward_n], cfg.seed))
+
+    opts = StepOptions.from_config(cfg)
+    watch = NonFiniteWatch(opts.skip_nonfinite, cfg.max_nonfinite, run.runtime.device)
+    advice = functools.partial(writer.nonfinite_advice, opts.skip_nonfinite)  # built only on a fault
+    interval = Interval(run.runtime.device)
+    clock, last_loss = time.perf_counter(), float("nan")
+    run.model.train()
+    with reporter, StopRequests() as stop, writer:
+        for step in range(start + 1, cfg.steps + 1):
+            # Optimizer step.
+            loss, finite = train_step(run.model, run.optimizer, run.schedule, x0, opts)
+            run.lr_schedule.step()
+            # Update EMA.
+            if run.ema is not None:
+                run.ema.update(step)
+            watch.record(step, finite, advice)
+            interval.add(loss, finite)
+            reporter.advance(step)
+
+            due = Due.at(step, cfg, stop_requested=stop.signum is not None)
+            if due.log or due.checkpoint or due.grid:
+                watch.check(advice)  # before anything reads or saves the weights
+            # Log progress.
+            if due.log:
+                last_loss = interval.mean_loss()
+                img_per_s = interval.images_per_s(cfg.batch_size)
+                elapsed = time.perf_counter() - clock
+                lr = cfg.lr * lr_factor(step - 1, cfg.lr_warmup, cfg.lr_decay, cfg.steps)  # this step's
+                row = {"step": step, "loss": last_loss, "lr": lr, "img_per_s": img_per_s}
+                writer.metrics({**row, "elapsed_s": run.elapsed_before + elapsed, "skipped": watch.skipped})
+                reporter.log(step, last_loss, img_per_s, (cfg.steps - step) * elapsed / (step - start))
+                interval.reset()
+            # Save a checkpoint, then draw the grid: a picture must never cost the weights.
+            with interval.paused():
+                if due.checkpoint:
+                    path = save_snapshot(run, writer, step, run.elapsed_before + time.perf_counter() - clock)
+                    reporter.say(f"step {step}: checkpoint -> {path}")
+                if due.grid:
+                    draw_grid(run, writer, reporter, step)
+            # Stop on request, after that checkpoint.
+            if due.stop:
+                raise TrainingStopped(
+                    f"stopped by {stop.name} at step {step} of {cfg.steps}; checkpoint {writer.last_ckpt}; "
+                    f"continue with: {writer.resume_hint}",
+                    exit_code=128 + stop.signum,
+                    error=False,
+                )
+            if not due.last:
+                x0 = next(stream)
+    return finish(run, writer, reporter, time.perf_counter() - clock, last_loss, watch.skipped)
+
+
+def announce(run: Run, reporter: ProgressReporter) -> bool:
+    """The run's header lines; False when a resumed run has nothing left to do."""
+    cfg, plan = run.cfg, run.plan
+    reporter.say(run.describe())
+    if plan.checkpoint is not None:
+        reporter.say(f"resuming from {plan.checkpoint} at step {run.start} of {cfg.steps}")
+    elif cfg.resume == "auto":
+        reporter.say(
+            f"resume=auto: no checkpoint in {plan.run_dir / 'checkpoints'} yet, so the run starts at step 0 "
+            "(to continue an earlier run, give its folder as hydra.run.dir)"
+        )
+    if run.start >= cfg.steps:
+        reporter.say(
+            f"the run is complete (step {run.start} of steps={cfg.steps}): nothing to do; a larger "
+            "steps= trains on"
+        )
+        return False
+    signal = run.schedule.sqrt_alphas_cumprod[-1].item()
+    if signal > SIGNAL_AT_T_NOTE:
+        reporter.say(
+            f"note: x_T keeps sqrt(abar_T) = {signal:.2f} of the image, while sampling starts from pure "
+            "noise; more timesteps or schedule=cosine close that gap (see forward.png)"
+        )
+    return True
+
+
+def open_writer(run: Run) -> RunWriter:
+    plan = run.plan
+    writer = RunWriter(plan.run_dir, run.cfg.keep_last, plan.checkpoint if plan.continues_in_place else None)
+    metrics_source = run_dir_of(plan.checkpoint) / "metrics.jsonl" if plan.fork else None
+    writer.open(run.start, plan.checkpoint, metrics_source)
+    return writer
+
+
+def save_snapshot(run: Run, writer: RunWriter, step: int, elapsed_s: float) -> Path:
+    """The weights, the EMA and everything exact resume needs, as checkpoints/step_<step>.pt."""
+    state = training_state(
+        run.optimizer, run.lr_schedule, len(run.dataset), run.order.position(step), elapsed_s
+    )
+    return writer.checkpoint(
+        step,
+        on_cpu(run.model.state_dict()),
+        ema=on_cpu(run.ema.state_dict()) if run.ema is not None else None,
+        config=plain_config(run.cfg),
+        state=state,
+    )
+
+
+def draw_grid(run: Run, writer: RunWriter, reporter: ProgressReporter, step: int) -> None:
+    """samples/step_<step>.png, drawn with the same seed at every step, so successive grids show the same
+    x_T maturing. A sampler that fails costs a warning, not the run; a file that cannot be written stops
+    it like any other."""
+    cfg = run.cfg
+    sampling = SamplingOptions.from_config(cfg)
+    try:
+        images = generate(run.sampling_model, sampling, cfg.sample_n, cfg.seed, cfg.sample_batch_size)
+    except Exception as e:  # noqa: BLE001 (any sampler fault: the weights are saved, the picture can wait)
+        reporter.say(
+            f"warning: step {step}: the sample grid could not be drawn ({type(e).__name__}: {e}); training "
+            f"goes on; draw it later with: ddpm-sample ckpt={writer.ckpt_dir / 'last.pt'}"
+        )
+        return
+    reporter.say(f"step {step}: samples -> {writer.grid(step, images)}")
+
+
+def finish(
+    run: Run, writer: RunWriter, reporter: ProgressReporter, elapsed: float, last_loss: float, skipped: int
+) -> dict[str, Any]:
+    """The closing line, and the summary train() returns."""
+    cfg, start = run.cfg, run.start
+    summary = {
+        "steps": cfg.steps,
+        "time_s": elapsed,
+        "final_loss": last_loss,
+        "skipped": skipped,
+        "run_dir": str(run.plan.run_dir),
+        "resumed_from": str(run.plan.checkpoint) if run.plan.checkpoint else None,
+        "checkpoint": str(writer.ckpt_dir / "last.pt"),
+        "samples": str(writer.sample_dir / f"step_{cfg.steps:06d}.png"),
+    }
+    took = (
+        f"steps {start + 1}-{cfg.steps} in {format_duration(elapsed)} "
+        f"({format_duration(run.elapsed_before + elapsed)} for all {cfg.steps})"
+        if start
+        else f"{cfg.steps} steps in {format_duration(elapsed)}"
+    )
+    skips = f", {skipped} non-finite steps skipped" if skipped else ""
+    reporter.say(
+        f"done: {took}, final loss {last_loss:.4f}{skips} | checkpoint {summary['checkpoint']} | "
+        f"samples {summary['samples']} | metrics {writer.metrics_path}"
+    )
+    if run.runtime.device.type == "cuda":
+        torch.cuda.empty_cache()  # multirun jobs share this process: hand the cached blocks back
+    return summary

@@ -1,0 +1,88 @@
+"""The checks each command runs on its config before any work: ranges and relations that the schemas'
+types cannot express. Each group option's own checks live with its code (schedules, models, data); this
+module calls them and checks the top-level keys. The first bad value raises ConfigError."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ddpm import checks
+from ddpm.data import DATASETS, check_data
+from ddpm.diffusion.forward import Objective
+from ddpm.diffusion.sampling import check_sampling
+from ddpm.diffusion.schedules import check_schedule
+from ddpm.errors import ConfigError
+from ddpm.evaluation.features import FEATURES
+from ddpm.models import check_model
+from ddpm.runtime import check_device
+
+
+def check_objective(cfg: Any) -> None:
+    checks.at_least("min_snr_gamma", cfg.min_snr_gamma, 0)
+    checks.at_least("offset_noise", cfg.offset_noise, 0)
+    if cfg.schedule.zero_terminal_snr and cfg.objective is Objective.eps:
+        # At abar_T = 0, x_T carries no image: x_0 = (x_T - sqrt(1 - abar_T) eps) / sqrt(abar_T) is 0 / 0.
+        raise ConfigError(
+            "objective=eps is invalid with schedule.zero_terminal_snr=true: "
+            "eps-prediction cannot recover x_0 at abar_T = 0; choose objective=v or objective=x0"
+        )
+
+
+def validate_train(cfg: Any) -> None:
+    check_data(cfg.data)
+    check_schedule(cfg.schedule, cfg.timesteps)
+    check_model(cfg.model, cfg.data.image_size)
+    check_objective(cfg)
+    checks.at_least("batch_size", cfg.batch_size, 1)
+    checks.at_least("grad_accum", cfg.grad_accum, 1)
+    if cfg.batch_size % cfg.grad_accum:
+        raise ConfigError(
+            f"grad_accum={cfg.grad_accum} is invalid: it must divide batch_size={cfg.batch_size} "
+            "(batch_size is the number of images per optimizer step)"
+        )
+    checks.at_least("steps", cfg.steps, 1)
+    checks.above("lr", cfg.lr, 0)
+    checks.at_least("lr_warmup", cfg.lr_warmup, 0)
+    checks.at_least("grad_clip", cfg.grad_clip, 0)
+    checks.within("ema.decay", cfg.ema.decay, 0, 1, " (0: no EMA)")
+    checks.at_least("ema.warmup", cfg.ema.warmup, 0)
+    check_sampling(cfg, cfg.timesteps)
+    check_device(cfg.device)
+    checks.at_least("log_every", cfg.log_every, 1)
+    checks.at_least("sample_every", cfg.sample_every, 0)
+    checks.at_least("checkpoint_every", cfg.checkpoint_every, 0)
+    checks.at_least("sample_n", cfg.sample_n, 1)
+    checks.at_least("sample_batch_size", cfg.sample_batch_size, 1)
+    checks.at_least("forward_n", cfg.forward_n, 0)
+    checks.at_least("keep_last", cfg.keep_last, 0)
+    checks.at_least("max_nonfinite", cfg.max_nonfinite, 1)
+
+
+def validate_sample(cfg: Any) -> None:
+    """Checks that need no checkpoint; sample_steps is checked against T once the checkpoint is read."""
+    check_sampling(cfg, None)
+    checks.at_least("n", cfg.n, 1)
+    checks.at_least("batch_size", cfg.batch_size, 1)
+    check_device(cfg.device)
+
+
+def validate_eval(cfg: Any) -> None:
+    if (cfg.ckpt is None) == (cfg.samples is None):
+        raise ConfigError("give exactly one of ckpt=PATH (score its samples) or samples=DIR (score a folder)")
+    if cfg.samples is not None and cfg.data is None:
+        raise ConfigError(f"samples=DIR needs data=... ({', '.join(DATASETS.names)}) for the real images")
+    if not cfg.features or any(f not in FEATURES for f in cfg.features):
+        raise ConfigError(f"features={list(cfg.features)} is invalid: choose from {', '.join(FEATURES)}")
+    for key in ("n", "n_real", "kid_subsets"):
+        checks.at_least(key, cfg[key], 2)
+    for key in ("classifier_steps", "classifier_images", "kid_subset_size", "knn_k", "batch_size"):
+        checks.at_least(key, cfg[key], 1)
+    weights = cfg.inception_weights
+    if "inception" in cfg.features and weights is not None and not Path(weights).expanduser().is_file():
+        raise ConfigError(
+            f"inception_weights={cfg.inception_weights} does not exist; it is pytorch-fid's "
+            "pt_inception-2015-12-05-6726825d.pth"
+        )
+    check_sampling(cfg, None)
+    check_device(cfg.device)

@@ -1,0 +1,65 @@
+"""Stop requests and the non-finite watch, on their own."""
+
+import signal
+
+import pytest
+import torch
+
+from ddpm.training.stopping import NonFiniteWatch, StopRequests, TrainingStopped, ignore_stop_signals
+
+
+def test_a_signal_becomes_a_request_and_the_handlers_are_restored():
+    before = signal.getsignal(signal.SIGTERM)
+    with StopRequests() as stop:
+        assert stop.signum is None and stop.name == ""
+        signal.raise_signal(signal.SIGTERM)
+        assert stop.signum == signal.SIGTERM and stop.name == "SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_second_signal_is_delivered_to_the_previous_handler():
+    received = []
+    previous = signal.signal(signal.SIGUSR1, signal.SIG_DFL)  # not one of ours; check the mechanism
+    try:
+        original = signal.signal(signal.SIGINT, lambda s, f: received.append(s))
+        with StopRequests() as stop:
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+        assert stop.signum == signal.SIGINT and received == [signal.SIGINT]
+    finally:
+        signal.signal(signal.SIGINT, original)
+        signal.signal(signal.SIGUSR1, previous)
+
+
+def test_loader_workers_ignore_the_stop_signals():
+    saved = {s: signal.getsignal(s) for s in StopRequests.SIGNALS}
+    try:
+        ignore_stop_signals()
+        assert all(signal.getsignal(s) is signal.SIG_IGN for s in StopRequests.SIGNALS)
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+
+
+def advice() -> str:
+    return "what to do"
+
+
+def test_stop_mode_remembers_the_first_bad_step_until_checked():
+    watch = NonFiniteWatch(skip=False, max_in_a_row=10, device=torch.device("cpu"))
+    ok, bad = torch.tensor(True), torch.tensor(False)
+    for step, finite in enumerate([ok, ok, bad, bad, ok], start=1):
+        watch.record(step, finite, advice)
+    with pytest.raises(TrainingStopped, match="non-finite loss or gradient at step 3; what to do"):
+        watch.check(advice)
+
+
+def test_skip_mode_counts_and_gives_up_after_max_in_a_row():
+    watch = NonFiniteWatch(skip=True, max_in_a_row=2, device=torch.device("cpu"))
+    ok, bad = torch.tensor(True), torch.tensor(False)
+    for step, finite in enumerate([bad, ok, bad], start=1):
+        watch.record(step, finite, advice)
+    assert watch.skipped == 2 and watch.in_a_row == 1
+    watch.check(advice)  # skip mode never stops on check
+    with pytest.raises(TrainingStopped, match="2 steps in a row up to step 4"):
+        watch.record(4, bad, advice)
