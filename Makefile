@@ -6,10 +6,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install train sample test test-fast lint clean
 
+# setuptools announces every editable install whose package maps a folder (configs/ -> ddpm.configs):
+# a notice about editable installs in general, silenced; its packaging warnings are not.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
