@@ -16,10 +16,10 @@ from ddpm.training.loop import train
 from ddpm.training.stopping import TrainingStopped
 
 # Everything that draws random numbers or keeps state across steps: dropout (torch RNG), flips and epoch
-# boundaries (the data order: 1,797 digits make 2 batches of 600 an epoch), warm-up and cosine decay (LR
+# boundaries (the data order: 1,797 digits make 5 batches of 300 an epoch), warm-up and cosine decay (LR
 # schedule), EMA with warm-up, Adam's moments.
 EXACT = TINY + [
-    "batch_size=600",
+    "batch_size=300",
     "timesteps=20",
     "steps=7",
     "model.dropout=0.1",
