@@ -227,6 +227,6 @@ def test_grids_are_drawn_in_batches_of_their_own(compose_cfg, tmp_path, monkeypa
         return real(trained, sampling, n, seed, batch_size)
 
     monkeypatch.setattr(ddpm.training.loop, "generate", spy)
-    overrides = ["steps=1", "timesteps=20", "batch_size=4", "sample_n=6", "sample_batch_size=3", "forward_n=0"]
+    overrides = ["steps=1", "timesteps=20", "batch_size=4", "sample_n=6", "sample_batch_size=3"]
     train(compose_cfg("train", TINY + overrides), tmp_path)
     assert calls == [(6, 3)]  # not the training batch of 4
