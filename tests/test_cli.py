@@ -1,4 +1,5 @@
-"""The real console scripts in subprocesses: what a user types, what a user gets."""
+"""The console scripts as a user runs them: in subprocesses, and, where only the command's own work is at
+stake, through the same entry points in this process."""
 
 import json
 import subprocess
@@ -59,10 +60,10 @@ def test_train_writes_checkpoints_grids_forward_and_metrics(trained):
     assert recorded["loss"] == "huber" and recorded["timesteps"] == 200
 
 
-def test_sample_writes_grid_and_images_and_repeats_by_seed(trained, cli):
+def test_sample_writes_grid_and_images_and_repeats_by_seed(trained, in_process):
     cwd = trained.parent
     ckpt = "run/checkpoints/last.pt"
-    first = cli(
+    first = in_process(
         "ddpm-sample", f"ckpt={ckpt}", "n=6", "seed=3", "out=s1", "save_images=true", "device=cpu", cwd=cwd
     )
     assert first.returncode == 0, first.stderr
@@ -71,8 +72,8 @@ def test_sample_writes_grid_and_images_and_repeats_by_seed(trained, cli):
     grid = Image.open(cwd / "s1/grid.png")
     assert grid.size == (3 * 34 + 2, 2 * 34 + 2)  # 6 samples: 3 x 2 cells of 8 px enlarged to 32
 
-    again = cli("ddpm-sample", f"ckpt={ckpt}", "n=6", "seed=3", "out=s2", "save_images=true", cwd=cwd)
-    other = cli("ddpm-sample", f"ckpt={ckpt}", "n=6", "seed=4", "out=s3", "save_images=true", cwd=cwd)
+    again = in_process("ddpm-sample", f"ckpt={ckpt}", "n=6", "seed=3", "out=s2", "save_images=true", cwd=cwd)
+    other = in_process("ddpm-sample", f"ckpt={ckpt}", "n=6", "seed=4", "out=s3", "save_images=true", cwd=cwd)
     assert again.returncode == other.returncode == 0
     pixels = {
         d: [np.asarray(Image.open(cwd / d / f"images/{i:05d}.png")) for i in range(6)]
@@ -82,27 +83,31 @@ def test_sample_writes_grid_and_images_and_repeats_by_seed(trained, cli):
     assert not all(np.array_equal(a, b) for a, b in zip(pixels["s1"], pixels["s3"], strict=True))
 
 
-def test_export_to_safetensors_samples_the_same_images(trained, cli):
+def test_export_to_safetensors_samples_the_same_images(trained, in_process):
     cwd = trained.parent
-    exported = cli("ddpm-export", "ckpt=run/checkpoints/last.pt", "out=shared/tiny.safetensors", cwd=cwd)
+    exported = in_process(
+        "ddpm-export", "ckpt=run/checkpoints/last.pt", "out=shared/tiny.safetensors", cwd=cwd
+    )
     assert exported.returncode == 0, exported.stderr
     assert "EMA weights of run/checkpoints/last.pt (step 3)" in exported.stdout
     grids = []
     for ckpt in ("run/checkpoints/last.pt", "shared/tiny.safetensors"):
         out = f"from_{Path(ckpt).suffix[1:]}"
-        result = cli("ddpm-sample", f"ckpt={ckpt}", "n=4", "seed=1", f"out={out}", "device=cpu", cwd=cwd)
+        result = in_process(
+            "ddpm-sample", f"ckpt={ckpt}", "n=4", "seed=1", f"out={out}", "device=cpu", cwd=cwd
+        )
         assert result.returncode == 0, result.stderr
         grids.append(np.asarray(Image.open(cwd / out / "grid.png")))
     assert np.array_equal(*grids)
-    refused = cli("ddpm-train", "resume=shared/tiny.safetensors", cwd=cwd)
+    refused = in_process("ddpm-train", "resume=shared/tiny.safetensors", cwd=cwd)
     assert refused.returncode == 2 and "holds weights only" in refused.stderr
-    bad = cli("ddpm-export", "ckpt=run/checkpoints/last.pt", "out=x.pt", cwd=cwd)
+    bad = in_process("ddpm-export", "ckpt=run/checkpoints/last.pt", "out=x.pt", cwd=cwd)
     assert (
         bad.returncode == 2 and "out=x.pt is invalid: give a file name ending in .safetensors" in bad.stderr
     )
 
 
-def test_sample_with_ddim_and_dpm_solver_and_without_ema(trained, cli):
+def test_sample_with_ddim_and_dpm_solver_and_without_ema(trained, in_process):
     cwd = trained.parent
     common = ["ckpt=run/checkpoints/last.pt", "n=4", "save_images=true"]
     runs = {
@@ -112,16 +117,18 @@ def test_sample_with_ddim_and_dpm_solver_and_without_ema(trained, cli):
         "raw": ["ema=false"],
     }
     for name, extra in runs.items():
-        result = cli("ddpm-sample", *common, *extra, f"out={name}", cwd=cwd)
+        result = in_process("ddpm-sample", *common, *extra, f"out={name}", cwd=cwd)
         assert result.returncode == 0, result.stderr
-    assert "ddim with 50 steps" in cli("ddpm-sample", *common, *runs["ddim"], "out=ddim", cwd=cwd).stdout
+    assert (
+        "ddim with 50 steps" in in_process("ddpm-sample", *common, *runs["ddim"], "out=ddim", cwd=cwd).stdout
+    )
     pixels = {k: np.asarray(Image.open(cwd / k / "images/00000.png")) for k in runs}
     assert not np.array_equal(pixels["ema"], pixels["raw"])
     assert not np.array_equal(pixels["ddim"], pixels["dpm"])
 
 
-def test_sample_default_output_is_beside_the_run(trained, cli):
-    result = cli("ddpm-sample", "ckpt=run/checkpoints/step_000002.pt", "n=2", cwd=trained.parent)
+def test_sample_default_output_is_beside_the_run(trained, in_process):
+    result = in_process("ddpm-sample", "ckpt=run/checkpoints/step_000002.pt", "n=2", cwd=trained.parent)
     assert result.returncode == 0, result.stderr
     assert (trained / "generated/step_000002_seed0/grid.png").is_file()
     assert not (trained / "generated/step_000002_seed0/images").exists()
@@ -175,7 +182,11 @@ def test_non_editable_install_finds_its_configs_from_any_folder(tmp_path):
     """Build the wheel, install it into a fresh folder, and train from a folder far from the sources."""
     root = Path(__file__).resolve().parents[1]
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "wheel", "--no-deps", "-w", str(tmp_path / "dist"), str(root)], check=True)
+    built = subprocess.run(
+        [*pip, "wheel", "--no-deps", "-w", str(tmp_path / "dist"), str(root)], capture_output=True, text=True
+    )
+    assert built.returncode == 0, built.stderr
+    assert "Warning" not in built.stdout + built.stderr  # every folder is declared: setuptools guesses nothing
     wheel = next((tmp_path / "dist").glob("ddpm-*.whl"))
     subprocess.run([*pip, "install", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)], check=True)
     elsewhere = tmp_path / "elsewhere"
@@ -212,7 +223,7 @@ def test_config_dir_adds_user_configs(tmp_path, cli):
     assert yaml.safe_load(result.stdout)["model"]["dim"] == 12
 
 
-def test_eval_scores_a_checkpoint(trained, cli):
+def test_eval_scores_a_checkpoint(trained, in_process):
     cwd = trained.parent
     args = [
         "ckpt=run/checkpoints/last.pt",
@@ -225,7 +236,7 @@ def test_eval_scores_a_checkpoint(trained, cli):
         "sample_steps=5",
         "classifier_cache=cache",
     ]
-    result = cli("ddpm-eval", *args, cwd=cwd)
+    result = in_process("ddpm-eval", *args, cwd=cwd)
     assert result.returncode == 0, result.stderr
     report = json.loads((trained / "eval/last_seed0/eval.json").read_text())
     assert report["source"]["step"] == 3 and report["n_fake"] == 20

@@ -69,7 +69,10 @@ def test_p_losses_match_torch_functional(schedule, loss, reference):
     t = torch.tensor([0, 5, 50, 99])
     model = Constant(prediction)
     value = p_losses(model, schedule, x0, t, noise, loss)
-    assert value.item() == pytest.approx(reference(prediction, noise).item(), rel=1e-6)
+    # the same 768 float32 terms summed in two orders (per image, then over images; or all at once):
+    # each is within 767 * 2^-24 of the exact sum of these non-negative terms, so they differ by at most
+    # 2 * 767 * 2^-24 ~ 9.1e-5 of it, whatever the CPU's kernels do
+    assert value.item() == pytest.approx(reference(prediction, noise).item(), rel=1e-4)
     torch.testing.assert_close(model.seen[0], q_sample(schedule, x0, t, noise))
 
 
@@ -163,4 +166,5 @@ def test_p_losses_applies_the_weights_per_image(schedule):
     value = p_losses(Constant(pred), schedule, x0, t, noise, Loss.l2, Objective.eps, min_snr_gamma=5.0)
     per_image = ((pred - noise) ** 2).flatten(1).mean(1)
     expected = (per_image * snr_weight(Objective.eps, schedule, t, 5.0)).mean()
-    assert value.item() == pytest.approx(expected.item(), rel=1e-6)
+    # two summation orders of 48 non-negative float32 terms differ by at most 2 * 47 * 2^-24 ~ 5.6e-6
+    assert value.item() == pytest.approx(expected.item(), rel=6e-6)

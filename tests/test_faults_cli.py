@@ -21,7 +21,7 @@ from ddpm.checkpoint import load_checkpoint
 pytestmark = pytest.mark.slow
 
 # ~10 ms a step on a CPU: long enough to be caught anywhere, short enough to finish in seconds.
-LONG = TINY + ["steps=400", "checkpoint_every=25", "sample_every=0", "forward_n=0", "timesteps=20"]
+LONG = TINY + ["steps=250", "checkpoint_every=25", "sample_every=0", "forward_n=0", "timesteps=20"]
 
 
 def start(*args: str, cwd: Path) -> subprocess.Popen:
@@ -67,10 +67,10 @@ def run_to_end(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_kill_9_at_a_random_moment_loses_at_most_checkpoint_every_steps(tmp_path):
     whole = run_to_end(*LONG, "hydra.run.dir=whole", cwd=tmp_path)
-    assert "done: 400 steps" in whole.stdout
+    assert "done: 250 steps" in whole.stdout
 
     # A seeded draw, so a failure repeats; the moment the kill lands within that step still varies.
-    target = random.Random(4).randrange(30, 370)
+    target = random.Random(4).randrange(30, 220)
     proc = start(*LONG, "hydra.run.dir=cut", cwd=tmp_path)
     seen = wait_for_step(proc, tmp_path / "cut", target)
     os.kill(proc.pid, signal.SIGKILL)
@@ -78,11 +78,11 @@ def test_kill_9_at_a_random_moment_loses_at_most_checkpoint_every_steps(tmp_path
     last_logged = logged_steps(tmp_path / "cut")[-1]
 
     resumed = run_to_end("hydra.run.dir=cut", "resume=auto", cwd=tmp_path)
-    found = re.search(r"resuming from .*last.pt at step (\d+) of 400", resumed.stdout)
+    found = re.search(r"resuming from .*last.pt at step (\d+) of 250", resumed.stdout)
     assert found, (target, seen, resumed.stdout)
     restart = int(found.group(1))
     assert 0 <= last_logged - restart <= 25, (target, last_logged, restart)
-    assert logged_steps(tmp_path / "cut") == list(range(1, 401))
+    assert logged_steps(tmp_path / "cut") == list(range(1, 251))
     assert not list((tmp_path / "cut/checkpoints").glob(".*.tmp"))
     a, b = (load_checkpoint(tmp_path / r / "checkpoints/last.pt") for r in ("whole", "cut"))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
@@ -99,7 +99,7 @@ def test_sigterm_saves_says_how_to_resume_and_resume_keeps_the_record(tmp_path):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err, err
     stopped = re.fullmatch(
-        r"ddpm-train: stopped by SIGTERM at step (\d+) of 400; checkpoint \S+step_(\d+)\.pt; "
+        r"ddpm-train: stopped by SIGTERM at step (\d+) of 250; checkpoint \S+step_(\d+)\.pt; "
         r"continue with: ddpm-train hydra.run.dir=\S+run resume=auto",
         lines[0],
     )
