@@ -186,7 +186,8 @@ def test_non_editable_install_finds_its_configs_from_any_folder(tmp_path):
         [*pip, "wheel", "--no-deps", "-w", str(tmp_path / "dist"), str(root)], capture_output=True, text=True
     )
     assert built.returncode == 0, built.stderr
-    assert "Warning" not in built.stdout + built.stderr  # every folder is declared: setuptools guesses nothing
+    # every folder is declared as a package, so setuptools has nothing to warn about
+    assert "Warning" not in built.stdout + built.stderr
     wheel = next((tmp_path / "dist").glob("ddpm-*.whl"))
     subprocess.run([*pip, "install", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)], check=True)
     elsewhere = tmp_path / "elsewhere"
