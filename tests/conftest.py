@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -94,6 +96,42 @@ def run_cli(
 @pytest.fixture
 def cli() -> Callable[..., subprocess.CompletedProcess]:
     return run_cli
+
+
+def start(*args: str, cwd: Path, command: tuple[str, ...] = ("ddpm-train",)) -> subprocess.Popen:
+    """ddpm-train (or ``command``, e.g. torchrun ... ddpm-train) running in the background."""
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    return subprocess.Popen(
+        [str(BIN / command[0]), *command[1:], *args],
+        cwd=cwd,
+        env={**env, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def logged_steps(run: Path) -> list[int]:
+    """The steps of a run's metrics.jsonl rows, as far as they are written."""
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    steps = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):  # a line being written
+            steps.append(json.loads(line)["step"])
+    return steps
+
+
+def wait_for_step(proc: subprocess.Popen, run: Path, step: int, timeout: float = 300) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        steps = logged_steps(run)
+        if steps and steps[-1] >= step:
+            return steps[-1]
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.005)
+    raise AssertionError(f"step {step} not reached in {timeout} s")
 
 
 @pytest.fixture

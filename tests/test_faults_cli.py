@@ -1,20 +1,17 @@
 """Real faults against the real console script: kill -9, SIGTERM, a second run in the same folder, a
-sweep run twice, a diverging run."""
+sweep run twice."""
 
-import contextlib
-import json
 import os
 import random
 import re
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import BIN, TINY
+from conftest import TINY, logged_steps, start, wait_for_step
 
 from ddpm.checkpoint import load_checkpoint
 
@@ -22,40 +19,6 @@ pytestmark = pytest.mark.slow
 
 # ~10 ms a step on a CPU: long enough to be caught anywhere, short enough to finish in seconds.
 LONG = TINY + ["steps=250", "checkpoint_every=25", "sample_every=0", "forward_n=0", "timesteps=20"]
-
-
-def start(*args: str, cwd: Path) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    return subprocess.Popen(
-        [str(BIN / "ddpm-train"), *args],
-        cwd=cwd,
-        env={**env, "PYTHONUNBUFFERED": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def logged_steps(run: Path) -> list[int]:
-    path = run / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    steps = []
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(json.JSONDecodeError):  # a line being written
-            steps.append(json.loads(line)["step"])
-    return steps
-
-
-def wait_for_step(proc: subprocess.Popen, run: Path, step: int, timeout: float = 300) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        steps = logged_steps(run)
-        if steps and steps[-1] >= step:
-            return steps[-1]
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.005)
-    raise AssertionError(f"step {step} not reached in {timeout} s")
 
 
 def run_to_end(*args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -101,6 +101,7 @@ TRAIN_INVALID: dict[str, st.SearchStrategy[str]] = {
     "checkpoint_every": below(0),
     "sample_n": below(1),
     "sample_batch_size": below(1),
+    "dist_timeout": st.one_of(floats_outside(0), st.just("0")),
     "forward_n": below(0),
     "keep_last": below(0),
     "on_nonfinite": not_one_of({"stop", "skip"}),

@@ -9,7 +9,7 @@ from ddpm.checkpoint import load_checkpoint
 from ddpm.errors import ConfigError
 from ddpm.runtime import resolve_device
 from ddpm.training.loop import train
-from ddpm.training.step import accumulate_gradients
+from ddpm.training.step import accumulate_gradients, step_draws, step_seed
 
 
 def test_train_writes_the_run_directory(compose_cfg, tmp_path):
@@ -105,8 +105,8 @@ def test_grad_accum_changes_memory_not_the_gradient(compose_cfg):
     results = []
     for accum in (1, 2, 4):
         model, _, schedule, opts = make_step(compose_cfg, [f"grad_accum={accum}", "batch_size=8"])
-        torch.manual_seed(1)
-        loss = accumulate_gradients(model, schedule, x0, opts)
+        t, noise = step_draws(0, 1, x0.shape, schedule.timesteps, 0.0, x0.device)
+        loss = accumulate_gradients(model, schedule, x0, t, noise, opts)
         results.append((loss, [p.grad.clone() for p in model.parameters()]))
     loss1, grads1 = results[0]
     scale = max(g.abs().max().item() for g in grads1)
@@ -120,9 +120,10 @@ def test_grad_clip_bounds_the_gradient_norm(compose_cfg):
     from ddpm.training.loop import train_step
 
     x0 = torch.rand(4, 1, 8, 8) * 2 - 1
+    t, noise = step_draws(0, 1, x0.shape, 50, 0.0, x0.device)
     for clip, bounded in ((1e-3, True), (0.0, False)):
         model, opt, schedule, opts = make_step(compose_cfg, [f"grad_clip={clip}"])
-        train_step(model, opt, schedule, x0, opts)
+        train_step(model, opt, schedule, x0, t, noise, opts)
         norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
         assert (norm.item() <= 1e-3 * 1.0001) is bounded
 
@@ -130,11 +131,23 @@ def test_grad_clip_bounds_the_gradient_norm(compose_cfg):
 def test_offset_noise_adds_a_shared_shift_per_image_and_channel():
     from ddpm.training.step import sample_noise
 
-    torch.manual_seed(0)
-    x0 = torch.zeros(4000, 2, 4, 4)
-    means = sample_noise(x0, 0.5).mean(dim=(2, 3))
+    g, cpu = torch.Generator().manual_seed(0), torch.device("cpu")
+    means = sample_noise((4000, 2, 4, 4), 0.5, g, cpu).mean(dim=(2, 3))
     assert means.var().item() == pytest.approx(0.25 + 1 / 16, rel=0.08)
-    assert sample_noise(x0, 0.0).mean(dim=(2, 3)).var().item() == pytest.approx(1 / 16, rel=0.08)
+    assert sample_noise((4000, 2, 4, 4), 0.0, g, cpu).mean(dim=(2, 3)).var().item() == pytest.approx(
+        1 / 16, rel=0.08
+    )
+
+
+def test_each_step_draws_its_own_numbers_whatever_came_before():
+    shape = (16, 1, 8, 8)
+    t1, eps1 = step_draws(0, 7, shape, 200, 0.1, torch.device("cpu"))
+    torch.randn(1000)  # other draws in between change nothing
+    t2, eps2 = step_draws(0, 7, shape, 200, 0.1, torch.device("cpu"))
+    assert torch.equal(t1, t2) and torch.equal(eps1, eps2)
+    t3, eps3 = step_draws(0, 8, shape, 200, 0.1, torch.device("cpu"))
+    assert not torch.equal(eps1, eps3) and not torch.equal(step_draws(1, 7, shape, 200, 0, "cpu")[1], eps1)
+    assert step_seed(0, 7) != step_seed(0, 7, 1) and step_seed(0, 7) == step_seed(0, 7)
 
 
 def test_lr_warmup_and_cosine_decay(compose_cfg, tmp_path):

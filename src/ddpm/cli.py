@@ -26,7 +26,7 @@ from ddpm.diffusion.sampling import SamplingOptions, check_sampling, generate
 from ddpm.errors import ConfigError, DdpmError
 from ddpm.evaluation.evaluate import evaluate, summary_lines
 from ddpm.images import save_grid, save_individual
-from ddpm.runtime import Runtime
+from ddpm.runtime import Runtime, launched_ranks
 from ddpm.trained import load_trained
 from ddpm.training.loop import train
 from ddpm.training.plan import override_keys, plan_run
@@ -84,14 +84,28 @@ class RunDirGuard(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         with one_line_errors("ddpm-train"):
             given = "hydra.run.dir" in override_keys(config.hydra.overrides.hydra)
+            rank, _, world = launched_ranks()
+            if world > 1 and not given:
+                # each rank would resolve ${now:...} on its own clock: one run directory per rank
+                raise ConfigError(
+                    f"hydra.run.dir is required under torchrun (WORLD_SIZE={world}): every rank must write "
+                    "into one run directory, e.g. hydra.run.dir=runs/ddp resume=auto"
+                )
             plan = plan_run(config, Path(config.hydra.run.dir), config.hydra.overrides.task, given)
             with read_write(config.hydra):
                 config.hydra.run.dir = str(plan.run_dir)
-                if plan.continues_in_place:
+                if rank != 0:
+                    config.hydra.output_subdir = None  # the main rank keeps Hydra's record
+                elif plan.continues_in_place:
                     config.hydra.output_subdir = f".hydra/resumed_{time.strftime('%Y-%m-%d_%H-%M-%S')}"
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         with one_line_errors("ddpm-train"):
+            if launched_ranks()[2] > 1:
+                raise ConfigError(
+                    "-m is refused under torchrun: every rank would run the whole sweep; run each job "
+                    "with torchrun, or sweep with a launcher (hydra/launcher=...)"
+                )
             resume = config.get("resume")
             if resume not in (None, "auto"):
                 raise ConfigError(
@@ -184,6 +198,9 @@ def one_line_errors(prog: str) -> Iterator[None]:
     Used around Hydra's composition and inside each job: a SystemExit passes through Hydra untouched,
     where an exception would be reported again with the job's overrides."""
     wants_trace = user_wants_trace()
+    rank, _, world = launched_ranks()
+    if world > 1:  # torchrun's own report of a failed rank follows; this line says which and why first
+        prog = f"{prog} (rank {rank} of {world})"
     try:
         yield
     except (DdpmError, HydraException, OmegaConfBaseException) as e:

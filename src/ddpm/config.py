@@ -64,6 +64,7 @@ class TrainConfig(SamplingKeys):
     grad_clip: float = MISSING
     seed: int = MISSING
     device: str = MISSING
+    dist_timeout: float = MISSING
     log_every: int = MISSING
     sample_every: int = MISSING
     checkpoint_every: int = MISSING

@@ -19,11 +19,14 @@ def format_duration(seconds: float) -> str:
 class ProgressReporter:
     """Shows step/total, loss, img/s and the time left; ``say`` prints a line above the bar."""
 
-    def __init__(self, total: int, start: int = 0, console: Console | None = None) -> None:
-        self.console = console or Console(file=sys.stdout, highlight=False)
+    def __init__(
+        self, total: int, start: int = 0, console: Console | None = None, quiet: bool = False
+    ) -> None:
+        # quiet (the ranks other than the main one): nothing at all
+        self.console = console or Console(file=sys.stdout, highlight=False, quiet=quiet)
         self.total = total
         self.bar: Progress | None = None
-        if self.console.is_terminal:
+        if self.console.is_terminal and not quiet:
             self.bar = Progress(
                 TextColumn("step {task.completed}/{task.total}"),
                 BarColumn(),

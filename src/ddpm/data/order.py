@@ -44,15 +44,23 @@ class DataOrder:
             epoch, batch = epoch + 1, 0
 
 
-class BatchSampler(Sampler[list[int]]):
-    """The image indices of each step from ``start`` on, as a DataLoader ``batch_sampler``."""
+def shard(batch: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """Rank ``rank``'s contiguous slice of a step's global batch (of indices, flips or images)."""
+    per_rank = batch.shape[0] // world_size
+    return batch[rank * per_rank : (rank + 1) * per_rank]
 
-    def __init__(self, order: DataOrder, start: int) -> None:
-        self.order, self.start = order, start
+
+class BatchSampler(Sampler[list[int]]):
+    """The image indices of each step from ``start`` on, as a DataLoader ``batch_sampler``: rank ``rank``
+    of ``world_size`` loads its contiguous slice of every global batch, so the images of a step do not
+    depend on the number of ranks."""
+
+    def __init__(self, order: DataOrder, start: int, rank: int = 0, world_size: int = 1) -> None:
+        self.order, self.start, self.rank, self.world_size = order, start, rank, world_size
 
     def __iter__(self) -> Iterator[list[int]]:
         for index, _ in self.order.steps(self.start):
-            yield index.tolist()
+            yield shard(index, self.rank, self.world_size).tolist()
 
 
 def apply_flips(x: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:

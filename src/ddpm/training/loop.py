@@ -4,6 +4,7 @@ the first file is written) + one flat loop whose phases are labelled, writing th
 from __future__ import annotations
 
 import functools
+import signal
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -14,23 +15,24 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from ddpm.checkpoint import run_dir_of
 from ddpm.data import build_dataset
-from ddpm.data.order import BatchSampler, DataOrder, apply_flips
+from ddpm.data.order import BatchSampler, DataOrder, apply_flips, shard
 from ddpm.diffusion.sampling import SamplingOptions, generate
 from ddpm.diffusion.schedules import Schedule, build_schedule
 from ddpm.errors import ConfigError
 from ddpm.images import forward_figure
 from ddpm.models import build_model
 from ddpm.progress import ProgressReporter, format_duration
-from ddpm.runtime import Runtime, seed_everything
+from ddpm.runtime import Runtime, is_peer_failure, seed_everything
 from ddpm.trained import TrainedModel
 from ddpm.training.ema import EMA
 from ddpm.training.plan import RunPlan, plain_config, plan_run
 from ddpm.training.state import restore, training_state
-from ddpm.training.step import StepOptions, lr_factor, train_step
+from ddpm.training.step import StepOptions, lr_factor, step_draws, step_seed, train_step
 from ddpm.training.stopping import (
     NonFiniteWatch,
     StopRequests,
@@ -59,6 +61,7 @@ class Run:
     ema: EMA | None
     optimizer: torch.optim.Optimizer
     lr_schedule: torch.optim.lr_scheduler.LambdaLR
+    net: nn.Module  # what the step runs: the model, or its DistributedDataParallel wrapper on several ranks
     start: int = 0
     elapsed_before: float = 0.0  # training time of the steps taken before a resume
 
@@ -95,14 +98,27 @@ def check_data_fits(cfg: DictConfig, dataset: Dataset, saved: dict[str, Any] | N
         )
 
 
+def check_ranks_fit(cfg: DictConfig, runtime: Runtime) -> None:
+    per_step = runtime.world_size * cfg.grad_accum
+    if runtime.distributed and cfg.batch_size % per_step:
+        raise ConfigError(
+            f"batch_size={cfg.batch_size} is invalid for {runtime.world_size} ranks and "
+            f"grad_accum={cfg.grad_accum}: each rank takes batch_size / {runtime.world_size} images a step "
+            f"in grad_accum micro-batches, so batch_size must be a multiple of {per_step}"
+        )
+
+
 def setup(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> Run:
-    """Plan, check and build the run; nothing is written yet."""
+    """Plan, check and build the run; nothing is written yet. Under torchrun, every rank builds the same
+    objects from the same checkpoint (read to the CPU) and joins the others before anything is written."""
     plan = plan_run(cfg, run_dir, overrides)
     cfg = plan.config
     validate_train(cfg)
-    runtime = Runtime.from_config(cfg)
+    runtime = Runtime.for_training(cfg)
+    check_ranks_fit(cfg, runtime)
     dataset = build_dataset(cfg.data)
     check_data_fits(cfg, dataset, plan.saved)
+    runtime.start(cfg.dist_timeout)
 
     seed_everything(cfg.seed)
     schedule = build_schedule(cfg.schedule, cfg.timesteps).to(runtime.device)
@@ -112,18 +128,37 @@ def setup(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> Run:
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     ema = EMA(model, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.decay > 0 else None
     order = DataOrder(len(dataset), cfg.batch_size, cfg.seed, cfg.data.hflip)
-    run = Run(cfg, plan, runtime, dataset, order, schedule, model, ema, optimizer, lr_schedule)
+    start, elapsed_before = 0, 0.0
     if plan.saved is not None:
         ema_model = ema.model if ema is not None else None
-        run.start, run.elapsed_before = restore(plan.saved, model, ema_model, optimizer, lr_schedule)
-    return run
+        start, elapsed_before = restore(plan.saved, model, ema_model, optimizer, lr_schedule)
+    # wrapped after the EMA copy and the restore: the EMA averages the plain module's weights
+    net = model
+    if runtime.distributed:
+        device_ids = [runtime.device] if runtime.device.type == "cuda" else None
+        net = DistributedDataParallel(model, device_ids=device_ids)
+    return Run(
+        cfg,
+        plan,
+        runtime,
+        dataset,
+        order,
+        schedule,
+        model,
+        ema,
+        optimizer,
+        lr_schedule,
+        net,
+        start,
+        elapsed_before,
+    )
 
 
 def batches(run: Run) -> Iterator[torch.Tensor]:
     """The batches of steps ``start``, ``start + 1``, ... (0-based) on the device, in the data order."""
     loader = DataLoader(
         run.dataset,
-        batch_sampler=BatchSampler(run.order, run.start),
+        batch_sampler=BatchSampler(run.order, run.start, run.runtime.rank, run.runtime.world_size),
         num_workers=run.cfg.data.num_workers,
         pin_memory=run.runtime.device.type == "cuda",
         worker_init_fn=ignore_stop_signals,
@@ -131,8 +166,9 @@ def batches(run: Run) -> Iterator[torch.Tensor]:
         # the resumed run restores before that happens and the uninterrupted one after
         generator=torch.Generator().manual_seed(run.cfg.seed),
     )
+    rank, world = run.runtime.rank, run.runtime.world_size
     for x0, (_, flips) in zip(loader, run.order.steps(run.start), strict=False):
-        yield apply_flips(x0.to(run.runtime.device, non_blocking=True), flips)
+        yield apply_flips(x0.to(run.runtime.device, non_blocking=True), shard(flips, rank, world))
 
 
 class Interval:
@@ -162,8 +198,10 @@ class Interval:
         finally:
             self.away += time.perf_counter() - start
 
-    def mean_loss(self) -> float:
-        return (self.loss_sum / self.finite_steps.clamp(min=1)).item()  # the loop's host sync
+    def mean_loss(self, runtime: Runtime) -> float:
+        """Over the interval's finite steps and over the ranks (a collective: every rank calls it)."""
+        loss_sum, finite_steps = runtime.sum(torch.stack([self.loss_sum, self.finite_steps]))
+        return (loss_sum / finite_steps.clamp(min=1)).item()  # the loop's host sync
 
     def images_per_s(self, batch_size: int) -> float:
         return self.steps * batch_size / (time.perf_counter() - self.started - self.away)
@@ -199,8 +237,23 @@ def train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> dict
     command line's (a resumed run checks them against its saved config). Returns a summary; raises
     TrainingStopped when the run ends early."""
     run = setup(cfg, Path(run_dir), overrides)
-    cfg, start = run.cfg, run.start
-    reporter = ProgressReporter(cfg.steps, start=start)
+    try:
+        return train_loop(run)
+    except RuntimeError as e:
+        if not (run.runtime.distributed and is_peer_failure(e)):
+            raise
+        last = run.plan.run_dir / "checkpoints" / "last.pt"
+        raise TrainingStopped(
+            f"the other ranks stopped answering ({str(e).strip().splitlines()[0]}); the newest checkpoint "
+            f"is {last}; continue with: ddpm-train hydra.run.dir={run.plan.run_dir} resume=auto"
+        ) from e
+    finally:
+        run.runtime.stop()
+
+
+def train_loop(run: Run) -> dict[str, Any]:
+    cfg, start, runtime = run.cfg, run.start, run.runtime
+    reporter = ProgressReporter(cfg.steps, start=start, quiet=not runtime.is_main)
     if not announce(run, reporter):
         return {
             "steps": start,
@@ -211,19 +264,33 @@ def train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> dict
     writer = open_writer(run)
     stream = batches(run)
     x0 = next(stream)
-    if run.runtime.is_main and cfg.forward_n > 0 and start == 0:
+    if runtime.is_main and cfg.forward_n > 0 and start == 0:
         writer.forward(forward_figure(run.schedule, x0[: cfg.forward_n], cfg.seed))
 
     opts = StepOptions.from_config(cfg)
-    watch = NonFiniteWatch(opts.skip_nonfinite, cfg.max_nonfinite, run.runtime.device)
+    batch_shape = (cfg.batch_size, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+    watch = NonFiniteWatch(opts.skip_nonfinite, cfg.max_nonfinite, runtime.device)
     advice = functools.partial(writer.nonfinite_advice, opts.skip_nonfinite)  # built only on a fault
-    interval = Interval(run.runtime.device)
+    interval = Interval(runtime.device)
     clock, last_loss = time.perf_counter(), float("nan")
     run.model.train()
     with reporter, StopRequests() as stop, writer:
         for step in range(start + 1, cfg.steps + 1):
+            # Draw the step's t and eps for the whole batch (the same on every rank, each keeps its
+            # slice) and seed dropout per (seed, step, rank): the step is the same computation whatever
+            # the number of ranks, and a resumed run draws what an uninterrupted one would have.
+            t, noise = step_draws(
+                cfg.seed, step, batch_shape, cfg.timesteps, opts.offset_noise, runtime.device
+            )
+            t, noise = (
+                shard(t, runtime.rank, runtime.world_size),
+                shard(noise, runtime.rank, runtime.world_size),
+            )
+            torch.manual_seed(step_seed(cfg.seed, step, runtime.rank))
             # Optimizer step.
-            loss, finite = train_step(run.model, run.optimizer, run.schedule, x0, opts)
+            loss, finite = train_step(
+                run.net, run.optimizer, run.schedule, x0, t, noise, opts, runtime.all_true
+            )
             run.lr_schedule.step()
             # Update EMA.
             if run.ema is not None:
@@ -232,12 +299,13 @@ def train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> dict
             interval.add(loss, finite)
             reporter.advance(step)
 
-            due = Due.at(step, cfg, stop_requested=stop.signum is not None)
+            signum = runtime.agree_on_signal(stop.signum)  # a signal to any rank stops every rank here
+            due = Due.at(step, cfg, stop_requested=signum is not None)
             if due.log or due.checkpoint or due.grid:
-                watch.check(advice)  # before anything reads or saves the weights
+                watch.check(advice, runtime.max)  # before anything reads or saves the weights
             # Log progress.
             if due.log:
-                last_loss = interval.mean_loss()
+                last_loss = interval.mean_loss(runtime)
                 img_per_s = interval.images_per_s(cfg.batch_size)
                 elapsed = time.perf_counter() - clock
                 lr = cfg.lr * lr_factor(step - 1, cfg.lr_warmup, cfg.lr_decay, cfg.steps)  # this step's
@@ -250,14 +318,14 @@ def train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> dict
                 if due.checkpoint:
                     path = save_snapshot(run, writer, step, run.elapsed_before + time.perf_counter() - clock)
                     reporter.say(f"step {step}: checkpoint -> {path}")
-                if due.grid:
+                if due.grid and runtime.is_main:
                     draw_grid(run, writer, reporter, step)
             # Stop on request, after that checkpoint.
             if due.stop:
                 raise TrainingStopped(
-                    f"stopped by {stop.name} at step {step} of {cfg.steps}; checkpoint {writer.last_ckpt}; "
-                    f"continue with: {writer.resume_hint}",
-                    exit_code=128 + stop.signum,
+                    f"stopped by {signal.Signals(signum).name} at step {step} of {cfg.steps}; checkpoint "
+                    f"{writer.last_ckpt}; continue with: {writer.resume_hint}",
+                    exit_code=128 + signum,
                     error=False,
                 )
             if not due.last:
@@ -293,14 +361,20 @@ def announce(run: Run, reporter: ProgressReporter) -> bool:
 
 def open_writer(run: Run) -> RunWriter:
     plan = run.plan
-    writer = RunWriter(plan.run_dir, run.cfg.keep_last, plan.checkpoint if plan.continues_in_place else None)
+    last_ckpt = plan.checkpoint if plan.continues_in_place else None
+    writer = RunWriter(plan.run_dir, run.cfg.keep_last, last_ckpt, active=run.runtime.is_main)
     metrics_source = run_dir_of(plan.checkpoint) / "metrics.jsonl" if plan.fork else None
     writer.open(run.start, plan.checkpoint, metrics_source)
     return writer
 
 
 def save_snapshot(run: Run, writer: RunWriter, step: int, elapsed_s: float) -> Path:
-    """The weights, the EMA and everything exact resume needs, as checkpoints/step_<step>.pt."""
+    """The weights, the EMA and everything exact resume needs, as checkpoints/step_<step>.pt, written by
+    the main rank once every rank is seen to hold the same weights."""
+    held = list(run.model.state_dict().items())
+    if run.ema is not None:
+        held += [(f"EMA {k}", v) for k, v in run.ema.state_dict().items()]
+    run.runtime.check_identical(held)
     state = training_state(
         run.optimizer, run.lr_schedule, len(run.dataset), run.order.position(step), elapsed_s
     )

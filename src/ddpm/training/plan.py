@@ -23,6 +23,7 @@ RESUMABLE = (
     "resume",
     "steps",
     "device",
+    "dist_timeout",
     "log_every",
     "sample_every",
     "checkpoint_every",

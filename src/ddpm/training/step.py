@@ -1,12 +1,16 @@
-"""One optimizer step of Algorithm 1, and the learning rate of each step."""
+"""One optimizer step of Algorithm 1, the random draws of each step, and the learning rate of each step."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -51,29 +55,57 @@ class StepOptions:
         )
 
 
-def sample_noise(x0: torch.Tensor, offset: float) -> torch.Tensor:
+def step_seed(*keys: int) -> int:
+    """A seed that is a pure function of ``keys`` (seed, step[, rank]), well mixed (numpy's SeedSequence),
+    so that neighbouring steps draw unrelated numbers."""
+    words = np.random.SeedSequence([k % 2**63 for k in keys]).generate_state(2, np.uint32)
+    return int(words[0]) << 31 | int(words[1]) >> 1
+
+
+def sample_noise(
+    shape: tuple[int, ...], offset: float, generator: torch.Generator, device: torch.device
+) -> torch.Tensor:
     """eps ~ N(0, I), plus ``offset`` times one N(0, 1) draw per image and channel (offset noise), which
     lets the model change an image's mean brightness."""
-    noise = torch.randn_like(x0)
+    noise = torch.randn(shape, generator=generator, device=device)
     if offset > 0:
-        noise = noise + offset * torch.randn(x0.shape[0], x0.shape[1], 1, 1, device=x0.device, dtype=x0.dtype)
+        noise = noise + offset * torch.randn(*shape[:2], 1, 1, generator=generator, device=device)
     return noise
 
 
+def step_draws(
+    seed: int, step: int, shape: tuple[int, ...], timesteps: int, offset: float, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """t and eps of (1-based) step ``step`` for the whole global batch of ``shape``, from a generator keyed
+    on (seed, step): every rank draws the same numbers and keeps its slice, so a step computes the same
+    whatever the number of ranks, and a resumed run draws what an uninterrupted one would have."""
+    generator = torch.Generator(device=device).manual_seed(step_seed(seed, step))
+    t = torch.randint(0, timesteps, (shape[0],), generator=generator, device=device)
+    return t, sample_noise(shape, offset, generator, device)
+
+
 def accumulate_gradients(
-    model: nn.Module, schedule: Schedule, x0: torch.Tensor, opts: StepOptions
+    model: nn.Module,
+    schedule: Schedule,
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+    opts: StepOptions,
+    no_sync: Callable[[], AbstractContextManager] | None = None,
 ) -> torch.Tensor:
     """The gradient of the batch's mean loss, into the parameters' .grad, in ``grad_accum`` micro-batches;
-    returns the loss. t and eps are drawn for the whole batch first, so grad_accum changes memory use,
-    not the result."""
-    t = torch.randint(0, schedule.timesteps, (x0.shape[0],), device=x0.device)
-    noise = sample_noise(x0, opts.offset_noise)
+    returns the loss. t and eps come for the whole batch, so grad_accum changes memory use, not the
+    result. ``no_sync`` (DistributedDataParallel's) holds the gradients' all-reduce back until the last
+    micro-batch."""
     total = torch.zeros((), device=x0.device)
-    for x, tt, eps in zip(
-        x0.chunk(opts.grad_accum), t.chunk(opts.grad_accum), noise.chunk(opts.grad_accum), strict=True
-    ):
-        loss = p_losses(model, schedule, x, tt, eps, opts.loss, opts.objective, opts.min_snr_gamma)
-        (loss / opts.grad_accum).backward()
+    parts = list(
+        zip(x0.chunk(opts.grad_accum), t.chunk(opts.grad_accum), noise.chunk(opts.grad_accum), strict=True)
+    )
+    for i, (x, tt, eps) in enumerate(parts):
+        last = i + 1 == len(parts)
+        with contextlib.nullcontext() if last or no_sync is None else no_sync():
+            loss = p_losses(model, schedule, x, tt, eps, opts.loss, opts.objective, opts.min_snr_gamma)
+            (loss / opts.grad_accum).backward()
         total += loss.detach() / opts.grad_accum
     return total
 
@@ -83,21 +115,25 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     schedule: Schedule,
     x0: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor,
     opts: StepOptions,
+    agree: Callable[[torch.Tensor], torch.Tensor] = lambda finite: finite,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step over the batch x0. Returns the loss and whether it and the gradient are finite,
-    as device tensors: reading them forces a host synchronisation, so the caller does that only at its
-    logging cadence. With ``skip_nonfinite`` a non-finite step changes nothing, which needs that read
-    here, on every step."""
+    """One optimizer step over the batch x0 with the step's t and eps. Returns the loss and whether it and
+    the gradient are finite, as device tensors: reading them forces a host synchronisation, so the caller
+    does that only at its logging cadence. With ``skip_nonfinite`` a non-finite step changes nothing,
+    which needs that read here, on every step, after ``agree`` has made every rank's flag the same."""
     optimizer.zero_grad(set_to_none=True)
-    loss = accumulate_gradients(model, schedule, x0, opts)
+    no_sync = getattr(model, "no_sync", None)  # DistributedDataParallel's
+    loss = accumulate_gradients(model, schedule, x0, t, noise, opts, no_sync)
     params = [p for p in model.parameters() if p.grad is not None]
     if opts.grad_clip > 0:
         norm = torch.nn.utils.clip_grad_norm_(params, opts.grad_clip)
     else:
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     finite = torch.isfinite(loss) & torch.isfinite(norm)
-    if opts.skip_nonfinite and not bool(finite):
+    if opts.skip_nonfinite and not bool(finite := agree(finite)):
         return loss, finite
     optimizer.step()
     return loss, finite

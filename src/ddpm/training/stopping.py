@@ -99,6 +99,9 @@ class NonFiniteWatch:
                 f"(max_nonfinite={self.max_in_a_row}); {then()}"
             )
 
-    def check(self, then: Callable[[], str]) -> None:
-        if not self.skip and (bad := int(self.first_bad)):
+    def check(
+        self, then: Callable[[], str], agree: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
+    ) -> None:
+        """Stop if a step was non-finite; ``agree`` (every rank calls it) makes every rank's answer one."""
+        if not self.skip and (bad := int(agree(self.first_bad))):
             raise TrainingStopped(f"non-finite loss or gradient at step {bad}; {then()}")

@@ -36,8 +36,13 @@ def on_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 class RunWriter:
-    def __init__(self, run_dir: Path, keep_last: int, last_ckpt: Path | None = None) -> None:
-        self.run_dir, self.keep_last = run_dir, keep_last
+    """Writes only where ``active`` (the main rank); the others keep the same record of what was written,
+    for their messages."""
+
+    def __init__(
+        self, run_dir: Path, keep_last: int, last_ckpt: Path | None = None, active: bool = True
+    ) -> None:
+        self.run_dir, self.keep_last, self.active = run_dir, keep_last, active
         self.ckpt_dir, self.sample_dir = run_dir / "checkpoints", run_dir / "samples"
         self.metrics_path = run_dir / "metrics.jsonl"
         self.last_ckpt = last_ckpt  # the newest whole checkpoint of this run, named in fault messages
@@ -71,6 +76,8 @@ class RunWriter:
         """Make the directory ready for step ``start`` + 1: clear what a killed run left half-written,
         keep the metrics rows up to ``start`` (from ``metrics_source`` when continuing another run's
         checkpoint), and make an earlier checkpoint of this run its newest."""
+        if not self.active:
+            return
         with self.writing(self.run_dir):
             self.run_dir.mkdir(parents=True, exist_ok=True)
             remove_partial_writes(self.run_dir)
@@ -92,17 +99,23 @@ class RunWriter:
             self._metrics = None
 
     def metrics(self, row: dict[str, Any]) -> None:
+        if not self.active:
+            return
         with self.writing(self.metrics_path):
             self._metrics.write(json.dumps(row) + "\n")
             self._metrics.flush()
 
     def forward(self, figure: Image.Image) -> None:
         path = self.run_dir / "forward.png"
+        if not self.active:
+            return
         with self.writing(path):
             save_png(figure, path)
 
     def grid(self, step: int, images: torch.Tensor) -> Path:
         path = self.sample_dir / f"step_{step:06d}.png"
+        if not self.active:
+            return path
         with self.writing(path):
             save_grid(images, path)
         return path
@@ -112,6 +125,9 @@ class RunWriter:
         removed. A failed write stops the run: training on without a safety net would risk more than it
         saves."""
         path = self.ckpt_dir / f"step_{step:06d}.pt"
+        if not self.active:
+            self.last_ckpt = path
+            return path
         try:
             save_checkpoint(path, step=step, model=model, **payload)
             link_checkpoint(path, self.ckpt_dir / "last.pt")

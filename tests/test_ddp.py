@@ -1,0 +1,193 @@
+"""Data-parallel training: two gloo ranks on the CPU, through torchrun and through the step itself."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import yaml
+from conftest import BIN, TINY, assert_refused, compose, logged_steps, run_entry, start, wait_for_step
+
+from ddpm import cli
+from ddpm.checkpoint import load_checkpoint
+from ddpm.data.order import shard
+from ddpm.diffusion.schedules import build_schedule
+from ddpm.models import build_model
+from ddpm.training.step import StepOptions, accumulate_gradients, step_draws
+
+pytestmark = pytest.mark.slow
+
+TORCHRUN = ("torchrun", "--standalone", "--nproc-per-node=2", "--no-python", str(BIN / "ddpm-train"))
+# Dropout, flips, warm-up, EMA: what draws or keeps state across steps (no cosine decay: the run cut
+# short is started with more steps, so that a signal is sure to land in time, and the decay depends on
+# them). 1,797 digits make 112 batches of 16 an epoch, so the data order is not what is tested here.
+DDP = TINY + [
+    "steps=16",
+    "timesteps=20",
+    "model.dropout=0.1",
+    "data.hflip=true",
+    "lr_warmup=2",
+    "checkpoint_every=2",
+    "sample_every=0",
+    "forward_n=0",
+    "dist_timeout=60",
+]
+
+
+# ------------------------------------------------------------------------------- the step, in process
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def one_step(overrides: list[str]) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
+    cfg = compose("train", TINY + overrides)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 1, 8)
+    x0 = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    t, noise = step_draws(cfg.seed, 1, x0.shape, 50, 0.0, torch.device("cpu"))
+    return model, x0, t, noise
+
+
+def rank_gradients(rank: int, world: int, port: int, out: str) -> None:
+    """One rank's share of one step under DistributedDataParallel; rank 0 saves the averaged gradient."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    overrides = ["grad_accum=2"]
+    model, x0, t, noise = one_step(overrides)
+    net = torch.nn.parallel.DistributedDataParallel(model)
+    opts = StepOptions.from_config(compose("train", TINY + overrides))
+    part = [shard(v, rank, world) for v in (x0, t, noise)]
+    accumulate_gradients(net, build_schedule(compose("train").schedule, 50), *part, opts, net.no_sync)
+    if rank == 0:
+        torch.save([p.grad for p in model.parameters()], out)
+    dist.destroy_process_group()
+
+
+def test_two_ranks_average_the_gradient_that_one_process_computes(tmp_path):
+    out = tmp_path / "grads.pt"
+    mp.spawn(rank_gradients, args=(2, free_port(), str(out)), nprocs=2)
+    model, x0, t, noise = one_step([])
+    opts = StepOptions.from_config(compose("train", TINY))
+    accumulate_gradients(model, build_schedule(compose("train").schedule, 50), x0, t, noise, opts)
+    alone = [p.grad for p in model.parameters()]
+    scale = max(g.abs().max().item() for g in alone)
+    # the same sums in another order (per rank, then averaged): equal to float32 rounding of the sums
+    for a, b in zip(torch.load(out), alone, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * scale)
+
+
+# ---------------------------------------------------------------------------- through torchrun
+def workers(launcher: subprocess.Popen) -> dict[int, int]:
+    """{rank: pid} of torchrun's worker processes."""
+    found: dict[int, int] = {}
+    deadline = time.monotonic() + 60
+    while len(found) < 2 and time.monotonic() < deadline:
+        children = subprocess.run(
+            ["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True
+        ).stdout.split()
+        for pid in map(int, children):
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            ranks = [e for e in environ if e.startswith(b"RANK=")]
+            if ranks:
+                found[int(ranks[0][5:])] = pid
+        time.sleep(0.05)
+    return found
+
+
+def run_torchrun(*args: str, cwd: Path, nproc: int = 2) -> subprocess.CompletedProcess:
+    command = (TORCHRUN[0], TORCHRUN[1], f"--nproc-per-node={nproc}", *TORCHRUN[3:])
+    proc = start(*args, cwd=cwd, command=command)
+    out, err = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def same(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_ranks_write_one_run_stop_together_and_resume_exactly(tmp_path):
+    whole = run_torchrun(*DDP, "hydra.run.dir=whole", cwd=tmp_path)
+    assert whole.returncode == 0, whole.stderr
+    assert whole.stdout.count("done: 16 steps") == 1  # only the main rank reports
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["whole"]  # one run directory
+    assert logged_steps(tmp_path / "whole") == list(range(1, 17))  # one row per step
+    hydra = tmp_path / "whole/.hydra"
+    assert sorted(p.name for p in hydra.iterdir()) == ["config.yaml", "hydra.yaml", "overrides.yaml"]
+    assert yaml.safe_load((hydra / "config.yaml").read_text())["model"]["dropout"] == 0.1
+
+    # SIGTERM to rank 1 alone: both ranks stop after the same step, with one checkpoint
+    proc = start(*DDP, "steps=400", "hydra.run.dir=cut", cwd=tmp_path, command=TORCHRUN)
+    wait_for_step(proc, tmp_path / "cut", 3)
+    os.kill(workers(proc)[1], signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    stopped = [line for line in err.splitlines() if "stopped by SIGTERM at step" in line]
+    assert len(stopped) == 2, err  # each rank says so, at the same step
+    step = int(stopped[0].split("at step ")[1].split()[0])
+    assert all(f"at step {step} of 400" in line for line in stopped) and step < 16
+    assert load_checkpoint(tmp_path / "cut/checkpoints/last.pt")["step"] == step
+
+    # resumed on two ranks, it ends where the uninterrupted run ended, bit for bit
+    resumed = run_torchrun("hydra.run.dir=cut", "resume=auto", "steps=16", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = (load_checkpoint(tmp_path / r / "checkpoints/last.pt") for r in ("whole", "cut"))
+    assert a["step"] == b["step"] == 16
+    assert same(a["model"], b["model"]) and same(a["ema"], b["ema"])
+    assert logged_steps(tmp_path / "cut") == list(range(1, 17))
+
+
+def test_a_two_rank_checkpoint_resumes_on_one_process(tmp_path, cli):
+    two = run_torchrun(*DDP, "hydra.run.dir=two", cwd=tmp_path)
+    assert two.returncode == 0, two.stderr
+    ckpt = tmp_path / "two/checkpoints/step_000012.pt"
+    alone = cli("ddpm-train", f"resume={ckpt}", "hydra.run.dir=one", cwd=tmp_path)
+    assert alone.returncode == 0, alone.stderr
+    a, b = (load_checkpoint(tmp_path / r / "checkpoints/last.pt")["model"] for r in ("two", "one"))
+    # The same data, t and eps; only dropout draws per rank, so the weights differ a little.
+    distance = torch.linalg.vector_norm(torch.cat([(a[k] - b[k]).flatten() for k in a]))
+    size = torch.linalg.vector_norm(torch.cat([a[k].flatten() for k in a]))
+    assert 0 < distance / size < 0.05
+
+
+def test_a_rank_that_dies_ends_the_job(tmp_path):
+    proc = start(*DDP, "steps=100000", "hydra.run.dir=run", cwd=tmp_path, command=TORCHRUN)
+    wait_for_step(proc, tmp_path / "run", 2)
+    os.kill(workers(proc)[1], signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)  # no collective waits for ever
+    assert proc.returncode != 0
+    assert "ddpm-train (rank 0 of 2): error: the other ranks stopped answering" in err, err
+
+
+# ----------------------------------------------------------------------------------- refusals
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["steps=1"], "hydra.run.dir is required under torchrun (WORLD_SIZE=2)"),
+        (["-m", "loss=l1,l2", "hydra.run.dir=x"], "-m is refused under torchrun"),
+        (["batch_size=15", "hydra.run.dir=run"], "batch_size=15 is invalid for 2 ranks and grad_accum=1"),
+        (
+            ["batch_size=12", "grad_accum=4", "hydra.run.dir=run"],
+            "batch_size=12 is invalid for 2 ranks and grad_accum=4: each rank takes batch_size / 2 images",
+        ),
+    ],
+)
+def test_what_torchrun_cannot_run_is_refused_before_any_work(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    flags = [a for a in args if a.startswith("-")]  # Hydra's own, before the overrides
+    overrides = [a for a in args if not a.startswith("-")]
+    code, lines, output = run_entry(cli.train_main, [*flags, *TINY, *overrides], capsys)
+    assert_refused("ddpm-train (rank 0 of 2)", code, lines, output, args)
+    assert message in lines[0]
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "run" / "checkpoints").exists()
