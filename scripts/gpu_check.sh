@@ -28,3 +28,8 @@ cd "$REPO"
 for shape in seed28 cifar32; do
   run timeout 120 python3 scripts/bench_train.py --shape $shape --steps 30 --repeats 3 2>&1 | tee -a "$OUT/bench.log"
 done
+# data-parallel on one GPU: what torchrun --nproc-per-node=1 costs against the plain run (same job)
+run timeout 200 python3 scripts/bench_ddp.py --nproc 1 --steps 300 --repeats 2 device=cuda 2>&1 | tee -a "$OUT/ddp.log"
+# and with every GPU the machine has, if more than one
+n=$(nvidia-smi -L | wc -l)
+[ "$n" -gt 1 ] && run timeout 200 python3 scripts/bench_ddp.py --nproc "$n" --steps 300 --repeats 2 device=cuda 2>&1 | tee -a "$OUT/ddp.log"
