@@ -19,6 +19,7 @@ def digits():
     return build_dataset(compose("train").data)
 
 
+@pytest.mark.slow
 def test_classifier_features_rank_real_above_noise(digits, tmp_path):
     images, labels = load_subset(digits, 1797, seed=0)
     extract, accuracy = classifier_extractor(

@@ -21,6 +21,7 @@ def test_train_writes_the_run_directory(compose_cfg, tmp_path):
         "checkpoints/step_000003.pt",
         "checkpoints/step_000004.pt",
         "forward.png",
+        "loss.png",
         "metrics.jsonl",
         "samples/step_000002.png",
         "samples/step_000004.png",
@@ -30,6 +31,23 @@ def test_train_writes_the_run_directory(compose_cfg, tmp_path):
     assert all({"step", "loss", "lr", "img_per_s"} <= set(r) and r["lr"] == 1e-3 for r in rows)
     assert summary["steps"] == 4 and summary["final_loss"] == rows[-1]["loss"]
     assert load_checkpoint(tmp_path / "checkpoints/last.pt")["step"] == 4
+
+
+def test_metrics_report_the_gradient_norm_and_the_loss_by_timestep_quartile(compose_cfg, tmp_path):
+    from PIL import Image
+
+    cfg = compose_cfg(
+        "train", TINY + ["steps=3", "timesteps=20", "batch_size=64", "sample_every=0", "log_every=3"]
+    )
+    train(cfg, tmp_path)
+    (row,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert row["grad_norm"] > 0
+    quartiles = [row[f"loss_q{q}"] for q in range(4)]
+    assert all(q is not None and q > 0 for q in quartiles)  # 192 draws of t: every quarter is hit
+    # the loss weighs every image alike, so it lies between the quartiles' means
+    assert min(quartiles) <= row["loss"] <= max(quartiles)
+    image = Image.open(tmp_path / "loss.png")
+    assert image.format == "PNG" and image.size[0] >= 800
 
 
 def test_zero_cadence_means_only_at_the_end(compose_cfg, tmp_path):
@@ -44,6 +62,7 @@ def test_zero_cadence_means_only_at_the_end(compose_cfg, tmp_path):
     assert [r["step"] for r in rows] == [2, 3]
 
 
+@pytest.mark.slow
 def test_the_loss_goes_down(compose_cfg, tmp_path):
     cfg = compose_cfg(
         "train", TINY + ["steps=60", "sample_every=0", "checkpoint_every=0", "forward_n=0", "log_every=10"]
@@ -106,7 +125,7 @@ def test_grad_accum_changes_memory_not_the_gradient(compose_cfg):
     for accum in (1, 2, 4):
         model, _, schedule, opts = make_step(compose_cfg, [f"grad_accum={accum}", "batch_size=8"])
         t, noise = step_draws(0, 1, x0.shape, schedule.timesteps, 0.0, x0.device)
-        loss = accumulate_gradients(model, schedule, x0, t, noise, opts)
+        loss = accumulate_gradients(model, schedule, x0, t, noise, opts).loss
         results.append((loss, [p.grad.clone() for p in model.parameters()]))
     loss1, grads1 = results[0]
     scale = max(g.abs().max().item() for g in grads1)

@@ -105,6 +105,26 @@ def elementwise_loss(loss: Loss, prediction: torch.Tensor, truth: torch.Tensor) 
     raise ValueError(f"unknown loss {loss!r}")
 
 
+def p_losses_per_image(
+    model: nn.Module,
+    schedule: Schedule,
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+    loss: Loss,
+    objective: Objective = Objective.eps,
+    min_snr_gamma: float = 0.0,
+) -> torch.Tensor:
+    """Algorithm 1's objective for each image: noise x_0 to x_t, ask the model for its target, compare with
+    the truth, mean over the pixels; with ``min_snr_gamma > 0`` weighted by the image's SNR."""
+    x_t = q_sample(schedule, x0, t, noise)
+    per_pixel = elementwise_loss(loss, model(x_t, t), target(objective, schedule, x0, t, noise))
+    per_image = per_pixel.flatten(1).mean(dim=1)
+    if min_snr_gamma > 0:
+        per_image = per_image * snr_weight(objective, schedule, t, min_snr_gamma)
+    return per_image
+
+
 def p_losses(
     model: nn.Module,
     schedule: Schedule,
@@ -115,11 +135,5 @@ def p_losses(
     objective: Objective = Objective.eps,
     min_snr_gamma: float = 0.0,
 ) -> torch.Tensor:
-    """Algorithm 1's objective: noise x_0 to x_t, ask the model for its target, compare with the truth.
-    Each image's loss is the mean over its pixels; with ``min_snr_gamma > 0`` it is weighted by its SNR."""
-    x_t = q_sample(schedule, x0, t, noise)
-    per_pixel = elementwise_loss(loss, model(x_t, t), target(objective, schedule, x0, t, noise))
-    per_image = per_pixel.flatten(1).mean(dim=1)
-    if min_snr_gamma > 0:
-        per_image = per_image * snr_weight(objective, schedule, t, min_snr_gamma)
-    return per_image.mean()
+    """The batch's mean of p_losses_per_image."""
+    return p_losses_per_image(model, schedule, x0, t, noise, loss, objective, min_snr_gamma).mean()

@@ -32,7 +32,15 @@ from ddpm.trained import TrainedModel
 from ddpm.training.ema import EMA
 from ddpm.training.plan import RunPlan, plain_config, plan_run
 from ddpm.training.state import restore, training_state
-from ddpm.training.step import StepOptions, lr_factor, step_draws, step_seed, train_step
+from ddpm.training.step import (
+    QUARTILES,
+    StepOptions,
+    StepResult,
+    lr_factor,
+    step_draws,
+    step_seed,
+    train_step,
+)
 from ddpm.training.stopping import (
     NonFiniteWatch,
     StopRequests,
@@ -172,22 +180,34 @@ def batches(run: Run) -> Iterator[torch.Tensor]:
 
 
 class Interval:
-    """The mean loss of the finite steps and the training throughput since the last log line; the time
+    """What the log line and the metrics row report since the previous one: the mean loss of the finite
+    steps, the mean gradient norm, the loss by timestep quartile, and the training throughput; the time
     spent drawing grids and writing checkpoints is left out of the throughput."""
 
     def __init__(self, device: torch.device) -> None:
-        self.loss_sum = torch.zeros((), device=device)
-        self.finite_steps = torch.zeros((), device=device)
+        # loss, finite steps, gradient norm, then the quartiles' summed losses and image counts
+        self.sums = torch.zeros(3 + 2 * QUARTILES, device=device)
         self.reset()
 
     def reset(self) -> None:
-        self.loss_sum.zero_()
-        self.finite_steps.zero_()
+        self.sums.zero_()
         self.started, self.steps, self.away = time.perf_counter(), 0, 0.0
 
-    def add(self, loss: torch.Tensor, finite: torch.Tensor) -> None:
-        self.loss_sum += torch.where(finite, loss, 0.0)
-        self.finite_steps += finite
+    def add(self, result: StepResult) -> None:
+        finite = result.finite
+        self.sums += torch.cat(
+            [
+                torch.stack(
+                    [
+                        torch.where(finite, result.loss, 0.0),
+                        finite.float(),
+                        torch.where(finite, result.grad_norm, 0.0),
+                    ]
+                ),
+                torch.where(finite, result.quartile_loss, 0.0),
+                torch.where(finite, result.quartile_count, 0.0),
+            ]
+        )
         self.steps += 1
 
     @contextmanager
@@ -198,10 +218,17 @@ class Interval:
         finally:
             self.away += time.perf_counter() - start
 
-    def mean_loss(self, runtime: Runtime) -> float:
+    def means(self, runtime: Runtime) -> dict[str, float]:
         """Over the interval's finite steps and over the ranks (a collective: every rank calls it)."""
-        loss_sum, finite_steps = runtime.sum(torch.stack([self.loss_sum, self.finite_steps]))
-        return (loss_sum / finite_steps.clamp(min=1)).item()  # the loop's host sync
+        sums = runtime.sum(self.sums).tolist()  # the loop's host sync
+        loss, finite, norm = sums[:3]
+        quartiles, counts = sums[3 : 3 + QUARTILES], sums[3 + QUARTILES :]
+        # every rank counts its finite steps, and all hold the norm of the same averaged gradient: the
+        # ratios are means over steps and ranks
+        row = {"loss": loss / max(finite, 1), "grad_norm": norm / max(finite, 1)}
+        for q, (total, n) in enumerate(zip(quartiles, counts, strict=True)):
+            row[f"loss_q{q}"] = total / n if n else None
+        return row
 
     def images_per_s(self, batch_size: int) -> float:
         return self.steps * batch_size / (time.perf_counter() - self.started - self.away)
@@ -288,15 +315,13 @@ def train_loop(run: Run) -> dict[str, Any]:
             )
             torch.manual_seed(step_seed(cfg.seed, step, runtime.rank))
             # Optimizer step.
-            loss, finite = train_step(
-                run.net, run.optimizer, run.schedule, x0, t, noise, opts, runtime.all_true
-            )
+            result = train_step(run.net, run.optimizer, run.schedule, x0, t, noise, opts, runtime.all_true)
             run.lr_schedule.step()
             # Update EMA.
             if run.ema is not None:
                 run.ema.update(step)
-            watch.record(step, finite, advice)
-            interval.add(loss, finite)
+            watch.record(step, result.finite, advice)
+            interval.add(result)
             reporter.advance(step)
 
             signum = runtime.agree_on_signal(stop.signum)  # a signal to any rank stops every rank here
@@ -305,12 +330,14 @@ def train_loop(run: Run) -> dict[str, Any]:
                 watch.check(advice, runtime.max)  # before anything reads or saves the weights
             # Log progress.
             if due.log:
-                last_loss = interval.mean_loss(runtime)
+                means = interval.means(runtime)
+                last_loss = means["loss"]
                 img_per_s = interval.images_per_s(cfg.batch_size)
                 elapsed = time.perf_counter() - clock
                 lr = cfg.lr * lr_factor(step - 1, cfg.lr_warmup, cfg.lr_decay, cfg.steps)  # this step's
                 row = {"step": step, "loss": last_loss, "lr": lr, "img_per_s": img_per_s}
-                writer.metrics({**row, "elapsed_s": run.elapsed_before + elapsed, "skipped": watch.skipped})
+                extra = {"elapsed_s": run.elapsed_before + elapsed, "skipped": watch.skipped}
+                writer.metrics({**row, **extra, **{k: v for k, v in means.items() if k != "loss"}})
                 reporter.log(step, last_loss, img_per_s, (cfg.steps - step) * elapsed / (step - start))
                 interval.reset()
             # Save a checkpoint, then draw the grid: a picture must never cost the weights.
@@ -318,6 +345,7 @@ def train_loop(run: Run) -> dict[str, Any]:
                 if due.checkpoint:
                     path = save_snapshot(run, writer, step, run.elapsed_before + time.perf_counter() - clock)
                     reporter.say(f"step {step}: checkpoint -> {path}")
+                    writer.loss_plot()
                 if due.grid and runtime.is_main:
                     draw_grid(run, writer, reporter, step)
             # Stop on request, after that checkpoint.

@@ -31,7 +31,7 @@ def refuse_existing_run(run_dir: Path) -> None:
 
 def remove_partial_writes(run_dir: Path) -> list[Path]:
     """Temporary files a killed run left mid-write (the files they were to replace are whole)."""
-    partial = [p for d in ("checkpoints", "samples") for p in (run_dir / d).glob(".*.tmp")]
+    partial = [p for d in (".", "checkpoints", "samples") for p in (run_dir / d).glob(".*.tmp")]
     for p in partial:
         p.unlink(missing_ok=True)
     return partial

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ddpm.diffusion.forward import Loss, Objective, p_losses
+from ddpm.diffusion.forward import Loss, Objective, p_losses_per_image
 from ddpm.diffusion.schedules import Schedule
 from ddpm.training.stopping import OnNonFinite
 
@@ -84,6 +84,20 @@ def step_draws(
     return t, sample_noise(shape, offset, generator, device)
 
 
+QUARTILES = 4  # the loss is also reported by timestep quartile, as improved-diffusion's loss_q0..q3
+
+
+@dataclass
+class StepResult:
+    """What a step reports, as device tensors (read back only at the logging cadence)."""
+
+    loss: torch.Tensor  # the batch's mean loss
+    finite: torch.Tensor  # whether the loss and the gradient were finite
+    grad_norm: torch.Tensor  # the gradient's global norm, before clipping
+    quartile_loss: torch.Tensor  # (4,) summed loss of the images whose t fell in each quarter of [0, T)
+    quartile_count: torch.Tensor  # (4,) how many images that was
+
+
 def accumulate_gradients(
     model: nn.Module,
     schedule: Schedule,
@@ -92,22 +106,37 @@ def accumulate_gradients(
     noise: torch.Tensor,
     opts: StepOptions,
     no_sync: Callable[[], AbstractContextManager] | None = None,
-) -> torch.Tensor:
-    """The gradient of the batch's mean loss, into the parameters' .grad, in ``grad_accum`` micro-batches;
-    returns the loss. t and eps come for the whole batch, so grad_accum changes memory use, not the
-    result. ``no_sync`` (DistributedDataParallel's) holds the gradients' all-reduce back until the last
-    micro-batch."""
-    total = torch.zeros((), device=x0.device)
+) -> StepResult:
+    """The gradient of the batch's mean loss, into the parameters' .grad, in ``grad_accum`` micro-batches.
+    t and eps come for the whole batch, so grad_accum changes memory use, not the result. ``no_sync``
+    (DistributedDataParallel's) holds the gradients' all-reduce back until the last micro-batch. The
+    result's grad_norm is left empty for train_step."""
+    device = x0.device
+    total = torch.zeros((), device=device)
+    quartile_loss = torch.zeros(QUARTILES, device=device)
+    quartile_count = torch.zeros(QUARTILES, device=device)
     parts = list(
         zip(x0.chunk(opts.grad_accum), t.chunk(opts.grad_accum), noise.chunk(opts.grad_accum), strict=True)
     )
     for i, (x, tt, eps) in enumerate(parts):
         last = i + 1 == len(parts)
         with contextlib.nullcontext() if last or no_sync is None else no_sync():
-            loss = p_losses(model, schedule, x, tt, eps, opts.loss, opts.objective, opts.min_snr_gamma)
+            per_image = p_losses_per_image(
+                model, schedule, x, tt, eps, opts.loss, opts.objective, opts.min_snr_gamma
+            )
+            loss = per_image.mean()
             (loss / opts.grad_accum).backward()
         total += loss.detach() / opts.grad_accum
-    return total
+        quartile = tt * QUARTILES // schedule.timesteps
+        quartile_loss.index_add_(0, quartile, per_image.detach())
+        quartile_count.index_add_(0, quartile, torch.ones_like(per_image))
+    return StepResult(
+        total,
+        torch.ones((), dtype=torch.bool, device=device),
+        torch.zeros((), device=device),
+        quartile_loss,
+        quartile_count,
+    )
 
 
 def train_step(
@@ -119,21 +148,22 @@ def train_step(
     noise: torch.Tensor,
     opts: StepOptions,
     agree: Callable[[torch.Tensor], torch.Tensor] = lambda finite: finite,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step over the batch x0 with the step's t and eps. Returns the loss and whether it and
-    the gradient are finite, as device tensors: reading them forces a host synchronisation, so the caller
-    does that only at its logging cadence. With ``skip_nonfinite`` a non-finite step changes nothing,
-    which needs that read here, on every step, after ``agree`` has made every rank's flag the same."""
+) -> StepResult:
+    """One optimizer step over the batch x0 with the step's t and eps. Reading the result's tensors forces a
+    host synchronisation, so the caller does that only at its logging cadence. With ``skip_nonfinite`` a
+    non-finite step changes nothing, which needs the finite flag read here, on every step, after
+    ``agree`` has made every rank's flag the same."""
     optimizer.zero_grad(set_to_none=True)
     no_sync = getattr(model, "no_sync", None)  # DistributedDataParallel's
-    loss = accumulate_gradients(model, schedule, x0, t, noise, opts, no_sync)
+    result = accumulate_gradients(model, schedule, x0, t, noise, opts, no_sync)
     params = [p for p in model.parameters() if p.grad is not None]
     if opts.grad_clip > 0:
-        norm = torch.nn.utils.clip_grad_norm_(params, opts.grad_clip)
+        result.grad_norm = torch.nn.utils.clip_grad_norm_(params, opts.grad_clip)
     else:
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    finite = torch.isfinite(loss) & torch.isfinite(norm)
-    if opts.skip_nonfinite and not bool(finite := agree(finite)):
-        return loss, finite
+        result.grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    result.finite = torch.isfinite(result.loss) & torch.isfinite(result.grad_norm)
+    if opts.skip_nonfinite and not bool(finite := agree(result.finite)):
+        result.finite = finite
+        return result
     optimizer.step()
-    return loss, finite
+    return result

@@ -15,6 +15,7 @@ from PIL import Image
 
 from ddpm.checkpoint import link_checkpoint, save_checkpoint
 from ddpm.images import save_grid, save_png
+from ddpm.plots import save_loss_plot
 from ddpm.training.rundir import (
     prune_checkpoints,
     remove_partial_writes,
@@ -118,6 +119,15 @@ class RunWriter:
             return path
         with self.writing(path):
             save_grid(images, path)
+        return path
+
+    def loss_plot(self) -> Path:
+        """loss.png from the metrics so far (refreshed at each checkpoint)."""
+        path = self.run_dir / "loss.png"
+        if self.active:
+            self._metrics.flush()
+            with self.writing(path):
+                save_loss_plot(self.metrics_path, path)
         return path
 
     def checkpoint(self, step: int, model: dict[str, torch.Tensor], **payload: Any) -> Path:

@@ -1,0 +1,62 @@
+"""Figures of a run's metrics: loss.png (raw and smoothed loss, learning rate, loss by timestep quartile)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ddpm.files import write_atomically
+
+SMOOTHING = 0.9  # the smoothed curve is an exponential moving average of the logged rows, as TensorBoard's
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl; a line cut short by a killed run is left out."""
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def smoothed(values: list[float], weight: float = SMOOTHING) -> list[float]:
+    """Exponential moving average with bias correction, so the first points are not pulled to zero."""
+    out, average = [], 0.0
+    for i, v in enumerate(values, start=1):
+        average = weight * average + (1 - weight) * v
+        out.append(average / (1 - weight**i))
+    return out
+
+
+def save_loss_plot(metrics: Path, path: Path, title: str = "") -> None:
+    """loss.png: the loss per logged interval and its smoothed curve (log scale), the learning rate on a
+    second axis, and the loss by timestep quartile when the rows have it."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed, none looked for
+    from matplotlib import pyplot as plt
+
+    rows = [r for r in read_metrics(metrics) if r.get("loss") is not None]
+    fig, (ax, aq) = plt.subplots(1, 2, figsize=(10, 3.6), layout="constrained")
+    steps, losses = [r["step"] for r in rows], [r["loss"] for r in rows]
+    ax.plot(steps, losses, color="tab:blue", alpha=0.35, lw=1, label="loss")
+    ax.plot(steps, smoothed(losses), color="tab:blue", lw=2, label=f"smoothed ({SMOOTHING})")
+    ax.set(xlabel="step", ylabel="loss", yscale="log" if losses and min(losses) > 0 else "linear")
+    lr = ax.twinx()
+    lr.plot(steps, [r.get("lr") for r in rows], color="tab:orange", lw=1, label="lr")
+    lr.set_ylabel("learning rate", color="tab:orange")
+    ax.legend(loc="upper right", fontsize=8)
+    ax.set_title(title or str(metrics.parent), fontsize=9)
+    for q in range(4):
+        points = [(r["step"], r[f"loss_q{q}"]) for r in rows if r.get(f"loss_q{q}") is not None]
+        if points:
+            aq.plot(*zip(*points, strict=True), lw=1, label=f"t in quarter {q + 1} of [0, T)")
+    aq.set(xlabel="step", ylabel="loss by timestep")
+    if aq.lines:
+        aq.set_yscale("log")
+        aq.legend(fontsize=8)
+    write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
