@@ -146,6 +146,10 @@ def test_multirun_sweeps_each_job_into_its_own_folder(tmp_path, cli):
         assert (tmp_path / "sweep" / job / "checkpoints/last.pt").is_file()
         assert (tmp_path / "sweep" / job / "samples/step_000002.png").is_file()
         assert yaml.safe_load((tmp_path / "sweep" / job / ".hydra/config.yaml").read_text())["loss"] == loss
+    # the sweep ends in a summary, one row per job, labelled by what sets it apart
+    rows = (tmp_path / "sweep/summary.csv").read_text().splitlines()
+    assert len(rows) == 4 and {r.split(",")[1] for r in rows[1:]} == {"loss=l1", "loss=l2", "loss=huber"}
+    assert (tmp_path / "sweep/summary.png").is_file() and "sweep summary ->" in result.stdout
 
 
 def test_train_on_a_folder_of_images(tmp_path, cli):

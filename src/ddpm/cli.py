@@ -27,6 +27,7 @@ from ddpm.errors import ConfigError, DdpmError
 from ddpm.evaluation.evaluate import evaluate, summary_lines
 from ddpm.images import save_grid, save_individual
 from ddpm.runtime import Runtime, launched_ranks
+from ddpm.summary import write_summary
 from ddpm.trained import load_trained
 from ddpm.training.loop import train
 from ddpm.training.plan import override_keys, plan_run
@@ -98,6 +99,14 @@ class RunDirGuard(Callback):
                     config.hydra.output_subdir = None  # the main rank keeps Hydra's record
                 elif plan.continues_in_place:
                     config.hydra.output_subdir = f".hydra/resumed_{time.strftime('%Y-%m-%d_%H-%M-%S')}"
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        """The sweep's answer: summary.csv, summary.md and summary.png in the sweep folder."""
+        with one_line_errors("ddpm-train"):
+            sweep = Path(config.hydra.sweep.dir)
+            for note in write_summary(sweep):
+                print(f"ddpm-train: note: {note}")
+            print(f"ddpm-train: sweep summary -> {sweep / 'summary.md'} (and summary.csv, summary.png)")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         with one_line_errors("ddpm-train"):
@@ -256,3 +265,18 @@ def eval_main() -> None:
 
 def export_main() -> None:
     run(_export, "ddpm-export")
+
+
+def summary_main() -> None:
+    """ddpm-summary DIR: summary.csv, summary.md and summary.png for a sweep folder or any folder of runs."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="ddpm-summary", description=summary_main.__doc__)
+    parser.add_argument("folder", type=Path, help="a sweep folder (hydra.sweep.dir), or any folder of runs")
+    folder = parser.parse_args().folder
+    with one_line_errors("ddpm-summary"):
+        if not folder.is_dir():
+            raise ConfigError(f"{folder} is not a folder: give a sweep folder or a folder of runs")
+        for note in write_summary(folder):
+            print(f"ddpm-summary: note: {note}")
+        print(f"ddpm-summary: {folder / 'summary.md'} (and summary.csv, summary.png)")
