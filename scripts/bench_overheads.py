@@ -27,7 +27,7 @@ from ddpm.data.folder import FolderDataset
 from ddpm.diffusion.forward import Loss, Objective, p_losses
 from ddpm.diffusion.schedules import Schedule, linear_betas
 from ddpm.models.unet import UNet
-from ddpm.training.step import StepOptions, train_step
+from ddpm.training.step import StepOptions, step_draws, train_step
 
 T = TypeVar("T")
 
@@ -46,6 +46,10 @@ def watch_cost(steps: int) -> None:
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     opts = StepOptions(Loss.l2, Objective.eps, 0.0, 0.0, grad_accum=1, grad_clip=0.0, skip_nonfinite=False)
     x0 = torch.rand(128, 1, 28, 28) * 2 - 1
+    step_numbers = iter(range(1, 10**9))
+
+    def draws() -> tuple[torch.Tensor, torch.Tensor]:  # the step's t and eps, as ddpm-train draws them
+        return step_draws(0, next(step_numbers), x0.shape, 200, 0.0, x0.device)
 
     def bare() -> None:
         t = torch.randint(0, 200, (128,))
@@ -56,7 +60,7 @@ def watch_cost(steps: int) -> None:
 
     runs: dict[str, Callable[[], object]] = {
         "bare step": bare,
-        "train_step (with the watch)": lambda: train_step(model, opt, schedule, x0, opts),
+        "train_step (with the watch)": lambda: train_step(model, opt, schedule, x0, *draws(), opts),
         "gradient norm alone": lambda: torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]),
     }
     for fn in runs.values():  # warm-up

@@ -25,7 +25,7 @@ from ddpm.diffusion.forward import Loss, Objective
 from ddpm.diffusion.schedules import Schedule, linear_betas
 from ddpm.models.unet import UNet
 from ddpm.runtime import resolve_device
-from ddpm.training.step import StepOptions, train_step
+from ddpm.training.step import StepOptions, step_draws, train_step
 
 
 @dataclass(frozen=True)
@@ -56,8 +56,11 @@ def ddpm_step(shape: Shape, device: torch.device) -> tuple[Step, torch.nn.Module
     # ddpm-train's own step, with its non-finite watch (on_nonfinite=stop: no host sync)
     opts = StepOptions(Loss.l2, Objective.eps, 0.0, 0.0, grad_accum=1, grad_clip=0.0, skip_nonfinite=False)
 
+    steps = iter(range(1, 10**9))
+
     def step(x0: torch.Tensor) -> torch.Tensor:
-        return train_step(model, opt, schedule, x0, opts)[0]
+        t, noise = step_draws(0, next(steps), x0.shape, shape.timesteps, 0.0, x0.device)
+        return train_step(model, opt, schedule, x0, t, noise, opts).loss
 
     return step, model
 

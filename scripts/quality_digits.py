@@ -33,7 +33,7 @@ from ddpm.runtime import seed_everything
 from ddpm.trained import TrainedModel
 from ddpm.training.ema import EMA
 from ddpm.training.plan import plain_config
-from ddpm.training.step import LRDecay, StepOptions, lr_factor, train_step
+from ddpm.training.step import LRDecay, StepOptions, lr_factor, step_draws, train_step
 
 
 def ours(minutes: float, images: torch.Tensor, n: int, overrides: list[str]) -> tuple[torch.Tensor, dict]:
@@ -52,8 +52,9 @@ def ours(minutes: float, images: torch.Tensor, n: int, overrides: list[str]) -> 
         for group in opt.param_groups:  # warm-up only: the cosine decay needs a step count, not a budget
             group["lr"] = cfg.lr * lr_factor(step, cfg.lr_warmup, LRDecay.none, 1)
         batch = images[torch.randint(0, images.shape[0], (cfg.batch_size,), generator=g)]
-        train_step(model, opt, schedule, batch, opts)
         step += 1
+        t, noise = step_draws(cfg.seed, step, batch.shape, cfg.timesteps, opts.offset_noise, batch.device)
+        train_step(model, opt, schedule, batch, t, noise, opts)
         if ema is not None:
             ema.update(step)
     train_s = time.perf_counter() - start
