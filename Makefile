@@ -24,10 +24,10 @@ sample: $(STAMP)
 	$(BIN)/ddpm-sample ckpt=$(CKPT) $(ARGS)
 
 test: $(STAMP)
-	$(BIN)/pytest -n auto
+	$(BIN)/pytest -n auto --dist loadgroup
 
 test-fast: $(STAMP)
-	$(BIN)/pytest -n auto -m "not slow"
+	$(BIN)/pytest -n auto --dist loadgroup -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests scripts

@@ -12,7 +12,8 @@ import yaml
 from conftest import TINY
 from PIL import Image
 
-pytestmark = pytest.mark.slow
+# one worker runs them all, so the module's trained run is made once
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("cli")]
 
 QUICK = TINY + ["sample_every=0", "checkpoint_every=0"]
 
@@ -52,6 +53,7 @@ def test_train_writes_checkpoints_grids_forward_and_metrics(trained):
         "checkpoints/step_000002.pt",
         "checkpoints/step_000003.pt",
         "forward.png",
+        "loss.png",
         "metrics.jsonl",
         "samples/step_000002.png",
         "samples/step_000003.png",

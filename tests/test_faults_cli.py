@@ -18,7 +18,7 @@ from ddpm.checkpoint import load_checkpoint
 pytestmark = pytest.mark.slow
 
 # ~10 ms a step on a CPU: long enough to be caught anywhere, short enough to finish in seconds.
-LONG = TINY + ["steps=250", "checkpoint_every=25", "sample_every=0", "forward_n=0", "timesteps=20"]
+LONG = TINY + ["steps=250", "checkpoint_every=50", "sample_every=0", "forward_n=0", "timesteps=20"]
 
 
 def run_to_end(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -33,7 +33,7 @@ def test_kill_9_at_a_random_moment_loses_at_most_checkpoint_every_steps(tmp_path
     assert "done: 250 steps" in whole.stdout
 
     # A seeded draw, so a failure repeats; the moment the kill lands within that step still varies.
-    target = random.Random(4).randrange(30, 220)
+    target = random.Random(4).randrange(60, 220)
     proc = start(*LONG, "hydra.run.dir=cut", cwd=tmp_path)
     seen = wait_for_step(proc, tmp_path / "cut", target)
     os.kill(proc.pid, signal.SIGKILL)
@@ -44,7 +44,7 @@ def test_kill_9_at_a_random_moment_loses_at_most_checkpoint_every_steps(tmp_path
     found = re.search(r"resuming from .*last.pt at step (\d+) of 250", resumed.stdout)
     assert found, (target, seen, resumed.stdout)
     restart = int(found.group(1))
-    assert 0 <= last_logged - restart <= 25, (target, last_logged, restart)
+    assert 0 <= last_logged - restart <= 50, (target, last_logged, restart)
     assert logged_steps(tmp_path / "cut") == list(range(1, 251))
     assert not list((tmp_path / "cut/checkpoints").glob(".*.tmp"))
     a, b = (load_checkpoint(tmp_path / r / "checkpoints/last.pt") for r in ("whole", "cut"))

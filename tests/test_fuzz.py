@@ -19,7 +19,7 @@ from ddpm import cli
 from ddpm.diffusion.sampling import SAMPLERS
 from ddpm.training.plan import flatten
 
-FUZZ = settings(max_examples=100, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+FUZZ = settings(max_examples=50, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 
 words = st.text(alphabet="abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=12)
 # text that no typed key accepts: not a number, bool or null in any spelling

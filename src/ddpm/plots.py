@@ -40,7 +40,7 @@ def save_loss_plot(metrics: Path, path: Path, title: str = "") -> None:
     from matplotlib import pyplot as plt
 
     rows = [r for r in read_metrics(metrics) if r.get("loss") is not None]
-    fig, (ax, aq) = plt.subplots(1, 2, figsize=(10, 3.6), layout="constrained")
+    fig, (ax, aq) = plt.subplots(1, 2, figsize=(10, 3.6), layout="constrained", dpi=80)
     steps, losses = [r["step"] for r in rows], [r["loss"] for r in rows]
     ax.plot(steps, losses, color="tab:blue", alpha=0.35, lw=1, label="loss")
     ax.plot(steps, smoothed(losses), color="tab:blue", lw=2, label=f"smoothed ({SMOOTHING})")
@@ -58,5 +58,5 @@ def save_loss_plot(metrics: Path, path: Path, title: str = "") -> None:
     if aq.lines:
         aq.set_yscale("log")
         aq.legend(fontsize=8)
-    write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    write_atomically(path, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
