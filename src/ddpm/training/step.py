@@ -88,14 +88,20 @@ QUARTILES = 4  # the loss is also reported by timestep quartile, as improved-dif
 
 
 @dataclass
-class StepResult:
-    """What a step reports, as device tensors (read back only at the logging cadence)."""
+class BatchLoss:
+    """A batch's loss, as device tensors (read back only at the logging cadence)."""
 
     loss: torch.Tensor  # the batch's mean loss
-    finite: torch.Tensor  # whether the loss and the gradient were finite
-    grad_norm: torch.Tensor  # the gradient's global norm, before clipping
     quartile_loss: torch.Tensor  # (4,) summed loss of the images whose t fell in each quarter of [0, T)
     quartile_count: torch.Tensor  # (4,) how many images that was
+
+
+@dataclass
+class StepResult(BatchLoss):
+    """What a step reports: its loss, and what became of the gradient."""
+
+    finite: torch.Tensor  # whether the loss and the gradient were finite
+    grad_norm: torch.Tensor  # the gradient's global norm, before clipping
 
 
 def accumulate_gradients(
@@ -106,11 +112,10 @@ def accumulate_gradients(
     noise: torch.Tensor,
     opts: StepOptions,
     no_sync: Callable[[], AbstractContextManager] | None = None,
-) -> StepResult:
+) -> BatchLoss:
     """The gradient of the batch's mean loss, into the parameters' .grad, in ``grad_accum`` micro-batches.
     t and eps come for the whole batch, so grad_accum changes memory use, not the result. ``no_sync``
-    (DistributedDataParallel's) holds the gradients' all-reduce back until the last micro-batch. The
-    result's grad_norm is left empty for train_step."""
+    (DistributedDataParallel's) holds the gradients' all-reduce back until the last micro-batch."""
     device = x0.device
     total = torch.zeros((), device=device)
     quartile_loss = torch.zeros(QUARTILES, device=device)
@@ -130,13 +135,7 @@ def accumulate_gradients(
         quartile = tt * QUARTILES // schedule.timesteps
         quartile_loss.index_add_(0, quartile, per_image.detach())
         quartile_count.index_add_(0, quartile, torch.ones_like(per_image))
-    return StepResult(
-        total,
-        torch.ones((), dtype=torch.bool, device=device),
-        torch.zeros((), device=device),
-        quartile_loss,
-        quartile_count,
-    )
+    return BatchLoss(total, quartile_loss, quartile_count)
 
 
 def train_step(
@@ -155,15 +154,16 @@ def train_step(
     ``agree`` has made every rank's flag the same."""
     optimizer.zero_grad(set_to_none=True)
     no_sync = getattr(model, "no_sync", None)  # DistributedDataParallel's
-    result = accumulate_gradients(model, schedule, x0, t, noise, opts, no_sync)
+    batch = accumulate_gradients(model, schedule, x0, t, noise, opts, no_sync)
     params = [p for p in model.parameters() if p.grad is not None]
     if opts.grad_clip > 0:
-        result.grad_norm = torch.nn.utils.clip_grad_norm_(params, opts.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(params, opts.grad_clip)
     else:
-        result.grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    result.finite = torch.isfinite(result.loss) & torch.isfinite(result.grad_norm)
-    if opts.skip_nonfinite and not bool(finite := agree(result.finite)):
-        result.finite = finite
-        return result
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    finite = torch.isfinite(batch.loss) & torch.isfinite(norm)
+    if opts.skip_nonfinite:
+        finite = agree(finite)
+        if not bool(finite):
+            return StepResult(batch.loss, batch.quartile_loss, batch.quartile_count, finite, norm)
     optimizer.step()
-    return result
+    return StepResult(batch.loss, batch.quartile_loss, batch.quartile_count, finite, norm)
