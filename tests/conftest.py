@@ -57,6 +57,20 @@ def compose_cfg() -> Callable[..., DictConfig]:
     return compose
 
 
+def cheap_eval(cache: Path) -> list[str]:
+    """ddpm-train's eval.* with just enough for a full-rank FID in the classifier's 128 features, scored in
+    a second or two; the classifier is cached in ``cache``, not in the user's home."""
+    return [
+        "eval.n=130",
+        "eval.sample_steps=5",
+        "eval.n_real=200",
+        "eval.kid_subsets=5",
+        "eval.kid_subset_size=100",
+        "eval.classifier_steps=30",
+        f"eval.classifier_cache={cache}",
+    ]
+
+
 # The pinned run and samples of test_pinned.py (recorded by fixtures/record_pins.py).
 FIXTURES = Path(__file__).parent / "fixtures"
 PIN_RUN = TINY + ["steps=4", "timesteps=20", "sample_every=0", "checkpoint_every=0", "forward_n=0"]

@@ -1,6 +1,7 @@
 """The console scripts as a user runs them: in subprocesses, and, where only the command's own work is at
 stake, through the same entry points in this process."""
 
+import csv
 import json
 import subprocess
 import sys
@@ -9,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import TINY
+from conftest import TINY, cheap_eval
 from PIL import Image
 
 # one worker runs them all, so the module's trained run is made once
@@ -137,10 +138,13 @@ def test_sample_default_output_is_beside_the_run(trained, in_process):
 
 
 def test_multirun_sweeps_each_job_into_its_own_folder(tmp_path, cli):
-    result = cli(
-        "ddpm-train", "-m", "loss=l1,l2,huber", "steps=2", *QUICK, "hydra.sweep.dir=sweep", cwd=tmp_path
-    )
+    sweep = ["-m", "loss=l1,l2,huber", "steps=2", *QUICK, *cheap_eval(tmp_path / "cache")]
+    result = cli("ddpm-train", *sweep, "hydra.sweep.dir=sweep", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+    # the classifier the jobs score with is trained once, before the launcher starts them
+    assert result.stdout.count("eval classifier ready: ") == 1
+    assert result.stdout.index("eval classifier ready: ") < result.stdout.index("Launching 3 jobs")
+    assert len(list((tmp_path / "cache").glob("ddpm_classifier_*.pt"))) == 1
     jobs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir())
     assert len(jobs) == 3
     for i, (job, loss) in enumerate(zip(jobs, ["l1", "l2", "huber"], strict=True)):
@@ -149,8 +153,11 @@ def test_multirun_sweeps_each_job_into_its_own_folder(tmp_path, cli):
         assert (tmp_path / "sweep" / job / "samples/step_000002.png").is_file()
         assert yaml.safe_load((tmp_path / "sweep" / job / ".hydra/config.yaml").read_text())["loss"] == loss
     # the sweep ends in a summary, one row per job, labelled by what sets it apart
-    rows = (tmp_path / "sweep/summary.csv").read_text().splitlines()
-    assert len(rows) == 4 and {r.split(",")[1] for r in rows[1:]} == {"loss=l1", "loss=l2", "loss=huber"}
+    rows = list(csv.DictReader((tmp_path / "sweep/summary.csv").open()))
+    assert {r["overrides"] for r in rows} == {"loss=l1", "loss=l2", "loss=huber"}
+    # each job scored itself at its end (eval_at_end is on in multirun jobs): best FID first
+    fids = [float(r["fid"]) for r in rows]
+    assert fids == sorted(fids) and all(float(r["final_loss"]) > 0 for r in rows)
     assert (tmp_path / "sweep/summary.png").is_file() and "sweep summary ->" in result.stdout
 
 

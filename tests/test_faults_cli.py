@@ -103,7 +103,15 @@ def test_resume_from_a_path_continues_in_that_run(tmp_path, cli):
 
 
 def test_a_sweep_run_twice_is_refused_and_resumes_with_auto(tmp_path, cli):
-    sweep = ["-m", "loss=l1,l2", *TINY, "steps=2", "sample_every=0", "hydra.sweep.dir=sweep"]
+    sweep = [
+        "-m",
+        "loss=l1,l2",
+        *TINY,
+        "steps=2",
+        "sample_every=0",
+        "eval_at_end=false",
+        "hydra.sweep.dir=sweep",
+    ]
     assert cli("ddpm-train", *sweep, cwd=tmp_path).returncode == 0
     again = cli("ddpm-train", *sweep, cwd=tmp_path)
     assert again.returncode == 2 and "hydra.sweep.dir=sweep already holds runs" in again.stderr

@@ -107,6 +107,27 @@ TRAIN_INVALID: dict[str, st.SearchStrategy[str]] = {
     "on_nonfinite": not_one_of({"stop", "skip"}),
     "max_nonfinite": below(1),
     "resume": words.map(lambda w: f"no_such_dir/{w}.pt"),
+    "eval_at_end": not_a_value,
+    "eval_every": below(0),
+    "eval.n": below(2),
+    "eval.seed": not_a_value,
+    "eval.sampler": not_one_of(set(SAMPLERS)),
+    "eval.sample_steps": st.one_of(below(1), not_a_value),  # at most T: larger is not an error
+    "eval.timestep_spacing": not_one_of({"linspace", "leading", "trailing"}),
+    "eval.eta": floats_outside(0),
+    "eval.ddpm_variance": not_one_of({"small", "large"}),
+    "eval.clip_x0": not_a_value,
+    "eval.n_real": below(2),
+    "eval.features": st.one_of(
+        not_one_of({"classifier", "inception"}).map(lambda w: f"[{w}]"), st.just("[]"), not_a_value
+    ),
+    "eval.inception_weights": words.map(lambda w: f"no_such_dir/{w}.pth"),
+    "eval.classifier_steps": below(1),
+    "eval.classifier_images": below(1),
+    "eval.classifier_cache": st.just("/dev/null"),  # a file, not a folder
+    "eval.kid_subsets": below(2),
+    "eval.kid_subset_size": below(1),
+    "eval.knn_k": below(1),
 }
 
 # Whole overrides that are wrong in shape rather than in value.

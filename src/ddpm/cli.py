@@ -17,6 +17,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, MissingConfigException
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, read_write
 from omegaconf.errors import OmegaConfBaseException
 
@@ -32,6 +33,7 @@ from ddpm.trained import load_trained
 from ddpm.training.loop import train
 from ddpm.training.plan import override_keys, plan_run
 from ddpm.training.rundir import holds_run
+from ddpm.training.scores import job_needs_classifier, prepare_classifier
 from ddpm.training.stopping import TrainingStopped
 from ddpm.validate import validate_sample
 
@@ -52,7 +54,8 @@ def _train(cfg: DictConfig) -> None:
     with one_line_errors("ddpm-train"):
         require(cfg)
         hydra_cfg = HydraConfig.get()
-        train(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
+        multirun = hydra_cfg.mode == RunMode.MULTIRUN
+        train(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task), multirun)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIGS, config_name="sample")
@@ -73,6 +76,36 @@ def _eval(cfg: DictConfig) -> None:
             f"ddpm-eval: {report['n_fake']} images against {report['n_real']} real ones "
             f"-> {report['out']}/eval.json"
         )
+
+
+def sweep_job_configs(config: DictConfig) -> list[DictConfig]:
+    """Each job's composed config, from the sweep's overrides as Hydra's basic sweeper splits them; none
+    where another sweeper's syntax is in use (its jobs then prepare what they need themselves)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+        jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    except HydraException:
+        return []
+    hydra_app = GlobalHydra.instance().hydra
+    assert hydra_app is not None
+    name = config.hydra.job.config_name
+    return [hydra_app.compose_config(name, job, run_mode=RunMode.MULTIRUN) for job in jobs]
+
+
+def prepare_classifiers(jobs: list[DictConfig]) -> list[Path]:
+    """The eval classifiers the jobs will score with, trained and cached once each."""
+    done: dict[str, Path | None] = {}
+    for job in jobs:
+        if not job_needs_classifier(job, multirun=True):
+            continue
+        key = OmegaConf.to_yaml(job.data) + OmegaConf.to_yaml(job.eval)
+        if key not in done:
+            done[key] = prepare_classifier(job)
+    return sorted({p for p in done.values() if p is not None})
 
 
 class RunDirGuard(Callback):
@@ -127,6 +160,9 @@ class RunDirGuard(Callback):
                     f"hydra.sweep.dir={sweep} already holds runs: continue them with resume=auto, "
                     "or choose another hydra.sweep.dir"
                 )
+            # the jobs may run at once (joblib, Slurm): each must find its classifier cached, not train it
+            for cache in prepare_classifiers(sweep_job_configs(config)):
+                print(f"ddpm-train: eval classifier ready: {cache}")
 
 
 @hydra.main(version_base="1.3", config_path=CONFIGS, config_name="export")

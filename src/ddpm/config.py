@@ -39,6 +39,29 @@ class SamplingKeys:
 
 
 @dataclass
+class ScoringKeys:
+    """How generated images are scored against real ones, for ddpm-eval and ddpm-train's eval.*."""
+
+    n_real: int = MISSING
+    features: list[str] = MISSING  # of evaluation.features.FEATURES
+    inception_weights: str | None = MISSING
+    classifier_steps: int = MISSING
+    classifier_images: int = MISSING
+    classifier_cache: str | None = MISSING
+    kid_subsets: int = MISSING
+    kid_subset_size: int = MISSING
+    knn_k: int = MISSING
+
+
+@dataclass
+class RunEvalConfig(SamplingKeys, ScoringKeys):
+    """What a training run scores itself with (eval_at_end, eval_every)."""
+
+    n: int = MISSING
+    seed: int = MISSING
+
+
+@dataclass
 class EMAConfig:
     decay: float = MISSING  # 0: no EMA
     warmup: float = MISSING  # decay_t = min(decay, (1 + t) / (warmup + t)); 0: none
@@ -50,6 +73,7 @@ class TrainConfig(SamplingKeys):
     model: ModelConfig = MISSING
     data: DataConfig = MISSING
     ema: EMAConfig = MISSING
+    eval: RunEvalConfig = MISSING
     loss: Loss = MISSING
     objective: Objective = MISSING
     min_snr_gamma: float = MISSING
@@ -70,6 +94,8 @@ class TrainConfig(SamplingKeys):
     checkpoint_every: int = MISSING
     sample_n: int = MISSING
     sample_batch_size: int = MISSING
+    eval_at_end: bool | None = None  # None: on in multirun jobs
+    eval_every: int = MISSING
     forward_n: int = MISSING
     keep_last: int = MISSING
     on_nonfinite: OnNonFinite = MISSING
@@ -97,20 +123,11 @@ class ExportConfig:
 
 
 @dataclass
-class EvalConfig(SamplingKeys):
+class EvalConfig(SamplingKeys, ScoringKeys):
     ckpt: str | None = MISSING
     samples: str | None = MISSING
     data: DataConfig | None = None
     n: int = MISSING
-    n_real: int = MISSING
-    features: list[str] = MISSING
-    inception_weights: str | None = MISSING
-    classifier_steps: int = MISSING
-    classifier_images: int = MISSING
-    classifier_cache: str | None = MISSING
-    kid_subsets: int = MISSING
-    kid_subset_size: int = MISSING
-    knn_k: int = MISSING
     seed: int = MISSING
     batch_size: int = MISSING
     device: str = MISSING

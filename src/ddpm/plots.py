@@ -33,14 +33,20 @@ def smoothed(values: list[float], weight: float = SMOOTHING) -> list[float]:
 
 def save_loss_plot(metrics: Path, path: Path, title: str = "") -> None:
     """loss.png: the loss per logged interval and its smoothed curve (log scale), the learning rate on a
-    second axis, and the loss by timestep quartile when the rows have it."""
+    second axis, the loss by timestep quartile when the rows have it, and the run's own FID scores
+    (eval_every) when it has any."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed, none looked for
     from matplotlib import pyplot as plt
 
-    rows = [r for r in read_metrics(metrics) if r.get("loss") is not None]
-    fig, (ax, aq) = plt.subplots(1, 2, figsize=(10, 3.6), layout="constrained", dpi=80)
+    every = read_metrics(metrics)
+    rows = [r for r in every if r.get("loss") is not None]
+    scores = {k for r in every for k in r if k.startswith("fid_")}
+    fig, axes = plt.subplots(
+        1, 2 + bool(scores), figsize=(10 + 4 * bool(scores), 3.6), layout="constrained", dpi=80
+    )
+    ax, aq = axes[:2]
     steps, losses = [r["step"] for r in rows], [r["loss"] for r in rows]
     ax.plot(steps, losses, color="tab:blue", alpha=0.35, lw=1, label="loss")
     ax.plot(steps, smoothed(losses), color="tab:blue", lw=2, label=f"smoothed ({SMOOTHING})")
@@ -58,5 +64,11 @@ def save_loss_plot(metrics: Path, path: Path, title: str = "") -> None:
     if aq.lines:
         aq.set_yscale("log")
         aq.legend(fontsize=8)
+    for key in sorted(scores):
+        points = [(r["step"], r[key]) for r in every if r.get(key) is not None]
+        axes[2].plot(*zip(*points, strict=True), marker="o", lw=1, label=key.replace("_", " "))
+    if scores:
+        axes[2].set(xlabel="step", ylabel="FID (lower is better)")
+        axes[2].legend(fontsize=8)
     write_atomically(path, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)

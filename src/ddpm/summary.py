@@ -41,8 +41,12 @@ def find_runs(folder: Path) -> list[Path]:
 
 
 def newest_eval(run: Path) -> dict | None:
-    found = sorted(run.glob("eval/*/eval.json"), key=lambda p: p.stat().st_mtime)
-    return json.loads(found[-1].read_text()) if found else None
+    """The eval.json of the latest step (a run's own eval/step_*, or ddpm-eval's), the newest of a step."""
+    found = []
+    for path in run.glob("eval/*/eval.json"):
+        report = json.loads(path.read_text())
+        found.append((report.get("source", {}).get("step", -1), path.stat().st_mtime, report))
+    return max(found, key=lambda f: f[:2])[2] if found else None
 
 
 def run_row(run: Path, folder: Path) -> RunRow:
@@ -56,7 +60,8 @@ def run_row(run: Path, folder: Path) -> RunRow:
     if score:
         features = score["features"].get("classifier") or next(iter(score["features"].values()))
         fid, kid = features.get("fid"), features.get("kid")
-    last = rows[-1] if rows else {}
+    losses = [r for r in rows if "loss" in r]  # the rows of a run's own scores have none
+    last = losses[-1] if losses else {}
     speeds = [r["img_per_s"] for r in rows if r.get("img_per_s")]
     return RunRow(
         run=str(run.relative_to(folder)) if run != folder else ".",

@@ -55,6 +55,9 @@ def validate_train(cfg: Any) -> None:
     checks.at_least("checkpoint_every", cfg.checkpoint_every, 0)
     checks.at_least("sample_n", cfg.sample_n, 1)
     checks.at_least("sample_batch_size", cfg.sample_batch_size, 1)
+    checks.at_least("eval_every", cfg.eval_every, 0)
+    check_scoring(cfg.eval, "eval.")
+    check_sampling(cfg.eval, None, "eval.")  # eval.sample_steps is at most T
     checks.at_least("forward_n", cfg.forward_n, 0)
     checks.at_least("keep_last", cfg.keep_last, 0)
     checks.at_least("max_nonfinite", cfg.max_nonfinite, 1)
@@ -68,22 +71,35 @@ def validate_sample(cfg: Any) -> None:
     check_device(cfg.device)
 
 
+def check_scoring(cfg: Any, prefix: str = "") -> None:
+    """The keys of scoring/default.yaml and the number of images scored (ddpm-eval's, or ddpm-train's
+    eval.* with prefix "eval.")."""
+    if not cfg.features or any(f not in FEATURES for f in cfg.features):
+        raise ConfigError(
+            f"{prefix}features={list(cfg.features)} is invalid: choose from {', '.join(FEATURES)}"
+        )
+    for key in ("n", "n_real", "kid_subsets"):
+        checks.at_least(prefix + key, cfg[key], 2)
+    for key in ("classifier_steps", "classifier_images", "kid_subset_size", "knn_k"):
+        checks.at_least(prefix + key, cfg[key], 1)
+    weights, cache = cfg.inception_weights, cfg.classifier_cache
+    if weights is not None and not Path(weights).expanduser().is_file():
+        raise ConfigError(
+            f"{prefix}inception_weights={weights} does not exist; it is pytorch-fid's "
+            "pt_inception-2015-12-05-6726825d.pth"
+        )
+    if cache is not None and Path(cache).expanduser().exists() and not Path(cache).expanduser().is_dir():
+        raise ConfigError(
+            f"{prefix}classifier_cache={cache} is a file: it must be a folder (made if missing)"
+        )
+
+
 def validate_eval(cfg: Any) -> None:
     if (cfg.ckpt is None) == (cfg.samples is None):
         raise ConfigError("give exactly one of ckpt=PATH (score its samples) or samples=DIR (score a folder)")
     if cfg.samples is not None and cfg.data is None:
         raise ConfigError(f"samples=DIR needs data=... ({', '.join(DATASETS.names)}) for the real images")
-    if not cfg.features or any(f not in FEATURES for f in cfg.features):
-        raise ConfigError(f"features={list(cfg.features)} is invalid: choose from {', '.join(FEATURES)}")
-    for key in ("n", "n_real", "kid_subsets"):
-        checks.at_least(key, cfg[key], 2)
-    for key in ("classifier_steps", "classifier_images", "kid_subset_size", "knn_k", "batch_size"):
-        checks.at_least(key, cfg[key], 1)
-    weights = cfg.inception_weights
-    if "inception" in cfg.features and weights is not None and not Path(weights).expanduser().is_file():
-        raise ConfigError(
-            f"inception_weights={cfg.inception_weights} does not exist; it is pytorch-fid's "
-            "pt_inception-2015-12-05-6726825d.pth"
-        )
+    check_scoring(cfg)
+    checks.at_least("batch_size", cfg.batch_size, 1)
     check_sampling(cfg, None)
     check_device(cfg.device)

@@ -214,15 +214,17 @@ SAMPLERS: dict[str, Sampler] = {
 }
 
 
-def check_sampling(cfg: Any, timesteps: int | None) -> None:
-    """The sampling keys, against the number of training timesteps T where it is known."""
-    checks.one_of("sampler", cfg.sampler, SAMPLERS)
-    checks.at_least("sample_steps", cfg.sample_steps or 1, 1)
+def check_sampling(cfg: Any, timesteps: int | None, prefix: str = "") -> None:
+    """The sampling keys (named ``prefix`` + key), against the number of training timesteps T where it
+    is known."""
+    checks.one_of(f"{prefix}sampler", cfg.sampler, SAMPLERS)
+    checks.at_least(f"{prefix}sample_steps", cfg.sample_steps or 1, 1)
     if timesteps is not None and cfg.sample_steps is not None and not 1 <= cfg.sample_steps <= timesteps:
         raise ConfigError(
-            f"sample_steps={cfg.sample_steps} is invalid: it must lie in [1, T={timesteps}] (null: all T)"
+            f"{prefix}sample_steps={cfg.sample_steps} is invalid: it must lie in [1, T={timesteps}] "
+            "(null: all T)"
         )
-    checks.at_least("eta", cfg.eta, 0)
+    checks.at_least(f"{prefix}eta", cfg.eta, 0)
 
 
 @torch.no_grad()

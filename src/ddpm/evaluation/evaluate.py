@@ -4,6 +4,8 @@ images in one or more feature spaces, and write ``eval.json``."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -77,14 +79,23 @@ def extractor(
 ) -> tuple[Extractor, dict]:
     if name == "inception":
         return inception_extractor(cfg.inception_weights, device), {}
+    extract, accuracy, cache = classifier_for(cfg, data, dataset)
+    return extract, {"classifier_accuracy": accuracy, "classifier": str(cache)}
+
+
+def classifier_for(cfg: Any, data: DictConfig, dataset: Any) -> tuple[Extractor, float, Path]:
+    """The data set's classifier for this image shape: from its cache file, or trained once and cached."""
     size, c = data.image_size, data.channels
     root = cfg.classifier_cache or data.get("root") or "~/.cache/ddpm"
     cache = (
         Path(root).expanduser() / f"ddpm_classifier_{data.name}_{size}x{size}x{c}_{cfg.classifier_steps}.pt"
     )
+    if cache.is_file():  # the training images are not even read
+        extract, accuracy = classifier_extractor(None, None, cache, cfg.classifier_steps, cfg.seed)
+        return extract, accuracy, cache
     images, labels = load_subset(dataset, cfg.classifier_images, cfg.seed + 1)
     extract, accuracy = classifier_extractor(images, labels, cache, cfg.classifier_steps, cfg.seed)
-    return extract, {"classifier_accuracy": accuracy, "classifier": str(cache)}
+    return extract, accuracy, cache
 
 
 def score(real: torch.Tensor, fake: torch.Tensor, cfg: Any) -> tuple[dict[str, Any], str | None]:
@@ -106,29 +117,65 @@ def score(real: torch.Tensor, fake: torch.Tensor, cfg: Any) -> tuple[dict[str, A
     return result, warning
 
 
+@dataclass
+class Space:
+    """A feature space: its feature function, the real images' features in it, and what to report of it."""
+
+    extract: Extractor
+    real: torch.Tensor
+    about: dict[str, Any]
+
+
+class Scorer:
+    """The real images' features in each feature space, computed once; ``report(fake)`` scores a set of
+    generated images against them. ddpm-eval scores once; a training run at eval_every and at its end."""
+
+    def __init__(
+        self, cfg: Any, data: DictConfig, device: torch.device, features: Sequence[str] | None = None
+    ) -> None:
+        self.cfg, self.data = cfg, data
+        dataset = build_dataset(data)
+        real, _ = load_subset(dataset, cfg.n_real, cfg.seed)
+        self.n_real = real.shape[0]
+        self.spaces: dict[str, Space] = {}
+        for name in features if features is not None else cfg.features:
+            extract, about = extractor(name, cfg, data, dataset, device)
+            self.spaces[name] = Space(extract, extract(real), about)
+
+    def report(self, fake: torch.Tensor, source: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        """eval.json's content for these images, and the warnings of the feature spaces."""
+        report: dict[str, Any] = {
+            "source": source,
+            "data": self.data.name,
+            "n_fake": fake.shape[0],
+            "n_real": self.n_real,
+            "features": {},
+        }
+        warnings = []
+        for name, space in self.spaces.items():
+            result, warning = score(space.real, space.extract(fake), self.cfg)
+            if warning:
+                warnings.append(f"{name}: {warning}")
+            report["features"][name] = {**result, **space.about}
+        return report, warnings
+
+
+def write_report(report: dict[str, Any], fake: torch.Tensor, out: Path) -> None:
+    """<out>/samples.png (the first 64 images) and <out>/eval.json."""
+    save_grid(fake[:64], out / "samples.png")
+    write_atomically(out / "eval.json", lambda f: f.write((json.dumps(report, indent=2) + "\n").encode()))
+
+
 def evaluate(cfg: Any) -> dict[str, Any]:
     """Score as cfg says and write eval.json; every check runs before any work."""
     validate_eval(cfg)
     device = Runtime.from_config(cfg).device
     fake, data, source = generated_images(cfg, device)
-    dataset = build_dataset(data)
-    real, _ = load_subset(dataset, cfg.n_real, cfg.seed)
-    report: dict[str, Any] = {
-        "source": source,
-        "data": data.name,
-        "n_fake": fake.shape[0],
-        "n_real": real.shape[0],
-        "features": {},
-    }
+    report, warnings = Scorer(cfg, data, device).report(fake, source)
+    for warning in warnings:
+        print(f"ddpm-eval: warning: {warning}")
     out = Path(cfg.out) if cfg.out is not None else default_out(cfg)
-    for name in cfg.features:
-        extract, extra = extractor(name, cfg, data, dataset, device)
-        result, warning = score(extract(real), extract(fake), cfg)
-        if warning:
-            print(f"ddpm-eval: warning: {name}: {warning}")
-        report["features"][name] = {**result, **extra}
-    save_grid(fake[:64], out / "samples.png")
-    write_atomically(out / "eval.json", lambda f: f.write((json.dumps(report, indent=2) + "\n").encode()))
+    write_report(report, fake, out)
     report["out"] = str(out)
     return report
 

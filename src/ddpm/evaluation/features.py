@@ -53,15 +53,16 @@ def train_classifier(
     order = torch.randperm(images.shape[0], generator=g)
     n_test = max(1, int(held_out * images.shape[0]))
     test, train = order[:n_test], order[n_test:]
-    torch.manual_seed(seed)
-    net = Classifier(images.shape[1], int(labels.max()) + 1)
-    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
-    for _ in range(steps):
-        batch = train[torch.randint(0, train.shape[0], (128,), generator=g)]
-        loss = F.cross_entropy(net(images[batch]), labels[batch])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    with torch.random.fork_rng(devices=[]):  # a training run that scores itself keeps its own RNG stream
+        torch.manual_seed(seed)
+        net = Classifier(images.shape[1], int(labels.max()) + 1)
+        opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+        for _ in range(steps):
+            batch = train[torch.randint(0, train.shape[0], (128,), generator=g)]
+            loss = F.cross_entropy(net(images[batch]), labels[batch])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
     net.eval()
     with torch.no_grad():
         accuracy = float((net(images[test]).argmax(1) == labels[test]).double().mean())
@@ -69,17 +70,17 @@ def train_classifier(
 
 
 def classifier_extractor(
-    images: torch.Tensor, labels: torch.Tensor | None, cache: Path, steps: int, seed: int
+    images: torch.Tensor | None, labels: torch.Tensor | None, cache: Path, steps: int, seed: int
 ) -> tuple[Extractor, float]:
-    """The classifier of this data set and image shape: read from ``cache``, or trained once and saved
-    there. Returns the feature function and the classifier's held-out accuracy."""
+    """The classifier of this data set and image shape: read from ``cache``, or trained once on
+    ``images`` and saved there. Returns the feature function and the classifier's held-out accuracy."""
     if cache.is_file():
         saved = torch.load(cache, weights_only=True)
         net = Classifier(saved["channels"], saved["classes"])
         net.load_state_dict(saved["state"])
         accuracy = saved["accuracy"]
     else:
-        if labels is None:
+        if images is None or labels is None:
             raise FeatureError(
                 "features=classifier needs a labelled data set (digits, mnist, fashion_mnist, "
                 "cifar10); for a folder of images use features=[inception]"

@@ -31,6 +31,7 @@ from ddpm.trained import TrainedModel
 from ddpm.training.ema import EMA
 from ddpm.training.interval import Due, Interval
 from ddpm.training.plan import RunPlan, plain_config, plan_run
+from ddpm.training.scores import RunScorer, format_scores, score_model
 from ddpm.training.state import restore, training_state
 from ddpm.training.step import (
     StepOptions,
@@ -70,11 +71,12 @@ class Run:
     net: nn.Module  # what the step runs: the model, or its DistributedDataParallel wrapper on several ranks
     start: int = 0
     elapsed_before: float = 0.0  # training time of the steps taken before a resume
+    scorer: RunScorer | None = None  # on the main rank of a run that scores itself
+    eval_note: str | None = None  # how the data set changed the run's scoring, for its header
 
-    @property
-    def sampling_model(self) -> TrainedModel:
-        model = self.ema.model if self.ema is not None else self.model
-        return TrainedModel.from_config(model, self.schedule, plain_config(self.cfg))
+    def sampling_model(self, step: int) -> TrainedModel:
+        model, weights = (self.ema.model, "ema") if self.ema is not None else (self.model, "model")
+        return TrainedModel.from_config(model, self.schedule, plain_config(self.cfg), step, weights)
 
     def describe(self) -> str:
         cfg, d = self.cfg, self.cfg.data
@@ -114,9 +116,10 @@ def check_ranks_fit(cfg: DictConfig, runtime: Runtime) -> None:
         )
 
 
-def setup(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> Run:
+def setup(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = (), multirun: bool = False) -> Run:
     """Plan, check and build the run; nothing is written yet. Under torchrun, every rank builds the same
-    objects from the same checkpoint (read to the CPU) and joins the others before anything is written."""
+    objects from the same checkpoint (read to the CPU) and joins the others before anything is written.
+    ``multirun``: the run is a job of a sweep (eval_at_end=null then scores it)."""
     plan = plan_run(cfg, run_dir, overrides)
     cfg = plan.config
     validate_train(cfg)
@@ -124,6 +127,10 @@ def setup(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> Run:
     check_ranks_fit(cfg, runtime)
     dataset = build_dataset(cfg.data)
     check_data_fits(cfg, dataset, plan.saved)
+    # the main rank alone scores, with no collective inside; built now, so a bad setting fails first
+    scorer, eval_note = (
+        RunScorer.for_run(cfg, dataset, runtime.device, multirun) if runtime.is_main else (None, None)
+    )
     runtime.start(cfg.dist_timeout)
 
     seed_everything(cfg.seed)
@@ -157,6 +164,8 @@ def setup(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> Run:
         net,
         start,
         elapsed_before,
+        scorer,
+        eval_note,
     )
 
 
@@ -177,11 +186,13 @@ def batches(run: Run) -> Iterator[torch.Tensor]:
         yield apply_flips(x0.to(run.runtime.device, non_blocking=True), shard(flips, rank, world))
 
 
-def train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
+def train(
+    cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = (), multirun: bool = False
+) -> dict[str, Any]:
     """Train as the config says, or continue the run that ``cfg.resume`` names. ``overrides`` are the
-    command line's (a resumed run checks them against its saved config). Returns a summary; raises
-    TrainingStopped when the run ends early."""
-    run = setup(cfg, Path(run_dir), overrides)
+    command line's (a resumed run checks them against its saved config); ``multirun``: a job of a sweep.
+    Returns a summary; raises TrainingStopped when the run ends early."""
+    run = setup(cfg, Path(run_dir), overrides, multirun)
     try:
         return train_loop(run)
     except RuntimeError as e:
@@ -217,7 +228,7 @@ def train_loop(run: Run) -> dict[str, Any]:
     watch = NonFiniteWatch(opts.skip_nonfinite, cfg.max_nonfinite, runtime.device)
     advice = functools.partial(writer.nonfinite_advice, opts.skip_nonfinite)  # built only on a fault
     interval = Interval(runtime.device)
-    clock, last_loss = time.perf_counter(), float("nan")
+    clock, last_loss, scores = time.perf_counter(), float("nan"), None
     run.model.train()
     with reporter, StopRequests() as stop, writer:
         for step in range(start + 1, cfg.steps + 1):
@@ -266,6 +277,9 @@ def train_loop(run: Run) -> dict[str, Any]:
                     writer.loss_plot()
                 if due.grid and runtime.is_main:
                     draw_grid(run, writer, reporter, step)
+                # Score the model (eval_every, eval_at_end), once its weights are saved.
+                if run.scorer is not None and run.scorer.due(step, due.last, due.stop):
+                    scores = score_model(run.scorer, run.sampling_model(step), writer, reporter) or scores
             # Stop on request, after that checkpoint.
             if due.stop:
                 raise TrainingStopped(
@@ -276,7 +290,7 @@ def train_loop(run: Run) -> dict[str, Any]:
                 )
             if not due.last:
                 x0 = next(stream)
-    return finish(run, writer, reporter, time.perf_counter() - clock, last_loss, watch.skipped)
+    return finish(run, writer, reporter, time.perf_counter() - clock, last_loss, watch.skipped, scores)
 
 
 def announce(run: Run, reporter: ProgressReporter) -> bool:
@@ -296,6 +310,10 @@ def announce(run: Run, reporter: ProgressReporter) -> bool:
             "steps= trains on"
         )
         return False
+    if run.eval_note:
+        reporter.say(run.eval_note)
+    if run.scorer is not None:
+        reporter.say(run.scorer.describe(plan.run_dir / "eval"))
     signal = run.schedule.sqrt_alphas_cumprod[-1].item()
     if signal > SIGNAL_AT_T_NOTE:
         reporter.say(
@@ -340,7 +358,7 @@ def draw_grid(run: Run, writer: RunWriter, reporter: ProgressReporter, step: int
     cfg = run.cfg
     sampling = SamplingOptions.from_config(cfg)
     try:
-        images = generate(run.sampling_model, sampling, cfg.sample_n, cfg.seed, cfg.sample_batch_size)
+        images = generate(run.sampling_model(step), sampling, cfg.sample_n, cfg.seed, cfg.sample_batch_size)
     except Exception as e:  # noqa: BLE001 (any sampler fault: the weights are saved, the picture can wait)
         reporter.say(
             f"warning: step {step}: the sample grid could not be drawn ({type(e).__name__}: {e}); training "
@@ -351,7 +369,13 @@ def draw_grid(run: Run, writer: RunWriter, reporter: ProgressReporter, step: int
 
 
 def finish(
-    run: Run, writer: RunWriter, reporter: ProgressReporter, elapsed: float, last_loss: float, skipped: int
+    run: Run,
+    writer: RunWriter,
+    reporter: ProgressReporter,
+    elapsed: float,
+    last_loss: float,
+    skipped: int,
+    scores: dict[str, Any] | None,
 ) -> dict[str, Any]:
     """The closing line, and the summary train() returns."""
     cfg, start = run.cfg, run.start
@@ -364,6 +388,7 @@ def finish(
         "resumed_from": str(run.plan.checkpoint) if run.plan.checkpoint else None,
         "checkpoint": str(writer.ckpt_dir / "last.pt"),
         "samples": str(writer.sample_dir / f"step_{cfg.steps:06d}.png"),
+        "scores": scores,
     }
     took = (
         f"steps {start + 1}-{cfg.steps} in {format_duration(elapsed)} "
@@ -372,8 +397,9 @@ def finish(
         else f"{cfg.steps} steps in {format_duration(elapsed)}"
     )
     skips = f", {skipped} non-finite steps skipped" if skipped else ""
+    scored = f" | {format_scores(scores)}" if scores else ""
     reporter.say(
-        f"done: {took}, final loss {last_loss:.4f}{skips} | checkpoint {summary['checkpoint']} | "
+        f"done: {took}, final loss {last_loss:.4f}{skips}{scored} | checkpoint {summary['checkpoint']} | "
         f"samples {summary['samples']} | metrics {writer.metrics_path}"
     )
     if run.runtime.device.type == "cuda":

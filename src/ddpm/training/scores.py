@@ -1,0 +1,171 @@
+"""A run that scores itself: FID / KID of a fixed set of samples against its data, through ddpm-eval's
+``Scorer``, every ``eval_every`` steps and at the end (``eval_at_end``: on by default in multirun jobs, so
+that a sweep ends in an answer). The scores go to ``<run>/eval/step_<N>/eval.json`` and to metrics.jsonl."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import Dataset
+
+from ddpm.data import build_dataset
+from ddpm.diffusion.sampling import SamplingOptions, generate
+from ddpm.evaluation.evaluate import Scorer, classifier_for, real_data_config, write_report
+from ddpm.progress import ProgressReporter
+from ddpm.trained import TrainedModel
+from ddpm.training.stopping import TrainingStopped
+from ddpm.training.writer import RunWriter
+
+
+def labelled(dataset: Dataset) -> bool:
+    return getattr(dataset, "labels", None) is not None
+
+
+def scores_at_end(cfg: DictConfig, multirun: bool) -> bool:
+    """eval_at_end, with null read as "in multirun jobs"."""
+    return multirun if cfg.eval_at_end is None else bool(cfg.eval_at_end)
+
+
+def eval_features(cfg: DictConfig, dataset: Dataset) -> tuple[list[str], str | None]:
+    """The feature spaces this run scores in, and a note when the data set changes them: the classifier
+    needs labels, so a folder of images is scored in Inception features where eval.inception_weights is
+    given (a run must not download at its end) and not at all otherwise."""
+    features = list(cfg.eval.features)
+    if labelled(dataset) or "classifier" not in features:
+        return features, None
+    rest = [f for f in features if f != "classifier"]
+    if cfg.eval.inception_weights is not None and "inception" not in rest:
+        rest.append("inception")
+    name = cfg.data.name
+    if rest:
+        return rest, f"data={name} has no labels to train the classifier on: the run is scored in {rest}"
+    return [], (
+        f"warning: data={name} has no labels to train the classifier on, so the run is not scored; give "
+        "eval.inception_weights=PATH (pytorch-fid's FID Inception weights) to score it in their features"
+    )
+
+
+@dataclass
+class RunScorer:
+    """The run's scorer, built before the first step (the classifier trained or read from its cache, the
+    real images' features computed) so that a bad setting fails before any work, not at the end."""
+
+    scorer: Scorer
+    every: int
+    at_end: bool
+    sampling: SamplingOptions
+    n: int
+    seed: int
+    batch_size: int
+
+    @classmethod
+    def for_run(
+        cls, cfg: DictConfig, dataset: Dataset, device: torch.device, multirun: bool
+    ) -> tuple[RunScorer | None, str | None]:
+        """The scorer, or None where the run does not score itself; and a note for the run's header."""
+        at_end = scores_at_end(cfg, multirun)
+        if not (at_end or cfg.eval_every):
+            return None, None
+        features, note = eval_features(cfg, dataset)
+        if not features:
+            return None, note
+        scorer = Scorer(cfg.eval, real_data_config(cfg.data), device, features)
+        sampling = SamplingOptions.from_config(cfg.eval)
+        if sampling.sample_steps is not None:  # a cheap default that a short schedule may not reach
+            sampling = dataclasses.replace(sampling, sample_steps=min(sampling.sample_steps, cfg.timesteps))
+        run_scorer = cls(
+            scorer, cfg.eval_every, at_end, sampling, cfg.eval.n, cfg.eval.seed, cfg.sample_batch_size
+        )
+        return run_scorer, note
+
+    def describe(self, folder: Path) -> str:
+        when = [f"every {self.every} steps"] if self.every else []
+        when += ["at the end"] if self.at_end else []
+        drawn = f"{self.sampling.sampler}, {self.sampling.sample_steps or 'all'} steps"
+        return (
+            f"eval: FID / KID in {list(self.scorer.spaces)} features of {self.n} samples ({drawn}) against "
+            f"{self.scorer.n_real} real images, {' and '.join(when)} -> {folder}"
+        )
+
+    def due(self, step: int, last: bool, stopping: bool) -> bool:
+        """At every eval_every steps and, with eval_at_end, at the last step; not when stopped early."""
+        if stopping and not last:
+            return False
+        return bool(self.every and step % self.every == 0) or (last and self.at_end)
+
+    def score(self, trained: TrainedModel, step: int, out: Path) -> dict[str, Any]:
+        """Draw the fixed set of samples (the same x_T every time), score them, write eval.json and
+        samples.png into ``out``; return the metrics row: fid_<space> and kid_<space> at this step."""
+        began = time.perf_counter()
+        fake = generate(trained, self.sampling, self.n, self.seed, self.batch_size)
+        source = {
+            "step": step,
+            "weights": trained.weights,
+            "sampler": self.sampling.sampler,
+            "sample_steps": self.sampling.steps(trained.schedule.timesteps),
+            "seed": self.seed,
+        }
+        report, warnings = self.scorer.report(fake, source)
+        report["warnings"] = warnings
+        write_report(report, fake, out)
+        row: dict[str, Any] = {"step": step}
+        for name, result in report["features"].items():
+            row[f"fid_{name}"], row[f"kid_{name}"] = result["fid"], result["kid"]
+        row["eval_s"] = time.perf_counter() - began
+        return row
+
+
+def score_model(
+    scorer: RunScorer, trained: TrainedModel, writer: RunWriter, reporter: ProgressReporter
+) -> dict[str, Any] | None:
+    """<run>/eval/step_<step>/eval.json and a metrics row of FID / KID at the model's step. Like a grid, a
+    score that fails costs a warning, not the run; a file that cannot be written stops it."""
+    step = trained.step
+    out = writer.run_dir / "eval" / f"step_{step:06d}"
+    try:
+        with writer.writing(out / "eval.json"):
+            row = scorer.score(trained, step, out)
+    except TrainingStopped:
+        raise
+    except Exception as e:  # noqa: BLE001 (a sampler or feature fault: the weights are saved)
+        reporter.say(
+            f"warning: step {step}: the model could not be scored ({type(e).__name__}: {e}); training goes "
+            f"on; score it later with: ddpm-eval ckpt={writer.ckpt_dir / 'last.pt'}"
+        )
+        return None
+    writer.metrics(row)
+    writer.loss_plot()  # with this score in it
+    reporter.say(f"step {step}: {format_scores(row)} -> {out / 'eval.json'}")
+    return row
+
+
+def format_scores(row: dict[str, Any]) -> str:
+    spaces = [k.removeprefix("fid_") for k in row if k.startswith("fid_")]
+    parts = []
+    for name in spaces:
+        fid = row[f"fid_{name}"]
+        parts.append(f"{name} FID {fid:.3f}" if fid is not None else f"{name} FID n/a")
+        parts.append(f"KID {row[f'kid_{name}']:.5f}")
+    return " | ".join(parts) + f" ({row['eval_s']:.1f} s)"
+
+
+def job_needs_classifier(cfg: DictConfig, multirun: bool) -> bool:
+    return (scores_at_end(cfg, multirun) or cfg.eval_every > 0) and "classifier" in cfg.eval.features
+
+
+def prepare_classifier(cfg: DictConfig) -> Path | None:
+    """Train and cache the classifier a job will score with, if it is not cached yet: called for every job
+    of a sweep before the launcher starts them, so that parallel jobs read one finished cache file
+    instead of each training its own. Returns the cache file; None for a data set without labels."""
+    data = real_data_config(cfg.data)
+    dataset = build_dataset(data)
+    if not labelled(dataset):
+        return None
+    _, _, cache = classifier_for(cfg.eval, data, dataset)
+    return cache
