@@ -8,6 +8,7 @@ cannot express (ranges, divisibility) is checked by validate.py.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,6 +149,20 @@ def register_configs() -> None:
     for group, registry in GROUPS.items():
         for option in registry:
             cs.store(group=f"schema/{group}", name=option.stored_as, node=option.schema)
+
+
+def train_config(overrides: Sequence[str] = ()) -> DictConfig:
+    """The checked config ``ddpm-train`` would compose from these overrides, for your own code: the
+    schedule, model and data builders take its groups (``build_schedule(cfg.schedule, cfg.timesteps)``)."""
+    from hydra import compose, initialize_config_module
+
+    from ddpm.validate import validate_train
+
+    register_configs()
+    with initialize_config_module(config_module="ddpm.configs", version_base="1.3"):
+        cfg = compose(config_name="train", overrides=list(overrides))
+    validate_train(cfg)
+    return cfg
 
 
 def typed_train_config(plain: dict[str, Any]) -> DictConfig:
