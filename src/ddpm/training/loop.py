@@ -114,13 +114,14 @@ def check_ranks_fit(cfg: DictConfig, runtime: Runtime) -> None:
         )
 
 
-def setup(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> Run:
+def setup(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = (), sweep_job: int | None = None) -> Run:
     """Plan, check and build the run; nothing is written yet. Under torchrun, every rank builds the same
-    objects from the same checkpoint (read to the CPU) and joins the others before anything is written."""
+    objects from the same checkpoint (read to the CPU) and joins the others before anything is written.
+    ``sweep_job`` is the job's number in a sweep (it chooses the GPU where several jobs share a machine)."""
     plan = plan_run(cfg, run_dir, overrides)
     cfg = plan.config
     validate_train(cfg)
-    runtime = Runtime.for_training(cfg)
+    runtime = Runtime.for_training(cfg, sweep_job)
     check_ranks_fit(cfg, runtime)
     dataset = build_dataset(cfg.data)
     check_data_fits(cfg, dataset, plan.saved)
@@ -177,11 +178,13 @@ def batches(run: Run) -> Iterator[torch.Tensor]:
         yield apply_flips(x0.to(run.runtime.device, non_blocking=True), shard(flips, rank, world))
 
 
-def train(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
+def train(
+    cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = (), sweep_job: int | None = None
+) -> dict[str, Any]:
     """Train as the config says, or continue the run that ``cfg.resume`` names. ``overrides`` are the
-    command line's (a resumed run checks them against its saved config). Returns a summary; raises
-    TrainingStopped when the run ends early."""
-    run = setup(cfg, Path(run_dir), overrides)
+    command line's (a resumed run checks them against its saved config); ``sweep_job`` is the job's number
+    in a sweep. Returns a summary; raises TrainingStopped when the run ends early."""
+    run = setup(cfg, Path(run_dir), overrides, sweep_job)
     try:
         return train_loop(run)
     except RuntimeError as e:
@@ -266,13 +269,20 @@ def train_loop(run: Run) -> dict[str, Any]:
                     writer.loss_plot()
                 if due.grid and runtime.is_main:
                     draw_grid(run, writer, reporter, step)
-            # Stop on request, after that checkpoint.
+            # Stop on request, after that checkpoint; a scheduler's notice then goes on to its launcher.
             if due.stop:
+                then = f"continue with: {writer.resume_hint}"
+                if stop.notice is not None:
+                    then = (
+                        f"{signal.Signals(stop.notice).name} goes on to the handler it had before "
+                        "(submitit's requeues the job, and resume=auto continues it)"
+                    )
                 raise TrainingStopped(
                     f"stopped by {signal.Signals(signum).name} at step {step} of {cfg.steps}; checkpoint "
-                    f"{writer.last_ckpt}; continue with: {writer.resume_hint}",
+                    f"{writer.last_ckpt}; {then}",
                     exit_code=128 + signum,
                     error=False,
+                    hand_on=stop.hand_on,
                 )
             if not due.last:
                 x0 = next(stream)
