@@ -229,7 +229,7 @@ def test_a_launcher_without_its_plugin_is_one_line_and_writes_nothing(
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("launcher", ["slurm", "submitit_slurm"])
+@pytest.mark.parametrize("launcher", ["slurm", "submitit_slurm", "submitit_local"])
 def test_a_requeueing_launcher_needs_resume_auto(tmp_path, monkeypatch, capsys, launcher):
     monkeypatch.chdir(tmp_path)
     args = ["-m", f"hydra/launcher={launcher}", "loss=l1,l2", *QUICK, "steps=1", "hydra.sweep.dir=sweep"]

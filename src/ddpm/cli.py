@@ -50,6 +50,7 @@ LAUNCHER_PLUGINS = {
         ("parallel", "joblib"), ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher", "joblib")
     ),
 }
+SUBMITIT_LAUNCHERS = "hydra_plugins.hydra_submitit_launcher."  # they requeue a job (see on_multirun_start)
 TRACE_VARIABLE = "HYDRA_FULL_ERROR"  # =1: the full trace instead of one line
 # What the user asked for: run() sets the variable itself while Hydra runs, so it is read before that.
 _user_wants_trace: ContextVar[bool | None] = ContextVar("user_wants_trace", default=None)
@@ -136,10 +137,11 @@ class RunDirGuard(Callback):
                     f"resume={resume} continues one run; a sweep continues with resume=auto and the same "
                     "hydra.sweep.dir"
                 )
-            # submitit's Slurm launchers requeue a pre-empted job (and one at its time limit, up to
+            # submitit's launchers requeue a job on SIGUSR2 (pre-empted, or at its time limit up to
             # max_num_timeout times); the requeued job finds its folder holding a run, which only
             # resume=auto continues
-            if "max_num_timeout" in config.hydra.launcher and resume is None:
+            target = str(config.hydra.launcher.get("_target_", ""))
+            if target.startswith(SUBMITIT_LAUNCHERS) and resume is None:
                 launcher = config.hydra.runtime.choices.get("hydra/launcher")
                 raise ConfigError(
                     f"hydra/launcher={launcher} requeues a job that is pre-empted or reaches its time limit, "
