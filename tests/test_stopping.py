@@ -31,6 +31,52 @@ def test_a_second_signal_is_delivered_to_the_previous_handler():
         signal.signal(signal.SIGUSR1, previous)
 
 
+def test_a_notice_never_stops_at_once_and_goes_on_to_the_previous_handler_after_the_stop():
+    received = []
+
+    def submitits(signum, frame):  # say
+        received.append((signum, frame))
+
+    original = signal.signal(signal.SIGUSR2, submitits)
+    try:
+        with StopRequests() as stop:
+            signal.raise_signal(signal.SIGUSR2)
+            signal.raise_signal(signal.SIGUSR2)
+            signal.raise_signal(signal.SIGTERM)  # the first SIGTERM after a notice is a request too
+            assert received == []  # held until the checkpoint is written
+        assert stop.signum == stop.notice == signal.SIGUSR2 and stop.name == "SIGUSR2"
+        assert signal.getsignal(signal.SIGUSR2) is submitits  # restored
+        stop.hand_on()
+        assert received == [(signal.SIGUSR2, None)]
+    finally:
+        signal.signal(signal.SIGUSR2, original)
+
+
+def test_a_notice_without_a_previous_handler_is_a_plain_stop_request():
+    original = signal.signal(signal.SIGUSR2, signal.SIG_DFL)
+    try:
+        with StopRequests() as stop:
+            signal.raise_signal(signal.SIGUSR2)
+        assert stop.signum == signal.SIGUSR2 and stop.notice is None and stop.hand_on is None
+    finally:
+        signal.signal(signal.SIGUSR2, original)
+
+
+def test_a_second_sigterm_after_a_notice_stops_at_once():
+    received = []
+    original = signal.signal(signal.SIGTERM, lambda s, f: received.append(s))
+    try:
+        with StopRequests() as stop:
+            signal.raise_signal(signal.SIGUSR2)
+            signal.raise_signal(signal.SIGTERM)
+            assert received == []
+            signal.raise_signal(signal.SIGTERM)
+            assert received == [signal.SIGTERM]  # delivered to the previous handler at once
+        assert stop.signum == signal.SIGUSR2
+    finally:
+        signal.signal(signal.SIGTERM, original)
+
+
 def test_loader_workers_ignore_the_stop_signals():
     saved = {s: signal.getsignal(s) for s in StopRequests.SIGNALS}
     try:

@@ -5,11 +5,13 @@ HYDRA_FULL_ERROR=1)."""
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,18 @@ from ddpm.training.stopping import TrainingStopped
 from ddpm.validate import validate_sample
 
 CONFIGS = "pkg://ddpm.configs"
+# The launchers that need a Hydra plugin (ddpm's presets in configs/hydra/launcher/ and the plugins' own):
+# the plugin's module, its distribution, and the extra of ddpm that installs it.
+LAUNCHER_PLUGINS = {
+    **dict.fromkeys(
+        ("slurm", "submitit_slurm", "submitit_local"),
+        ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher", "slurm"),
+    ),
+    **dict.fromkeys(
+        ("parallel", "joblib"), ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher", "joblib")
+    ),
+}
+SUBMITIT_LAUNCHERS = "hydra_plugins.hydra_submitit_launcher."  # they requeue a job (see on_multirun_start)
 TRACE_VARIABLE = "HYDRA_FULL_ERROR"  # =1: the full trace instead of one line
 # What the user asked for: run() sets the variable itself while Hydra runs, so it is read before that.
 _user_wants_trace: ContextVar[bool | None] = ContextVar("user_wants_trace", default=None)
@@ -54,8 +68,8 @@ def _train(cfg: DictConfig) -> None:
     with one_line_errors("ddpm-train"):
         require(cfg)
         hydra_cfg = HydraConfig.get()
-        multirun = hydra_cfg.mode == RunMode.MULTIRUN
-        train(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task), multirun)
+        sweep_job = hydra_cfg.job.num if hydra_cfg.mode == RunMode.MULTIRUN else None
+        train(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task), sweep_job)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIGS, config_name="sample")
@@ -153,6 +167,16 @@ class RunDirGuard(Callback):
                 raise ConfigError(
                     f"resume={resume} continues one run; a sweep continues with resume=auto and the same "
                     "hydra.sweep.dir"
+                )
+            # submitit's launchers requeue a job on SIGUSR2 (pre-empted, or at its time limit up to
+            # max_num_timeout times); the requeued job finds its folder holding a run, which only
+            # resume=auto continues
+            target = str(config.hydra.launcher.get("_target_", ""))
+            if target.startswith(SUBMITIT_LAUNCHERS) and resume is None:
+                launcher = config.hydra.runtime.choices.get("hydra/launcher")
+                raise ConfigError(
+                    f"hydra/launcher={launcher} requeues a job that is pre-empted or reaches its time limit, "
+                    "and a requeued job continues only with resume=auto: add resume=auto"
                 )
             sweep = Path(config.hydra.sweep.dir)
             if resume is None and sweep.is_dir() and any(holds_run(d) for d in sweep.iterdir()):
@@ -255,6 +279,8 @@ def one_line_errors(prog: str) -> Iterator[None]:
         sys.exit(2)
     except TrainingStopped as e:
         print(f"{prog}: {'error: ' if e.error else ''}{e}", file=sys.stderr)
+        if e.hand_on is not None:
+            e.hand_on()  # submitit's handler requeues the job and exits; another may return
         sys.exit(e.exit_code)
     except (ValueError, TypeError) as e:
         # Hydra's parser raises plain ValueErrors on some malformed overrides ("=1"); ours are bugs.
@@ -272,12 +298,35 @@ def _raised_by_hydra(e: BaseException) -> bool:
     return "hydra" in where or "omegaconf" in where
 
 
+def plugin_installed(module: str) -> bool:
+    try:
+        return find_spec(module) is not None
+    except ModuleNotFoundError:  # not even the namespace package hydra_plugins is there
+        return False
+
+
+def require_launcher_plugin(args: list[str]) -> None:
+    """A launcher whose plugin is missing is named before Hydra starts: Hydra itself would only say that
+    the launcher's config is not found, or that it cannot import the launcher after composing."""
+    for arg in args:
+        chosen = re.fullmatch(r"\+{0,2}hydra/launcher=(\w+)", arg)
+        if chosen is None or chosen.group(1) not in LAUNCHER_PLUGINS:
+            continue
+        module, distribution, extra = LAUNCHER_PLUGINS[chosen.group(1)]
+        if not plugin_installed(module):
+            raise ConfigError(
+                f"hydra/launcher={chosen.group(1)} needs the {distribution} plugin: "
+                f"pip install 'ddpm[{extra}]'"
+            )
+
+
 def run(task: Callable[[], None], prog: str) -> None:
     before = os.environ.get(TRACE_VARIABLE)
     asked = _user_wants_trace.set(before == "1")
     os.environ[TRACE_VARIABLE] = "1"  # let composition errors reach us, not Hydra's multi-line report
     try:
         with one_line_errors(prog):
+            require_launcher_plugin(sys.argv[1:])
             task()
     finally:
         if before is None:

@@ -31,10 +31,19 @@ def check_device(device: str) -> None:
         raise ConfigError(f"device={device!r} is invalid: choose one of auto, cpu, cuda, cuda:N")
 
 
-def resolve_device(name: str) -> torch.device:
-    """The torch device that a ``device`` key names on this machine; ConfigError if it has none such."""
+def resolve_device(name: str, sweep_job: int | None = None) -> torch.device:
+    """The torch device that a ``device`` key names on this machine; ConfigError if it has none such.
+
+    ``sweep_job`` is the job's number in a sweep (hydra.job.num). A launcher such as joblib runs several
+    jobs side by side on one machine, so with ``auto`` and more than one GPU visible, job n takes
+    cuda:(n mod the number of GPUs): one GPU each while there are no more jobs at once than GPUs."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        count = torch.cuda.device_count()
+        if sweep_job is not None and count > 1:
+            return torch.device(f"cuda:{sweep_job % count}")
+        return torch.device("cuda")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise ConfigError(f"device={name} but no CUDA device is available; use device=cpu or device=auto")
@@ -75,11 +84,12 @@ class Runtime:
         return cls(device=resolve_device(cfg.device))
 
     @classmethod
-    def for_training(cls, cfg: Any) -> Runtime:
+    def for_training(cls, cfg: Any, sweep_job: int | None = None) -> Runtime:
         """This process's share of a training job: under torchrun, its rank, and cuda:LOCAL_RANK where the
-        config asks for a GPU; the process group is started with ``start``."""
+        config asks for a GPU; in a sweep, job ``sweep_job``'s GPU (see ``resolve_device``). The process
+        group is started with ``start``."""
         rank, local_rank, world = launched_ranks()
-        device = resolve_device(cfg.device)
+        device = resolve_device(cfg.device, sweep_job if world == 1 else None)
         if device.type == "cuda" and world > 1:
             device = resolve_device(f"cuda:{local_rank}")
         return cls(device=device, rank=rank, world_size=world)
@@ -94,10 +104,12 @@ class Runtime:
         return self.world_size > 1
 
     def start(self, timeout_s: float) -> None:
-        """Join the other ranks (a rendezvous: it returns when all have come)."""
+        """Make this process's GPU the current one, and join the other ranks (a rendezvous: it returns
+        when all have come)."""
+        if self.device.type == "cuda" and self.device.index is not None:
+            # what takes the current GPU (pinned memory, NCCL) then uses this one, not cuda:0
+            torch.cuda.set_device(self.device)
         if self.distributed and not dist.is_initialized():
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)
             dist.init_process_group(
                 "nccl" if self.device.type == "cuda" else "gloo",
                 rank=self.rank,

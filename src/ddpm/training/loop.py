@@ -116,20 +116,23 @@ def check_ranks_fit(cfg: DictConfig, runtime: Runtime) -> None:
         )
 
 
-def setup(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = (), multirun: bool = False) -> Run:
+def setup(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = (), sweep_job: int | None = None) -> Run:
     """Plan, check and build the run; nothing is written yet. Under torchrun, every rank builds the same
     objects from the same checkpoint (read to the CPU) and joins the others before anything is written.
-    ``multirun``: the run is a job of a sweep (eval_at_end=null then scores it)."""
+    ``sweep_job`` is the job's number in a sweep: it chooses the GPU where several jobs share a machine,
+    and eval_at_end=null scores a sweep's jobs."""
     plan = plan_run(cfg, run_dir, overrides)
     cfg = plan.config
     validate_train(cfg)
-    runtime = Runtime.for_training(cfg)
+    runtime = Runtime.for_training(cfg, sweep_job)
     check_ranks_fit(cfg, runtime)
     dataset = build_dataset(cfg.data)
     check_data_fits(cfg, dataset, plan.saved)
     # the main rank alone scores, with no collective inside; built now, so a bad setting fails first
     scorer, eval_note = (
-        RunScorer.for_run(cfg, dataset, runtime.device, multirun) if runtime.is_main else (None, None)
+        RunScorer.for_run(cfg, dataset, runtime.device, sweep_job is not None)
+        if runtime.is_main
+        else (None, None)
     )
     runtime.start(cfg.dist_timeout)
 
@@ -187,12 +190,12 @@ def batches(run: Run) -> Iterator[torch.Tensor]:
 
 
 def train(
-    cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = (), multirun: bool = False
+    cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = (), sweep_job: int | None = None
 ) -> dict[str, Any]:
     """Train as the config says, or continue the run that ``cfg.resume`` names. ``overrides`` are the
-    command line's (a resumed run checks them against its saved config); ``multirun``: a job of a sweep.
-    Returns a summary; raises TrainingStopped when the run ends early."""
-    run = setup(cfg, Path(run_dir), overrides, multirun)
+    command line's (a resumed run checks them against its saved config); ``sweep_job`` is the job's number
+    in a sweep. Returns a summary; raises TrainingStopped when the run ends early."""
+    run = setup(cfg, Path(run_dir), overrides, sweep_job)
     try:
         return train_loop(run)
     except RuntimeError as e:
@@ -280,13 +283,20 @@ def train_loop(run: Run) -> dict[str, Any]:
                 # Score the model (eval_every, eval_at_end), once its weights are saved.
                 if run.scorer is not None and run.scorer.due(step, due.last, due.stop):
                     scores = score_model(run.scorer, run.sampling_model(step), writer, reporter) or scores
-            # Stop on request, after that checkpoint.
+            # Stop on request, after that checkpoint; a scheduler's notice then goes on to its launcher.
             if due.stop:
+                then = f"continue with: {writer.resume_hint}"
+                if stop.notice is not None:
+                    then = (
+                        f"{signal.Signals(stop.notice).name} goes on to the handler it had before "
+                        "(submitit's requeues the job, and resume=auto continues it)"
+                    )
                 raise TrainingStopped(
                     f"stopped by {signal.Signals(signum).name} at step {step} of {cfg.steps}; checkpoint "
-                    f"{writer.last_ckpt}; continue with: {writer.resume_hint}",
+                    f"{writer.last_ckpt}; {then}",
                     exit_code=128 + signum,
                     error=False,
+                    hand_on=stop.hand_on,
                 )
             if not due.last:
                 x0 = next(stream)

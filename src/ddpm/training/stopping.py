@@ -3,6 +3,7 @@ what was kept and how to go on."""
 
 from __future__ import annotations
 
+import functools
 import signal
 import threading
 from collections.abc import Callable
@@ -22,32 +23,67 @@ class OnNonFinite(Enum):
 
 class TrainingStopped(Exception):
     """The run stopped before its last step (a signal, a non-finite step, a file it could not write).
-    ``error`` is False for a requested stop; ``exit_code`` is the command's exit status."""
+    ``error`` is False for a requested stop; ``exit_code`` is the command's exit status. ``hand_on``, where
+    set, passes the signal that asked for the stop on to the handler it had before ddpm's; the command
+    calls it after its message (submitit's handler requeues the job, then exits)."""
 
-    def __init__(self, message: str, exit_code: int = 1, error: bool = True) -> None:
+    def __init__(
+        self,
+        message: str,
+        exit_code: int = 1,
+        error: bool = True,
+        hand_on: Callable[[], None] | None = None,
+    ) -> None:
         super().__init__(message)
-        self.exit_code, self.error = exit_code, error
+        self.exit_code, self.error, self.hand_on = exit_code, error, hand_on
 
 
 class StopRequests:
-    """SIGINT and SIGTERM set ``signum``; the loop stops at the next step boundary, after a checkpoint.
-    A second signal restores the previous handlers and is delivered again, stopping at once (the last
-    checkpoint on disk is whole either way: checkpoints are written atomically)."""
+    """SIGINT, SIGTERM and SIGUSR2 ask the loop to stop at the next step boundary, after a checkpoint;
+    ``signum`` is the first that came. A second SIGINT or SIGTERM restores the previous handlers and is
+    delivered again, stopping at once (the last checkpoint on disk is whole either way: checkpoints are
+    written atomically).
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGUSR2 is a scheduler's notice that the job's time is nearly up (Slurm's --signal, which submitit asks
+    for): it never stops at once, and where a Python handler had it before ddpm's (submitit's, which
+    requeues the job), ``hand_on`` calls that handler once the checkpoint is written, so the job is
+    requeued without losing the steps since the previous checkpoint."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
+    NOTICES = (signal.SIGUSR2,)
 
     def __init__(self) -> None:
-        self.signum: int | None = None
+        self.received: list[int] = []
         self._previous: dict[int, Any] = {}
+        self._notice_handlers: dict[int, Callable[[int, FrameType | None], Any]] = {}
+
+    @property
+    def signum(self) -> int | None:
+        return self.received[0] if self.received else None
 
     @property
     def name(self) -> str:
         return signal.Signals(self.signum).name if self.signum is not None else ""
 
+    @property
+    def notice(self) -> int | None:
+        """The first notice that came and that a Python handler had before ddpm's (None: none such)."""
+        return next((s for s in self.received if s in self._notice_handlers), None)
+
+    @property
+    def hand_on(self) -> Callable[[], None] | None:
+        """That notice's previous handler, bound to the signal, for the command to call after its
+        message; None where no such notice came."""
+        notice = self.notice
+        return None if notice is None else functools.partial(self._notice_handlers[notice], notice, None)
+
     def __enter__(self) -> StopRequests:
         # Python only lets the main thread install handlers; elsewhere the signals keep their defaults.
         if threading.current_thread() is threading.main_thread():
             self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+            self._notice_handlers = {
+                s: h for s, h in self._previous.items() if s in self.NOTICES and callable(h)
+            }
         return self
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
@@ -59,16 +95,17 @@ class StopRequests:
         self._previous = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.signum is None:
-            self.signum = signum
-            return
-        self._restore()
-        signal.raise_signal(signum)
+        insisting = signum not in self.NOTICES and any(s not in self.NOTICES for s in self.received)
+        self.received.append(signum)
+        if insisting:
+            self._restore()
+            signal.raise_signal(signum)
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:
-    """DataLoader workers leave SIGINT / SIGTERM to the main process, which stops them when it is done:
-    a Ctrl-C reaches the whole process group and would otherwise kill them mid-batch."""
+    """DataLoader workers leave SIGINT / SIGTERM / SIGUSR2 to the main process, which stops them when it
+    is done: a Ctrl-C reaches the whole process group (and Slurm signals every process of the job), which
+    would otherwise kill them mid-batch."""
     for s in StopRequests.SIGNALS:
         signal.signal(s, signal.SIG_IGN)
 
