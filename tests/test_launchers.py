@@ -2,6 +2,7 @@
 time limit and is requeued (Slurm mocked by submitit's own test helpers, the jobs run in this process),
 a real parallel sweep through joblib, the GPU each parallel job takes, and the refusals."""
 
+import csv
 import datetime
 import json
 import signal
@@ -10,7 +11,7 @@ import hydra.core.utils
 import pytest
 import torch
 import yaml
-from conftest import TINY, assert_refused, run_entry
+from conftest import TINY, assert_refused, cheap_eval, run_entry
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 from submitit.core import job_environment, submission, utils
@@ -111,7 +112,15 @@ def test_a_slurm_job_at_its_time_limit_checkpoints_is_requeued_and_continues_in_
 
     monkeypatch.setattr(slurm.SlurmJob, "results", cluster_runs)
     with mocked_slurm() as mock:
-        args = ["-m", "hydra/launcher=slurm", "resume=auto", "loss=l1", *QUICK, "steps=6"]
+        args = [
+            "-m",
+            "hydra/launcher=slurm",
+            "resume=auto",
+            "loss=l1",
+            *QUICK,
+            "steps=6",
+            "eval_at_end=false",
+        ]
         code, lines, output = run_entry(cli.train_main, args, capsys)
     assert code == 0, output
     (sweep,) = (tmp_path / "runs/multirun").iterdir()
@@ -160,19 +169,22 @@ def test_a_parallel_sweep_runs_its_jobs_side_by_side_and_ends_in_a_summary(tmp_p
         "loss=l1,l2",
         *QUICK,
         "steps=2",
+        *cheap_eval(tmp_path / "cache"),
         "hydra.sweep.dir=sweep",
         cwd=tmp_path,
         env={"OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr
+    # the jobs, side by side, score with the one classifier trained before they started
+    assert result.stdout.count("eval classifier ready: ") == 1
     jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir() and not p.name.startswith("."))
     assert len(jobs) == 2
     for i, (job, loss) in enumerate(zip(jobs, ["l1", "l2"], strict=True)):
         assert job.name.startswith(f"{i}_") and f"loss={loss}" in job.name
         assert load_checkpoint(job / "checkpoints/last.pt")["step"] == 2
         assert yaml.safe_load((job / ".hydra/config.yaml").read_text())["loss"] == loss
-    rows = (tmp_path / "sweep/summary.csv").read_text().splitlines()
-    assert len(rows) == 3 and "sweep summary ->" in result.stdout
+    rows = list(csv.DictReader((tmp_path / "sweep/summary.csv").open()))
+    assert len(rows) == 2 and all(float(r["fid"]) > 0 for r in rows) and "sweep summary ->" in result.stdout
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ import io
 import json
 import math
 import statistics
+import textwrap
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -126,6 +127,11 @@ def write_summary(folder: Path) -> list[str]:
     return notes
 
 
+def label(row: RunRow, width: int) -> str:
+    """What sets the run apart, cut to ``width`` characters (a lone run's label is all its overrides)."""
+    return textwrap.shorten(row.overrides or row.run, width, placeholder=" ...")
+
+
 def save_summary_plot(folder: Path, rows: list[RunRow]) -> None:
     """summary.png: every run's smoothed loss on one plot, and each run's newest grid beside it."""
     import matplotlib
@@ -143,12 +149,12 @@ def save_summary_plot(folder: Path, rows: list[RunRow]) -> None:
             [m["step"] for m in metrics],
             [m["loss"] for m in metrics if m.get("loss") is not None],
         )
-        axes[0].plot(steps[: len(losses)], smoothed(losses), lw=1.5, label=r.overrides or r.run)
+        axes[0].plot(steps[: len(losses)], smoothed(losses), lw=1.5, label=label(r, 60))
     axes[0].set(xlabel="step", ylabel="loss (smoothed)", yscale="log")
     axes[0].legend(fontsize=7)
     for ax, r in zip(axes[1:], grids, strict=True):
         ax.imshow(Image.open(folder / r.grid), cmap="gray")
-        ax.set_title(f"{r.overrides or r.run}\nFID {_cell(r.fid) or 'n/a'}", fontsize=7)
+        ax.set_title(f"{textwrap.fill(label(r, 90), 30)}\nFID {_cell(r.fid) or 'n/a'}", fontsize=7)
         ax.axis("off")
     write_atomically(folder / "summary.png", lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
