@@ -37,6 +37,8 @@ def test_a_run_scores_itself_every_k_steps_into_eval_json_and_metrics(scored):
         assert report["source"]["step"] == row["step"] and report["source"]["weights"] == "ema"
         assert report["n_fake"] == 130 and report["features"]["classifier"]["fid"] == row["fid_classifier"]
         assert row["fid_classifier"] > 0 and row["kid_classifier"] == report["features"]["classifier"]["kid"]
+        # beside it, 130 other real digits against the same 200: what a perfect model would score
+        assert 0 < row["fid_floor_classifier"] < row["fid_classifier"] / 5
     assert summary["scores"]["fid_classifier"] == scores[-1]["fid_classifier"]
 
 

@@ -66,7 +66,9 @@ def save_loss_plot(metrics: Path, path: Path, title: str = "") -> None:
         aq.legend(fontsize=8)
     for key in sorted(scores):
         points = [(r["step"], r[key]) for r in every if r.get(key) is not None]
-        axes[2].plot(*zip(*points, strict=True), marker="o", lw=1, label=key.replace("_", " "))
+        floor = key.startswith("fid_floor_")  # what real images score: the line to aim for
+        style = {"ls": "--", "color": "gray"} if floor else {"marker": "o"}
+        axes[2].plot(*zip(*points, strict=True), lw=1, label=key.replace("_", " "), **style)
     if scores:
         axes[2].set(xlabel="step", ylabel="FID (lower is better)")
         axes[2].legend(fontsize=8)

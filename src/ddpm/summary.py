@@ -19,7 +19,19 @@ from ddpm.errors import ConfigError
 from ddpm.files import write_atomically
 from ddpm.plots import read_metrics, smoothed
 
-FIELDS = ("run", "overrides", "data", "steps", "final_loss", "img_per_s", "fid", "kid", "wall_s", "grid")
+FIELDS = (
+    "run",
+    "overrides",
+    "data",
+    "steps",
+    "final_loss",
+    "img_per_s",
+    "fid",
+    "kid",
+    "fid_floor",
+    "wall_s",
+    "grid",
+)
 
 
 @dataclass
@@ -32,6 +44,7 @@ class RunRow:
     img_per_s: float | None  # median over the logged intervals
     fid: float | None  # from the run's newest eval.json, classifier features first
     kid: float | None
+    fid_floor: float | None  # real images against the same reals, as many as were scored: the best FID
     wall_s: float | None  # training time, resumes included
     grid: str  # the newest sample grid
 
@@ -57,10 +70,10 @@ def run_row(run: Path, folder: Path) -> RunRow:
     overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
     grids = sorted((run / "samples").glob("step_*.png"))
     score = newest_eval(run)
-    fid = kid = None
+    fid = kid = floor = None
     if score:
         features = score["features"].get("classifier") or next(iter(score["features"].values()))
-        fid, kid = features.get("fid"), features.get("kid")
+        fid, kid, floor = features.get("fid"), features.get("kid"), features.get("fid_floor")
     losses = [r for r in rows if "loss" in r]  # the rows of a run's own scores have none
     last = losses[-1] if losses else {}
     speeds = [r["img_per_s"] for r in rows if r.get("img_per_s")]
@@ -73,6 +86,7 @@ def run_row(run: Path, folder: Path) -> RunRow:
         img_per_s=statistics.median(speeds) if speeds else None,
         fid=fid,
         kid=kid,
+        fid_floor=floor,
         wall_s=last.get("elapsed_s"),
         grid=str(grids[-1].relative_to(folder)) if grids else "",
     )

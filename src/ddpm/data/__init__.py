@@ -48,10 +48,13 @@ def build_dataset(data: Any) -> Dataset:
     return DATASETS[data.name].build(data)
 
 
-def load_subset(dataset: Dataset, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """n images (all, if the set is smaller) drawn without replacement, and their labels where known."""
+def load_subset(
+    dataset: Dataset, n: int, seed: int, skip: int = 0
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """n images (as many as there are, if the set is smaller) drawn without replacement, and their labels
+    where known; ``skip`` passes over the first draws of the same seed, for a subset disjoint from them."""
     g = torch.Generator().manual_seed(seed)
-    index = torch.randperm(len(dataset), generator=g)[: min(n, len(dataset))]
+    index = torch.randperm(len(dataset), generator=g)[skip : skip + n]
     images = torch.stack([dataset[int(i)] for i in index])
     labels = getattr(dataset, "labels", None)
     return images, (labels[index] if labels is not None else None)

@@ -124,6 +124,7 @@ class Space:
     extract: Extractor
     real: torch.Tensor
     about: dict[str, Any]
+    other: torch.Tensor | None  # features of real images outside ``real``: the real-vs-real floor
 
 
 class Scorer:
@@ -136,11 +137,13 @@ class Scorer:
         self.cfg, self.data = cfg, data
         dataset = build_dataset(data)
         real, _ = load_subset(dataset, cfg.n_real, cfg.seed)
-        self.n_real = real.shape[0]
+        # as many other real images as will be scored, where the set has them: what a perfect model gets
+        other, _ = load_subset(dataset, cfg.n, cfg.seed, skip=real.shape[0])
+        self.n_real, self.n_floor = real.shape[0], other.shape[0] if other.shape[0] == cfg.n else 0
         self.spaces: dict[str, Space] = {}
         for name in features if features is not None else cfg.features:
             extract, about = extractor(name, cfg, data, dataset, device)
-            self.spaces[name] = Space(extract, extract(real), about)
+            self.spaces[name] = Space(extract, extract(real), about, extract(other) if self.n_floor else None)
 
     def report(self, fake: torch.Tensor, source: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         """eval.json's content for these images, and the warnings of the feature spaces."""
@@ -156,6 +159,9 @@ class Scorer:
             result, warning = score(space.real, space.extract(fake), self.cfg)
             if warning:
                 warnings.append(f"{name}: {warning}")
+            if space.other is not None:  # the floor of FID and KID at this many images
+                floor, _ = score(space.real, space.other, self.cfg)
+                result["fid_floor"], result["kid_floor"] = floor["fid"], floor["kid"]
             report["features"][name] = {**result, **space.about}
         return report, warnings
 
@@ -184,6 +190,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     lines = []
     for name, r in report["features"].items():
         fid_text = f"{r['fid']:.3f}" if r["fid"] is not None else "n/a"
+        if r.get("fid_floor") is not None:
+            fid_text += f" (real vs real {r['fid_floor']:.3f})"
         acc = f" (classifier accuracy {r['classifier_accuracy']:.1%})" if "classifier_accuracy" in r else ""
         lines.append(
             f"{name}{acc}: FID {fid_text} | KID {r['kid']:.5f} +- {r['kid_std']:.5f} | "

@@ -117,6 +117,8 @@ class RunScorer:
         row: dict[str, Any] = {"step": step}
         for name, result in report["features"].items():
             row[f"fid_{name}"], row[f"kid_{name}"] = result["fid"], result["kid"]
+            if "fid_floor" in result:
+                row[f"fid_floor_{name}"] = result["fid_floor"]
         row["eval_s"] = time.perf_counter() - began
         return row
 
@@ -146,11 +148,13 @@ def score_model(
 
 
 def format_scores(row: dict[str, Any]) -> str:
-    spaces = [k.removeprefix("fid_") for k in row if k.startswith("fid_")]
+    spaces = [k.removeprefix("fid_") for k in row if k.startswith("fid_") and not k.startswith("fid_floor_")]
     parts = []
     for name in spaces:
-        fid = row[f"fid_{name}"]
+        fid, floor = row[f"fid_{name}"], row.get(f"fid_floor_{name}")
         parts.append(f"{name} FID {fid:.3f}" if fid is not None else f"{name} FID n/a")
+        if floor is not None:
+            parts[-1] += f" (real vs real {floor:.3f})"
         parts.append(f"KID {row[f'kid_{name}']:.5f}")
     return " | ".join(parts) + f" ({row['eval_s']:.1f} s)"
 
