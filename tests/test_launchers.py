@@ -19,7 +19,7 @@ from submitit.slurm import slurm
 from submitit.slurm.test_slurm import mocked_slurm
 
 import ddpm.training.loop
-from ddpm import cli
+from ddpm import cli, sweeps
 from ddpm.checkpoint import load_checkpoint
 from ddpm.runtime import Runtime, resolve_device
 
@@ -233,7 +233,7 @@ def test_a_launcher_without_its_plugin_is_one_line_and_writes_nothing(
     tmp_path, monkeypatch, capsys, launcher, message
 ):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(cli, "find_spec", lambda name: None)  # as if no plugin were installed
+    monkeypatch.setattr(sweeps, "find_spec", lambda name: None)  # as if no plugin were installed
     args = ["-m", f"hydra/launcher={launcher}", "loss=l1,l2", *QUICK, "steps=1", "hydra.sweep.dir=sweep"]
     code, lines, output = run_entry(cli.train_main, args, capsys)
     assert_refused("ddpm-train", code, lines, output, args)
