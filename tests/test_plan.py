@@ -1,13 +1,15 @@
 """plan_run: the one place that decides the run directory, the checkpoint a run continues from and the
 config it continues with (the Hydra callback and train() both ask it)."""
 
+import shlex
 import shutil
 
 import pytest
 from conftest import FIXTURES, TINY, compose
+from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from ddpm.errors import CheckpointError, ConfigError
-from ddpm.training.plan import override_keys, plan_run
+from ddpm.training.plan import override_keys, plan_run, shell_override
 
 SAVED = FIXTURES / "tiny_v2.pt"  # step 4 of a tiny run, T=20
 
@@ -63,3 +65,21 @@ def test_an_export_is_not_a_resume_point(tmp_path):
     save_checkpoint(bare, step=1, model={}, config={})
     with pytest.raises(CheckpointError, match="holds weights only"):
         plan_run(compose("train", [*TINY, f"resume={bare}"]), tmp_path / "x")
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "runs/plain-run_1.5",
+        "/tmp/sweep/0_loss=l1,lr=0.001",  # a sweep job's folder
+        "runs/it's here",
+        'runs/a "quoted" $HOME\\x',
+        "~/runs/x+y@z",
+        "",
+    ],
+)
+def test_a_suggested_override_reaches_hydra_as_the_value_it_names(value):
+    argument = shell_override("hydra.run.dir", value)
+    (typed,) = shlex.split(argument)  # what the shell hands on
+    (parsed,) = OverridesParser.create().parse_overrides([typed])
+    assert parsed.key_or_group == "hydra.run.dir" and str(parsed.value()) == value

@@ -30,7 +30,7 @@ from ddpm.runtime import Runtime, is_peer_failure, seed_everything
 from ddpm.trained import TrainedModel
 from ddpm.training.ema import EMA
 from ddpm.training.interval import Due, Interval
-from ddpm.training.plan import RunPlan, plain_config, plan_run
+from ddpm.training.plan import RunPlan, plain_config, plan_run, shell_override
 from ddpm.training.scores import RunScorer, format_scores, score_model
 from ddpm.training.state import restore, training_state
 from ddpm.training.step import (
@@ -202,9 +202,10 @@ def train(
         if not (run.runtime.distributed and is_peer_failure(e)):
             raise
         last = run.plan.run_dir / "checkpoints" / "last.pt"
+        again = f"ddpm-train {shell_override('hydra.run.dir', run.plan.run_dir)} resume=auto"
         raise TrainingStopped(
             f"the other ranks stopped answering ({str(e).strip().splitlines()[0]}); the newest checkpoint "
-            f"is {last}; continue with: ddpm-train hydra.run.dir={run.plan.run_dir} resume=auto"
+            f"is {last}; continue with: {again}"
         ) from e
     finally:
         run.runtime.stop()
@@ -372,7 +373,7 @@ def draw_grid(run: Run, writer: RunWriter, reporter: ProgressReporter, step: int
     except Exception as e:  # noqa: BLE001 (any sampler fault: the weights are saved, the picture can wait)
         reporter.say(
             f"warning: step {step}: the sample grid could not be drawn ({type(e).__name__}: {e}); training "
-            f"goes on; draw it later with: ddpm-sample ckpt={writer.ckpt_dir / 'last.pt'}"
+            f"goes on; draw it later with: ddpm-sample {shell_override('ckpt', writer.ckpt_dir / 'last.pt')}"
         )
         return
     reporter.say(f"step {step}: samples -> {writer.grid(step, images)}")

@@ -4,6 +4,8 @@ directory) and ``train()`` call."""
 
 from __future__ import annotations
 
+import re
+import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +66,19 @@ def override_keys(overrides: Sequence[str]) -> list[str]:
     """The config keys (or groups) that Hydra overrides set, by Hydra's own parser: "+model.dim=8" ->
     "model.dim", "experiment=x" -> "experiment"."""
     return [o.key_or_group for o in OverridesParser.create().parse_overrides(list(overrides))]
+
+
+def shell_override(key: str, value: object) -> str:
+    """key=value as typed into a shell for Hydra, for the commands a message suggests: a value that Hydra's
+    grammar would misread (a sweep job's folder holds '=' and ',') is quoted for Hydra, and the whole
+    argument for the shell."""
+    text = str(value)
+    if re.fullmatch(r"[\w./\-]+", text):
+        return f"{key}={text}"
+    # in Hydra's quoted strings a backslash is only special before a quote (or the closing one)
+    escaped = re.sub(r"(\\*)('|$)", lambda m: 2 * m.group(1) + ("\\'" if m.group(2) else ""), text)
+    quoted = f"'{escaped}'"
+    return shlex.quote(f"{key}={quoted}") if re.search(r'["$`\\!]', quoted) else f'"{key}={quoted}"'
 
 
 def plain_config(cfg: DictConfig) -> dict[str, Any]:

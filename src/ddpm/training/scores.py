@@ -19,6 +19,7 @@ from ddpm.diffusion.sampling import SamplingOptions, generate
 from ddpm.evaluation.evaluate import Scorer, classifier_for, real_data_config, write_report
 from ddpm.progress import ProgressReporter
 from ddpm.trained import TrainedModel
+from ddpm.training.plan import shell_override
 from ddpm.training.stopping import TrainingStopped
 from ddpm.training.writer import RunWriter
 
@@ -138,7 +139,7 @@ def score_model(
     except Exception as e:  # noqa: BLE001 (a sampler or feature fault: the weights are saved)
         reporter.say(
             f"warning: step {step}: the model could not be scored ({type(e).__name__}: {e}); training goes "
-            f"on; score it later with: ddpm-eval ckpt={writer.ckpt_dir / 'last.pt'}"
+            f"on; score it later with: ddpm-eval {shell_override('ckpt', writer.ckpt_dir / 'last.pt')}"
         )
         return None
     writer.metrics(row)

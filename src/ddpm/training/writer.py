@@ -16,6 +16,7 @@ from PIL import Image
 from ddpm.checkpoint import link_checkpoint, save_checkpoint
 from ddpm.images import save_grid, save_png
 from ddpm.plots import save_loss_plot
+from ddpm.training.plan import shell_override
 from ddpm.training.rundir import (
     prune_checkpoints,
     remove_partial_writes,
@@ -51,7 +52,7 @@ class RunWriter:
 
     @property
     def resume_hint(self) -> str:
-        return f"ddpm-train hydra.run.dir={self.run_dir} resume=auto"
+        return f"ddpm-train {shell_override('hydra.run.dir', self.run_dir)} resume=auto"
 
     def nonfinite_advice(self, skipping: bool) -> str:
         """The end of a non-finite step's message: what is kept and how to go on."""
