@@ -87,6 +87,9 @@ class SampleConfig(SamplingKeys):
     batch_size: int = MISSING
     device: str = MISSING
     save_images: bool = MISSING
+    gif: bool = MISSING
+    gif_frames: int = MISSING
+    gif_frame_ms: int = MISSING
 
 
 @dataclass

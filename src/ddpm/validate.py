@@ -65,6 +65,8 @@ def validate_sample(cfg: Any) -> None:
     check_sampling(cfg, None)
     checks.at_least("n", cfg.n, 1)
     checks.at_least("batch_size", cfg.batch_size, 1)
+    checks.at_least("gif_frames", cfg.gif_frames, 2)  # x_T and the images at least
+    checks.at_least("gif_frame_ms", cfg.gif_frame_ms, 10)  # a GIF counts in hundredths of a second
     check_device(cfg.device)
 
 
