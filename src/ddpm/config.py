@@ -22,6 +22,7 @@ from ddpm.diffusion.sampling import Spacing, Variance
 from ddpm.diffusion.schedules import SCHEDULES, ScheduleConfig
 from ddpm.errors import ConfigError
 from ddpm.models import MODELS, ModelConfig
+from ddpm.training.logger import Logger
 from ddpm.training.step import LRDecay
 from ddpm.training.stopping import OnNonFinite
 
@@ -74,6 +75,7 @@ class TrainConfig(SamplingKeys):
     keep_last: int = MISSING
     on_nonfinite: OnNonFinite = MISSING
     max_nonfinite: int = MISSING
+    logger: Logger = MISSING
     resume: str | None = None  # null | auto | PATH
 
 

@@ -16,6 +16,7 @@ from ddpm.errors import ConfigError
 from ddpm.evaluation.features import FEATURES
 from ddpm.models import check_model
 from ddpm.runtime import check_device
+from ddpm.training.logger import check_logger
 
 
 def check_objective(cfg: Any) -> None:
@@ -58,6 +59,7 @@ def validate_train(cfg: Any) -> None:
     checks.at_least("forward_n", cfg.forward_n, 0)
     checks.at_least("keep_last", cfg.keep_last, 0)
     checks.at_least("max_nonfinite", cfg.max_nonfinite, 1)
+    check_logger(cfg.logger)
 
 
 def validate_sample(cfg: Any) -> None:

@@ -308,7 +308,9 @@ def announce(run: Run, reporter: ProgressReporter) -> bool:
 def open_writer(run: Run) -> RunWriter:
     plan = run.plan
     last_ckpt = plan.checkpoint if plan.continues_in_place else None
-    writer = RunWriter(plan.run_dir, run.cfg.keep_last, last_ckpt, active=run.runtime.is_main)
+    writer = RunWriter(
+        plan.run_dir, run.cfg.keep_last, last_ckpt, active=run.runtime.is_main, logger=run.cfg.logger
+    )
     metrics_source = run_dir_of(plan.checkpoint) / "metrics.jsonl" if plan.fork else None
     writer.open(run.start, plan.checkpoint, metrics_source)
     return writer

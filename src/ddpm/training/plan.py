@@ -33,6 +33,7 @@ RESUMABLE = (
     "forward_n",
     "on_nonfinite",
     "max_nonfinite",
+    "logger",
     "data.root",
     "data.download",
     "data.num_workers",
