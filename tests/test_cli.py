@@ -2,6 +2,7 @@
 stake, through the same entry points in this process."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +45,16 @@ def trained(tmp_path_factory) -> Path:
     return cwd / "run"
 
 
+def test_train_log_holds_what_the_run_printed_with_times(trained):
+    lines = (trained / "train.log").read_text().splitlines()
+    stamp = r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2} "
+    assert all(re.match(stamp, line) for line in lines), lines
+    assert lines[0][20:].startswith("ddpm-train | data digits 8x8x1")
+    assert any(line[20:].startswith("step 2/3 | loss ") for line in lines)
+    assert any(line[20:].startswith("step 2: checkpoint -> ") for line in lines)
+    assert lines[-1][20:].startswith("done: 3 steps")
+
+
 def test_train_writes_checkpoints_grids_forward_and_metrics(trained):
     assert files_under(trained) == [
         ".hydra/config.yaml",
@@ -57,6 +68,7 @@ def test_train_writes_checkpoints_grids_forward_and_metrics(trained):
         "metrics.jsonl",
         "samples/step_000002.png",
         "samples/step_000003.png",
+        "train.log",
     ]
     recorded = yaml.safe_load((trained / ".hydra/config.yaml").read_text())
     assert recorded["loss"] == "huber" and recorded["timesteps"] == 200

@@ -227,7 +227,7 @@ def one_line_errors(prog: str) -> Iterator[None]:
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
     except TrainingStopped as e:
-        print(f"{prog}: {'error: ' if e.error else ''}{e}", file=sys.stderr)
+        print(e.line(prog), file=sys.stderr)
         sys.exit(e.exit_code)
     except (ValueError, TypeError) as e:
         # Hydra's parser raises plain ValueErrors on some malformed overrides ("=1"); ours are bugs.

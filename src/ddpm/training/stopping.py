@@ -28,6 +28,10 @@ class TrainingStopped(Exception):
         super().__init__(message)
         self.exit_code, self.error = exit_code, error
 
+    def line(self, prog: str) -> str:
+        """The one line the command ends with, on stderr and in the run's train.log."""
+        return f"{prog}: {'error: ' if self.error else ''}{self}"
+
 
 class StopRequests:
     """SIGINT and SIGTERM set ``signum``; the loop stops at the next step boundary, after a checkpoint.
