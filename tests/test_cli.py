@@ -3,6 +3,7 @@ stake, through the same entry points in this process."""
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +46,16 @@ def trained(tmp_path_factory) -> Path:
     return cwd / "run"
 
 
+def test_train_log_holds_what_the_run_printed_with_times(trained):
+    lines = (trained / "train.log").read_text().splitlines()
+    stamp = r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2} "
+    assert all(re.match(stamp, line) for line in lines), lines
+    assert lines[0][20:].startswith("ddpm-train | data digits 8x8x1")
+    assert any(line[20:].startswith("step 2/3 | loss ") for line in lines)
+    assert any(line[20:].startswith("step 2: checkpoint -> ") for line in lines)
+    assert lines[-1][20:].startswith("done: 3 steps")
+
+
 def test_train_writes_checkpoints_grids_forward_and_metrics(trained):
     assert files_under(trained) == [
         ".hydra/config.yaml",
@@ -58,6 +69,7 @@ def test_train_writes_checkpoints_grids_forward_and_metrics(trained):
         "metrics.jsonl",
         "samples/step_000002.png",
         "samples/step_000003.png",
+        "train.log",
     ]
     recorded = yaml.safe_load((trained / ".hydra/config.yaml").read_text())
     assert recorded["loss"] == "huber" and recorded["timesteps"] == 200
@@ -84,6 +96,33 @@ def test_sample_writes_grid_and_images_and_repeats_by_seed(trained, in_process):
     }
     assert all(np.array_equal(a, b) for a, b in zip(pixels["s1"], pixels["s2"], strict=True))
     assert not all(np.array_equal(a, b) for a, b in zip(pixels["s1"], pixels["s3"], strict=True))
+
+
+def test_sample_gif_goes_from_noise_to_the_grid(trained, in_process):
+    cwd = trained.parent
+    common = ["ckpt=run/checkpoints/last.pt", "n=6", "seed=3", "gif=true", "device=cpu"]
+    result = in_process("ddpm-sample", *common, "gif_frames=5", "gif_frame_ms=30", "out=g1", cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    assert files_under(cwd / "g1") == ["denoise.gif", "grid.png"]
+    assert "g1/denoise.gif (5 frames)" in result.stdout
+    grid = Image.open(cwd / "g1/grid.png")
+    with Image.open(cwd / "g1/denoise.gif") as gif:
+        assert gif.n_frames == 5 and gif.size == grid.size and gif.info["loop"] == 0
+        frames, durations = [], []
+        for i in range(gif.n_frames):
+            gif.seek(i)
+            frames.append(np.asarray(gif.convert("L"), dtype=np.int16))
+            durations.append(gif.info["duration"])
+    assert durations == [30, 30, 30, 30, 2000]  # the result stays in view
+    cells = frames[0][2:34, 2:34]  # the first 8x8 sample, enlarged to 32x32 inside the padding
+    assert cells.std() > 80  # x_T: N(0, 1) clipped to [-1, 1] is about 100 grey levels wide
+    assert np.array_equal(frames[-1], np.asarray(grid.convert("L"), dtype=np.int16))
+
+    # at most one frame per sampler step: 10 steps visit 11 states
+    steps = ["sampler=ddim", "sample_steps=10", "gif_frames=40", "out=g2"]
+    assert in_process("ddpm-sample", *common, *steps, cwd=cwd).returncode == 0
+    with Image.open(cwd / "g2/denoise.gif") as gif:
+        assert gif.n_frames == 11
 
 
 def test_export_to_safetensors_samples_the_same_images(trained, in_process):

@@ -106,6 +106,7 @@ TRAIN_INVALID: dict[str, st.SearchStrategy[str]] = {
     "keep_last": below(0),
     "on_nonfinite": not_one_of({"stop", "skip"}),
     "max_nonfinite": below(1),
+    "logger": not_one_of({"none", "tensorboard"}),
     "resume": words.map(lambda w: f"no_such_dir/{w}.pt"),
     "eval_at_end": not_a_value,
     "eval_every": below(0),
@@ -303,6 +304,9 @@ SAMPLE_INVALID: dict[str, st.SearchStrategy[str]] = {
     "batch_size": below(1),
     "device": words.filter(lambda w: w not in ("auto", "cpu", "cuda")),
     "save_images": not_a_value,
+    "gif": not_a_value,
+    "gif_frames": below(2),
+    "gif_frame_ms": below(10),
 }
 
 

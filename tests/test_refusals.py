@@ -1,6 +1,8 @@
 """Bad input to each command, through its real entry point in this process: one line naming the bad value
 and the valid choices, exit status 2, no trace, and nothing written."""
 
+import sys
+
 import pytest
 from conftest import FIXTURES, assert_refused, run_entry
 
@@ -30,6 +32,7 @@ BAD_TRAIN = [
     ),
     (["timestep=5"], "Key 'timestep' not in 'TrainConfig'"),
     (["steps=many"], "Value 'many' of type 'str' could not be converted to Integer"),
+    (["logger=wandb"], "Invalid value 'wandb', expected one of [none, tensorboard]"),
 ]
 
 
@@ -46,6 +49,18 @@ def test_bad_train_input_is_one_line_and_writes_nothing(tmp_path, monkeypatch, c
     assert set(made) <= {".hydra"}, made
 
 
+def test_tensorboard_without_its_package_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if it were not installed
+    args = ["logger=tensorboard", "steps=1", "hydra.run.dir=run"]
+    code, lines, output = run_entry(cli.train_main, args, capsys)
+    assert_refused("ddpm-train", code, lines, output, args)
+    assert lines[0] == (
+        "ddpm-train: error: logger=tensorboard needs the tensorboard package: pip install 'ddpm[tensorboard]'"
+    )
+    assert {p.relative_to(tmp_path / "run").parts[0] for p in (tmp_path / "run").rglob("*")} <= {".hydra"}
+
+
 BAD_SAMPLE = [
     (["ckpt=nope.pt"], "ckpt=nope.pt does not exist"),
     (["ckpt=junk.pt"], "ckpt=junk.pt is not a readable checkpoint"),
@@ -56,6 +71,8 @@ BAD_SAMPLE = [
     (["ckpt=junk.pt", "timestep_spacing=uniform"], "expected one of [linspace, leading, trailing]"),
     (["ckpt=junk.pt", "samplers=ddim"], "Key 'samplers' not in 'SampleConfig'"),
     (["ckpt=tiny.pt", "sample_steps=21"], "sample_steps=21 is invalid: it must lie in [1, T=20]"),
+    (["ckpt=tiny.pt", "gif=true", "gif_frames=1"], "gif_frames=1 is invalid: it must be >= 2"),
+    (["ckpt=tiny.pt", "gif_frame_ms=5"], "gif_frame_ms=5 is invalid: it must be >= 10"),
 ]
 
 

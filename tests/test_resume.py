@@ -186,6 +186,29 @@ def test_sigint_stops_at_the_step_boundary_with_a_checkpoint(compose_cfg, tmp_pa
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers handed back
 
 
+def test_a_stop_and_the_resume_land_in_one_train_log(compose_cfg, tmp_path, monkeypatch):
+    overrides = TINY + ["steps=3", "timesteps=20", "checkpoint_every=0", "sample_every=0", "forward_n=0"]
+    signal_at(monkeypatch, 2, signal.SIGINT)
+    with pytest.raises(TrainingStopped) as stop:
+        train(compose_cfg("train", overrides), tmp_path)
+    monkeypatch.undo()
+    lines = [line[20:] for line in (tmp_path / "train.log").read_text().splitlines()]
+    assert lines[-1] == stop.value.line("ddpm-train") and lines[-1].startswith(
+        "ddpm-train: stopped by SIGINT"
+    )
+    train(compose_cfg("train", overrides + ["resume=auto"]), tmp_path, ["resume=auto"])
+    lines = [line[20:] for line in (tmp_path / "train.log").read_text().splitlines()]
+    assert sum(line.startswith("ddpm-train | data digits") for line in lines) == 2
+    assert any(line.startswith("resuming from ") for line in lines)
+    assert lines[-1].startswith("done: steps 3-3")
+    # a complete run resumed again has nothing to do, and writes nothing
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    log = (tmp_path / "train.log").read_text()
+    train(compose_cfg("train", overrides + ["resume=auto"]), tmp_path, ["resume=auto"])
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+    assert (tmp_path / "train.log").read_text() == log
+
+
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(compose_cfg, tmp_path):
     # A learning rate this large overflows the weights within a few steps: a real NaN, not an injected one.
     overrides = EXACT + [

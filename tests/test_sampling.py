@@ -6,9 +6,13 @@ import torch
 
 from ddpm.diffusion.forward import Objective, make_denoiser
 from ddpm.diffusion.sampling import (
+    SamplingOptions,
     Spacing,
     ddim_sample,
     dpm_solver_pp_sample,
+    frame_steps,
+    generate,
+    generate_with_frames,
     p_sample_loop,
     sampling_timesteps,
 )
@@ -134,3 +138,53 @@ def test_trailing_counts_that_a_float_range_overshot():
     # arange(200, 0, -200 / 29) holds 30 values, the last of which rounds to 0 and so became t = -1
     assert sampling_timesteps(200, 29, Spacing.trailing)[-1] == 6
     assert sampling_timesteps(1000, 61, Spacing.trailing)[-1] == 15
+
+
+@pytest.mark.parametrize(
+    ("sampler", "options"),
+    [(p_sample_loop, {"variance": "small"}), (ddim_sample, {"eta": 0.5}), (dpm_solver_pp_sample, {})],
+)
+def test_on_step_sees_every_state_and_changes_nothing(schedule, sampler, options):
+    denoise = make_denoiser(GaussianOracle(schedule), schedule, Objective.eps, clip_x0=True)
+    ts = sampling_timesteps(1000, 12, Spacing.linspace)
+    x_T = torch.randn(8, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    seen = []
+    plain = sampler(denoise, schedule, x_T, ts, torch.Generator().manual_seed(1), **options)
+    watched = sampler(
+        denoise,
+        schedule,
+        x_T,
+        ts,
+        torch.Generator().manual_seed(1),
+        **options,
+        on_step=lambda i, x: seen.append((i, x.clone())),
+    )
+    assert torch.equal(plain, watched)
+    assert [i for i, _ in seen] == list(range(1, len(ts) + 1))
+    assert torch.equal(seen[-1][1].clamp(-1, 1), plain)
+
+
+def test_frame_steps_span_noise_to_images_evenly():
+    assert frame_steps(200, 5) == [0, 50, 100, 150, 200]
+    assert frame_steps(10, 40) == list(range(11))  # at most one frame per step
+    assert frame_steps(1, 2) == [0, 1]
+    for steps in (1, 7, 50, 200):
+        for frames in range(2, steps + 2):
+            chosen = frame_steps(steps, frames)
+            assert len(chosen) == frames and chosen[0] == 0 and chosen[-1] == steps
+
+
+def test_frames_run_from_x_T_to_the_same_images_generate_draws():
+    from conftest import FIXTURES
+
+    from ddpm.trained import load_trained
+
+    trained = load_trained(FIXTURES / "tiny_v2.pt", torch.device("cpu"))
+    sampling = SamplingOptions(sampler="ddim", sample_steps=10, eta=1.0)
+    images = generate(trained, sampling, 5, 3, 2)  # three batches: 2 + 2 + 1
+    same, frames = generate_with_frames(trained, sampling, 5, 3, 2, frames=4)
+    assert torch.equal(images, same)
+    assert frames.shape == (4, 5, *trained.shape)
+    assert torch.equal(frames[-1], images)
+    g = torch.Generator().manual_seed(3)  # generate's x_T: the first draws of the seeded generator
+    assert torch.equal(frames[0, :2], torch.randn((2, *trained.shape), generator=g).clamp(-1, 1))

@@ -25,6 +25,7 @@ def test_train_writes_the_run_directory(compose_cfg, tmp_path):
         "metrics.jsonl",
         "samples/step_000002.png",
         "samples/step_000004.png",
+        "train.log",
     ]
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]

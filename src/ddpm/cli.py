@@ -23,10 +23,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ddpm.checkpoint import export_safetensors, load_checkpoint, run_dir_of
 from ddpm.config import register_configs
-from ddpm.diffusion.sampling import SamplingOptions, check_sampling, generate
+from ddpm.diffusion.sampling import SamplingOptions, check_sampling, generate, generate_with_frames
 from ddpm.errors import ConfigError, DdpmError
 from ddpm.evaluation.evaluate import evaluate, summary_lines
-from ddpm.images import save_grid, save_individual
+from ddpm.images import save_gif, save_grid, save_individual
 from ddpm.runtime import Runtime, launched_ranks
 from ddpm.summary import write_summary
 from ddpm.sweeps import (
@@ -185,14 +185,23 @@ def sample(cfg: DictConfig) -> None:
     except OSError as e:
         raise ConfigError(f"out={cfg.out} cannot be written: {e.strerror or e}") from e
     sampling = SamplingOptions.from_config(cfg)
-    images = generate(trained, sampling, cfg.n, cfg.seed, cfg.batch_size)
+    if cfg.gif:
+        images, frames = generate_with_frames(
+            trained, sampling, cfg.n, cfg.seed, cfg.batch_size, cfg.gif_frames
+        )
+    else:
+        images = generate(trained, sampling, cfg.n, cfg.seed, cfg.batch_size)
     try:
         save_grid(images, out / "grid.png")
         if cfg.save_images:
             save_individual(images, out / "images")
+        if cfg.gif:
+            save_gif(frames, out / "denoise.gif", cfg.gif_frame_ms)
     except OSError as e:
         raise ConfigError(f"out={out} cannot be written: {e.strerror or e}") from e
     where = f"{out / 'grid.png'}" + (f" and {cfg.n} images in {out / 'images'}" if cfg.save_images else "")
+    if cfg.gif:
+        where += f" and {out / 'denoise.gif'} ({len(frames)} frames)"
     weights = {"ema": "EMA weights", "model": "raw weights"}[trained.weights]
     if cfg.ema and trained.weights == "model":
         weights += " (the checkpoint has no EMA)"
@@ -239,7 +248,7 @@ def one_line_errors(prog: str) -> Iterator[None]:
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
     except TrainingStopped as e:
-        print(f"{prog}: {'error: ' if e.error else ''}{e}", file=sys.stderr)
+        print(e.line(prog), file=sys.stderr)
         if e.hand_on is not None:
             e.hand_on()  # submitit's handler requeues the job and exits; another may return
         sys.exit(e.exit_code)

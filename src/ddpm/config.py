@@ -23,6 +23,7 @@ from ddpm.diffusion.sampling import Spacing, Variance
 from ddpm.diffusion.schedules import SCHEDULES, ScheduleConfig
 from ddpm.errors import ConfigError
 from ddpm.models import MODELS, ModelConfig
+from ddpm.training.logger import Logger
 from ddpm.training.step import LRDecay
 from ddpm.training.stopping import OnNonFinite
 
@@ -101,6 +102,7 @@ class TrainConfig(SamplingKeys):
     keep_last: int = MISSING
     on_nonfinite: OnNonFinite = MISSING
     max_nonfinite: int = MISSING
+    logger: Logger = MISSING
     resume: str | None = None  # null | auto | PATH
 
 
@@ -114,6 +116,9 @@ class SampleConfig(SamplingKeys):
     batch_size: int = MISSING
     device: str = MISSING
     save_images: bool = MISSING
+    gif: bool = MISSING
+    gif_frames: int = MISSING
+    gif_frame_ms: int = MISSING
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Writing images: sample grids, single samples and the forward-process figure."""
+"""Writing images: sample grids, single samples, the denoising animation and the forward-process figure."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from ddpm.files import write_atomically
 # Cells of a grid are enlarged (nearest neighbour, whole factors) to at least this many pixels, so 8x8 or
 # 28x28 samples can be seen; single-image PNGs keep the model's resolution.
 DISPLAY_MIN_PX = 32
+# The last frame of an animation stays this long (or 5 frames, if longer), so the result can be seen.
+HOLD_LAST_MS = 2000
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
@@ -48,6 +50,20 @@ def grid_image(images: torch.Tensor, ncol: int | None = None) -> Image.Image:
 
 def save_grid(images: torch.Tensor, path: Path) -> None:
     save_png(grid_image(images), path)
+
+
+def save_gif(frames: torch.Tensor, path: Path, frame_ms: int) -> None:
+    """An animated GIF of (F, N, C, H, W) frames in [-1, 1], each laid out as ``grid_image`` lays out a
+    grid, ``frame_ms`` each, the last held longer; it loops. Grayscale frames keep their exact grey
+    levels; RGB ones are reduced to GIF's 256 colours per frame."""
+    images = [grid_image(frame) for frame in frames]
+    durations = [frame_ms] * (len(images) - 1) + [max(HOLD_LAST_MS, 5 * frame_ms)]
+    write_atomically(
+        path,
+        lambda f: images[0].save(
+            f, format="GIF", save_all=True, append_images=images[1:], duration=durations, loop=0
+        ),
+    )
 
 
 def save_individual(images: torch.Tensor, folder: Path, start: int = 0) -> None:

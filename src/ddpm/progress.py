@@ -1,8 +1,11 @@
-"""Progress output: a rich progress bar on a terminal, plain fixed-field lines otherwise (logs, CI)."""
+"""Progress output: a rich progress bar on a terminal, plain fixed-field lines otherwise (logs, CI); every
+line also goes, with its time, to a log file once one is given."""
 
 from __future__ import annotations
 
 import sys
+import time
+from pathlib import Path
 from types import TracebackType
 
 from rich.console import Console
@@ -17,14 +20,19 @@ def format_duration(seconds: float) -> str:
 
 
 class ProgressReporter:
-    """Shows step/total, loss, img/s and the time left; ``say`` prints a line above the bar."""
+    """Shows step/total, loss, img/s and the time left; ``say`` prints a line above the bar. After
+    ``record_to(path)``, each line (progress lines too, which the bar shows in place) is also appended to
+    ``path``, starting with the lines said before: a run's header comes before its directory is ready."""
 
     def __init__(
         self, total: int, start: int = 0, console: Console | None = None, quiet: bool = False
     ) -> None:
         # quiet (the ranks other than the main one): nothing at all
         self.console = console or Console(file=sys.stdout, highlight=False, quiet=quiet)
-        self.total = total
+        self.total, self.quiet = total, quiet
+        self.log_file: Path | None = None
+        self.log_failed = False
+        self._unrecorded: list[str] = []  # lines said before there was a log file, with their times
         self.bar: Progress | None = None
         if self.console.is_terminal and not quiet:
             self.bar = Progress(
@@ -52,16 +60,47 @@ class ProgressReporter:
             self.bar.update(self.task, completed=step)
 
     def log(self, step: int, loss: float, img_per_s: float, eta_s: float) -> None:
+        line = (
+            f"step {step}/{self.total} | loss {loss:.4f} | {img_per_s:,.0f} img/s | "
+            f"eta {format_duration(eta_s)}"
+        )
+        self.record(line)
         if self.bar is not None:
             self.bar.update(self.task, completed=step, loss=f"{loss:.4f}", img_per_s=f"{img_per_s:,.0f}")
         else:
-            self.console.print(
-                f"step {step}/{self.total} | loss {loss:.4f} | {img_per_s:,.0f} img/s | "
-                f"eta {format_duration(eta_s)}",
-                soft_wrap=True,
-            )
+            self.console.print(line, soft_wrap=True)
             self.console.file.flush()  # a log file or pipe sees each line as it happens
 
     def say(self, message: str) -> None:
+        self.record(message)
         self.console.print(message, soft_wrap=True)
         self.console.file.flush()
+
+    def record_to(self, path: Path) -> None:
+        """Append every line from now on to ``path``, the lines said so far first."""
+        if self.quiet:
+            return
+        self.log_file = path
+        unrecorded, self._unrecorded = self._unrecorded, []
+        self._append(unrecorded)
+
+    def record(self, line: str) -> None:
+        """``line`` into the log file only, with its time (e.g. a message the caller prints to stderr)."""
+        if self.quiet or self.log_failed:
+            return
+        stamped = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}"
+        if self.log_file is None:
+            self._unrecorded.append(stamped)
+        else:
+            self._append([stamped])
+
+    def _append(self, lines: list[str]) -> None:
+        # opened for each line: nothing to close, and a line is on disk when the run is killed after it
+        try:
+            with open(self.log_file, "a") as f:
+                f.write("".join(line + "\n" for line in lines))
+        except OSError as e:  # a log line is not worth the run: the console still has it
+            self.log_failed = True
+            self.console.print(
+                f"warning: {self.log_file}: {e.strerror or e}; lines go to the console only", soft_wrap=True
+            )

@@ -16,6 +16,7 @@ from ddpm.errors import ConfigError
 from ddpm.evaluation.features import FEATURES
 from ddpm.models import check_model
 from ddpm.runtime import check_device
+from ddpm.training.logger import check_logger
 
 
 def check_objective(cfg: Any) -> None:
@@ -61,6 +62,7 @@ def validate_train(cfg: Any) -> None:
     checks.at_least("forward_n", cfg.forward_n, 0)
     checks.at_least("keep_last", cfg.keep_last, 0)
     checks.at_least("max_nonfinite", cfg.max_nonfinite, 1)
+    check_logger(cfg.logger)
 
 
 def validate_sample(cfg: Any) -> None:
@@ -68,6 +70,8 @@ def validate_sample(cfg: Any) -> None:
     check_sampling(cfg, None)
     checks.at_least("n", cfg.n, 1)
     checks.at_least("batch_size", cfg.batch_size, 1)
+    checks.at_least("gif_frames", cfg.gif_frames, 2)  # x_T and the images at least
+    checks.at_least("gif_frame_ms", cfg.gif_frame_ms, 10)  # a GIF counts in hundredths of a second
     check_device(cfg.device)
 
 

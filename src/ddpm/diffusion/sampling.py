@@ -5,7 +5,9 @@
 of a denoiser (x_t, t) -> (x0_hat, eps_hat), the schedule, the starting noise, the timesteps to visit
 (descending, 0-based, from ``sampling_timesteps``) and a generator for any fresh noise. The model is called
 once per visited timestep. Coefficients are taken from a float64 copy of the schedule on the host, so the
-loops do not synchronise with the device.
+loops do not synchronise with the device. An optional ``on_step(i, x)`` sees the state after each of the
+``len(timesteps)`` steps (i = 1 ... len(timesteps); the last is the returned images before they are
+clipped to [-1, 1]); it only reads.
 """
 
 from __future__ import annotations
@@ -75,6 +77,10 @@ def _t(x: torch.Tensor, t: int) -> torch.Tensor:
     return torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
 
 
+# on_step(i, x): the state x after step i of a sampler's run (i = 1 ... number of visited timesteps)
+OnStep = Callable[[int, torch.Tensor], None]
+
+
 def p_sample(
     denoise: Denoiser,
     x_t: torch.Tensor,
@@ -109,6 +115,7 @@ def p_sample_loop(
     timesteps: list[int],
     generator: torch.Generator | None = None,
     variance: str = "small",
+    on_step: OnStep | None = None,
 ) -> torch.Tensor:
     """Ancestral sampling, Algorithm 2 of Ho et al. 2020, over the visited timesteps. With every step
     visited and eps-prediction it is Algorithm 2 line for line: x_{t-1} = 1/sqrt(alpha_t) (x_t - beta_t /
@@ -117,6 +124,8 @@ def p_sample_loop(
     x = x_T
     for i, t in enumerate(timesteps):
         x = p_sample(denoise, x, t, abar[i], abar_prev[i], variance, generator, i + 1 == len(timesteps))
+        if on_step is not None:
+            on_step(i + 1, x)
     return x.clamp(-1.0, 1.0)
 
 
@@ -128,6 +137,7 @@ def ddim_sample(
     timesteps: list[int],
     generator: torch.Generator | None = None,
     eta: float = 0.0,
+    on_step: OnStep | None = None,
 ) -> torch.Tensor:
     """DDIM, Song et al. 2021, eq. 12: x_t' = sqrt(abar_t') x0_hat + sqrt(1 - abar_t' - sigma^2) eps_hat
     + sigma z, with sigma = eta sqrt((1 - abar_t') / (1 - abar_t)) sqrt(1 - abar_t / abar_t').
@@ -140,6 +150,8 @@ def ddim_sample(
         x = math.sqrt(abar_prev[i]) * x0 + math.sqrt(max(1 - abar_prev[i] - sigma**2, 0.0)) * eps
         if sigma > 0:
             x = x + sigma * _noise(x, generator)
+        if on_step is not None:
+            on_step(i + 1, x)
     return x.clamp(-1.0, 1.0)
 
 
@@ -150,6 +162,7 @@ def dpm_solver_pp_sample(
     x_T: torch.Tensor,
     timesteps: list[int],
     generator: torch.Generator | None = None,
+    on_step: OnStep | None = None,
 ) -> torch.Tensor:
     """DPM-Solver++(2M), Lu et al. 2022, Algorithm 2: a second-order multistep solver of the diffusion ODE
     in the data prediction x0_hat, with lambda = log(alpha / sigma):
@@ -165,6 +178,8 @@ def dpm_solver_pp_sample(
     for i, s in enumerate(timesteps):
         x0, _ = denoise(x, _t(x, s))
         if i + 1 == len(timesteps):
+            if on_step is not None:
+                on_step(i + 1, x0)
             return x0.clamp(-1.0, 1.0)
         h = lam[i + 1] - lam[i]
         if x0_prev is None or math.isinf(h_prev):
@@ -174,6 +189,8 @@ def dpm_solver_pp_sample(
             d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
         x = (sigma[i + 1] / sigma[i]) * x - alpha[i + 1] * math.expm1(-h) * d
         x0_prev, h_prev = x0, h
+        if on_step is not None:
+            on_step(i + 1, x)
     raise ValueError("no timesteps to visit")
 
 
@@ -235,6 +252,40 @@ def generate(
 
     One generator, seeded once, supplies x_T and every step's noise: the same seed, n and batch size give
     the same images."""
+    return _draw(trained, sampling, n, seed, batch_size, frames=0)[0]
+
+
+@torch.no_grad()
+def generate_with_frames(
+    trained: TrainedModel, sampling: SamplingOptions, n: int, seed: int, batch_size: int, frames: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``generate``'s images (the very same), and ``frames`` states of the way to them, (frames, n, C, H,
+    W) on the CPU, clipped to [-1, 1]: x_T first, the images last, evenly spaced over the visited
+    timesteps in between (at most one frame per step: frames is clamped to steps + 1)."""
+    images, states = _draw(trained, sampling, n, seed, batch_size, frames)
+    assert states is not None
+    return images, states
+
+
+def frame_steps(steps: int, frames: int) -> list[int]:
+    """Which states of a sampler's run of ``steps`` steps (0: x_T, ``steps``: the images) make
+    ``frames`` frames, evenly spaced with both ends included."""
+    frames = min(max(frames, 2), steps + 1)
+    return sorted({round(i * steps / (frames - 1)) for i in range(frames)})
+
+
+def _recorder(keep: set[int], into: list[torch.Tensor]) -> OnStep:
+    def record(i: int, x: torch.Tensor) -> None:
+        if i in keep:
+            into.append(x.clamp(-1.0, 1.0).cpu())
+
+    return record
+
+
+def _draw(
+    trained: TrainedModel, sampling: SamplingOptions, n: int, seed: int, batch_size: int, frames: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The images, and with ``frames`` > 0 the states that ``frame_steps`` chooses (None without)."""
     model, schedule = trained.model, trained.schedule
     device = schedule.betas.device
     was_training = model.training
@@ -245,11 +296,18 @@ def generate(
     )
     sampler = SAMPLERS[sampling.sampler]
     options = sampler.options(sampling)
+    keep = set(frame_steps(len(timesteps), frames)) if frames > 0 else set()
     generator = torch.Generator(device=device).manual_seed(seed)
-    chunks = []
+    chunks, frame_chunks = [], []
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
         x_T = torch.randn((b, *trained.shape), generator=generator, device=device)
-        chunks.append(sampler.run(denoise, schedule, x_T, timesteps, generator, **options).cpu())
+        kept = [x_T.clamp(-1.0, 1.0).cpu()] if 0 in keep else []
+        on_step = _recorder(keep, kept) if keep else None
+        chunks.append(
+            sampler.run(denoise, schedule, x_T, timesteps, generator, **options, on_step=on_step).cpu()
+        )
+        frame_chunks.append(kept)
     model.train(was_training)
-    return torch.cat(chunks)
+    states = torch.cat([torch.stack(k) for k in frame_chunks], dim=1) if keep else None
+    return torch.cat(chunks), states

@@ -196,24 +196,31 @@ def train(
     command line's (a resumed run checks them against its saved config); ``sweep_job`` is the job's number
     in a sweep. Returns a summary; raises TrainingStopped when the run ends early."""
     run = setup(cfg, Path(run_dir), overrides, sweep_job)
+    reporter = ProgressReporter(run.cfg.steps, start=run.start, quiet=not run.runtime.is_main)
     try:
-        return train_loop(run)
+        return train_loop(run, reporter)
     except RuntimeError as e:
         if not (run.runtime.distributed and is_peer_failure(e)):
             raise
         last = run.plan.run_dir / "checkpoints" / "last.pt"
         again = f"ddpm-train {shell_override('hydra.run.dir', run.plan.run_dir)} resume=auto"
-        raise TrainingStopped(
+        stopped = TrainingStopped(
             f"the other ranks stopped answering ({str(e).strip().splitlines()[0]}); the newest checkpoint "
             f"is {last}; continue with: {again}"
-        ) from e
+        )
+        reporter.record(stopped.line("ddpm-train"))
+        raise stopped from e
+    except TrainingStopped as e:
+        reporter.record(e.line("ddpm-train"))  # the command prints it to stderr
+        raise
     finally:
         run.runtime.stop()
 
 
-def train_loop(run: Run) -> dict[str, Any]:
+def train_loop(run: Run, reporter: ProgressReporter) -> dict[str, Any]:
+    """The run's steps, reported by ``reporter``; its lines go to train.log once the run directory is
+    ready, so a resumed run with nothing left to do writes nothing."""
     cfg, start, runtime = run.cfg, run.start, run.runtime
-    reporter = ProgressReporter(cfg.steps, start=start, quiet=not runtime.is_main)
     if not announce(run, reporter):
         return {
             "steps": start,
@@ -222,6 +229,7 @@ def train_loop(run: Run) -> dict[str, Any]:
             "resumed_from": str(run.plan.checkpoint),
         }
     writer = open_writer(run)
+    reporter.record_to(run.plan.run_dir / "train.log")
     stream = batches(run)
     x0 = next(stream)
     if runtime.is_main and cfg.forward_n > 0 and start == 0:
@@ -337,7 +345,9 @@ def announce(run: Run, reporter: ProgressReporter) -> bool:
 def open_writer(run: Run) -> RunWriter:
     plan = run.plan
     last_ckpt = plan.checkpoint if plan.continues_in_place else None
-    writer = RunWriter(plan.run_dir, run.cfg.keep_last, last_ckpt, active=run.runtime.is_main)
+    writer = RunWriter(
+        plan.run_dir, run.cfg.keep_last, last_ckpt, active=run.runtime.is_main, logger=run.cfg.logger
+    )
     metrics_source = run_dir_of(plan.checkpoint) / "metrics.jsonl" if plan.fork else None
     writer.open(run.start, plan.checkpoint, metrics_source)
     return writer

@@ -38,6 +38,7 @@ RESUMABLE = (
     "eval",
     "on_nonfinite",
     "max_nonfinite",
+    "logger",
     "data.root",
     "data.download",
     "data.num_workers",

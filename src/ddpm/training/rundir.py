@@ -12,7 +12,7 @@ from ddpm.errors import ConfigError
 from ddpm.files import write_atomically
 
 # What ddpm-train writes; Hydra's own .hydra/ is not a run.
-RUN_CONTENT = ("checkpoints", "samples", "metrics.jsonl", "forward.png")
+RUN_CONTENT = ("checkpoints", "samples", "metrics.jsonl", "forward.png", "train.log")
 STEP_FILE = re.compile(r"step_(\d+)\.pt")
 
 

@@ -37,6 +37,10 @@ class TrainingStopped(Exception):
         super().__init__(message)
         self.exit_code, self.error, self.hand_on = exit_code, error, hand_on
 
+    def line(self, prog: str) -> str:
+        """The one line the command ends with, on stderr and in the run's train.log."""
+        return f"{prog}: {'error: ' if self.error else ''}{self}"
+
 
 class StopRequests:
     """SIGINT, SIGTERM and SIGUSR2 ask the loop to stop at the next step boundary, after a checkpoint;

@@ -1,4 +1,5 @@
-"""Everything a run writes into its directory: metrics rows, sample grids, forward.png and checkpoints.
+"""Everything a run writes into its directory: metrics rows, sample grids, forward.png and checkpoints
+(and, with logger=tensorboard, the same rows and grids as TensorBoard events).
 A file that cannot be written (disk full, permission) stops the run with one line that says what was
 kept and how to go on; a checkpoint is always written whole or not at all."""
 
@@ -14,8 +15,9 @@ import torch
 from PIL import Image
 
 from ddpm.checkpoint import link_checkpoint, save_checkpoint
-from ddpm.images import save_grid, save_png
+from ddpm.images import grid_image, save_png
 from ddpm.plots import save_loss_plot
+from ddpm.training.logger import Logger, TensorBoard
 from ddpm.training.plan import shell_override
 from ddpm.training.rundir import (
     prune_checkpoints,
@@ -39,16 +41,23 @@ def on_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 class RunWriter:
     """Writes only where ``active`` (the main rank); the others keep the same record of what was written,
-    for their messages."""
+    for their messages. With ``logger=tensorboard`` the metrics rows and grids also go to
+    <run>/tensorboard/."""
 
     def __init__(
-        self, run_dir: Path, keep_last: int, last_ckpt: Path | None = None, active: bool = True
+        self,
+        run_dir: Path,
+        keep_last: int,
+        last_ckpt: Path | None = None,
+        active: bool = True,
+        logger: Logger = Logger.none,
     ) -> None:
-        self.run_dir, self.keep_last, self.active = run_dir, keep_last, active
+        self.run_dir, self.keep_last, self.active, self.logger = run_dir, keep_last, active, logger
         self.ckpt_dir, self.sample_dir = run_dir / "checkpoints", run_dir / "samples"
         self.metrics_path = run_dir / "metrics.jsonl"
         self.last_ckpt = last_ckpt  # the newest whole checkpoint of this run, named in fault messages
         self._metrics: Any = None
+        self._board: TensorBoard | None = None
 
     @property
     def resume_hint(self) -> str:
@@ -88,6 +97,8 @@ class RunWriter:
                 # back to an earlier checkpoint: from now on it is the run's newest, for resume=auto too
                 link_checkpoint(resumed_from, self.ckpt_dir / "last.pt")
             self._metrics = open(self.metrics_path, "a")  # noqa: SIM115 (open for the whole run)
+            if self.logger is Logger.tensorboard:
+                self._board = TensorBoard(self.run_dir / "tensorboard", start)
 
     def __enter__(self) -> RunWriter:
         return self
@@ -99,6 +110,9 @@ class RunWriter:
         if self._metrics is not None:
             self._metrics.close()
             self._metrics = None
+        if self._board is not None:
+            self._board.close()
+            self._board = None
 
     def metrics(self, row: dict[str, Any]) -> None:
         if not self.active:
@@ -106,6 +120,8 @@ class RunWriter:
         with self.writing(self.metrics_path):
             self._metrics.write(json.dumps(row) + "\n")
             self._metrics.flush()
+            if self._board is not None:
+                self._board.metrics(row)
 
     def forward(self, figure: Image.Image) -> None:
         path = self.run_dir / "forward.png"
@@ -119,7 +135,10 @@ class RunWriter:
         if not self.active:
             return path
         with self.writing(path):
-            save_grid(images, path)
+            image = grid_image(images)
+            save_png(image, path)
+            if self._board is not None:
+                self._board.grid(step, image)
         return path
 
     def loss_plot(self) -> Path:
