@@ -1,6 +1,7 @@
 """Exact resume, kept checkpoints, signals, non-finite steps and disk faults, through train() itself."""
 
 import json
+import multiprocessing
 import os
 import signal
 from pathlib import Path
@@ -307,9 +308,11 @@ def test_resume_is_exact_with_loader_workers_and_flips(compose_cfg, tmp_path, mo
         "timesteps=20",
     ]  # 40 images: 2 batches of 16 an epoch, so the run crosses two epoch boundaries
     train(compose_cfg("train", overrides), tmp_path / "whole")
+    assert not multiprocessing.active_children()  # the loader's workers end with the run
     signal_at(monkeypatch, 3)
     with pytest.raises(TrainingStopped):
         train(compose_cfg("train", overrides), tmp_path / "cut")
+    assert not multiprocessing.active_children()  # and with a stopped one
     monkeypatch.undo()
     train(compose_cfg("train", overrides + ["resume=auto"]), tmp_path / "cut")
     assert_same_state(*(load_checkpoint(tmp_path / r / "checkpoints/last.pt") for r in ("whole", "cut")))

@@ -3,6 +3,7 @@ the first file is written) + one flat loop whose phases are labelled, writing th
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import signal
 import time
@@ -185,8 +186,14 @@ def batches(run: Run) -> Iterator[torch.Tensor]:
         generator=torch.Generator().manual_seed(run.cfg.seed),
     )
     rank, world = run.runtime.rank, run.runtime.world_size
-    for x0, (_, flips) in zip(loader, run.order.steps(run.start), strict=False):
-        yield apply_flips(x0.to(run.runtime.device, non_blocking=True), shard(flips, rank, world))
+    loading = iter(loader)
+    try:
+        for x0, (_, flips) in zip(loading, run.order.steps(run.start), strict=False):
+            yield apply_flips(x0.to(run.runtime.device, non_blocking=True), shard(flips, rank, world))
+    finally:
+        # the loader's worker processes end with the run, not whenever the collector finds the iterator
+        # (a multirun's next job, or a test, would wait seconds for them)
+        del loading
 
 
 def train(
@@ -242,7 +249,7 @@ def train_loop(run: Run, reporter: ProgressReporter) -> dict[str, Any]:
     interval = Interval(runtime.device)
     clock, last_loss, scores = time.perf_counter(), float("nan"), None
     run.model.train()
-    with reporter, StopRequests() as stop, writer:
+    with reporter, StopRequests() as stop, writer, contextlib.closing(stream):
         for step in range(start + 1, cfg.steps + 1):
             # Draw the step's t and eps for the whole batch (the same on every rank, each keeps its
             # slice) and seed dropout per (seed, step, rank): the step is the same computation whatever
