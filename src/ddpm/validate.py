@@ -7,6 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from torch.utils.data import Dataset
+
 from ddpm import checks
 from ddpm.data import DATASETS, check_data
 from ddpm.diffusion.forward import Objective
@@ -15,7 +17,7 @@ from ddpm.diffusion.schedules import check_schedule
 from ddpm.errors import ConfigError
 from ddpm.evaluation.features import FEATURES
 from ddpm.models import check_model
-from ddpm.runtime import check_device
+from ddpm.runtime import Runtime, check_device
 from ddpm.training.logger import check_logger
 
 
@@ -63,6 +65,31 @@ def validate_train(cfg: Any) -> None:
     checks.at_least("keep_last", cfg.keep_last, 0)
     checks.at_least("max_nonfinite", cfg.max_nonfinite, 1)
     check_logger(cfg.logger)
+
+
+def check_data_fits(cfg: Any, dataset: Dataset, saved: dict[str, Any] | None) -> None:
+    if len(dataset) < cfg.batch_size:
+        skipped = len(getattr(dataset, "skipped", []))
+        unreadable = f", besides {skipped} unreadable files" if skipped else ""
+        raise ConfigError(
+            f"batch_size={cfg.batch_size} is larger than the data set ({len(dataset)} images{unreadable}): "
+            "every step needs a full batch"
+        )
+    if saved is not None and saved["state"]["data"]["n_images"] != len(dataset):
+        raise ConfigError(
+            f"data.root={cfg.data.get('root', cfg.data.name)} now holds {len(dataset)} images, but the "
+            f"resumed run was trained on {saved['state']['data']['n_images']}: its data order cannot go on"
+        )
+
+
+def check_ranks_fit(cfg: Any, runtime: Runtime) -> None:
+    per_step = runtime.world_size * cfg.grad_accum
+    if runtime.distributed and cfg.batch_size % per_step:
+        raise ConfigError(
+            f"batch_size={cfg.batch_size} is invalid for {runtime.world_size} ranks and "
+            f"grad_accum={cfg.grad_accum}: each rank takes batch_size / {runtime.world_size} images a step "
+            f"in grad_accum micro-batches, so batch_size must be a multiple of {per_step}"
+        )
 
 
 def validate_sample(cfg: Any) -> None:

@@ -23,16 +23,16 @@ from ddpm.data import build_dataset
 from ddpm.data.order import BatchSampler, DataOrder, apply_flips, shard
 from ddpm.diffusion.sampling import SamplingOptions, generate
 from ddpm.diffusion.schedules import Schedule, build_schedule
-from ddpm.errors import ConfigError
 from ddpm.images import forward_figure
 from ddpm.models import build_model
-from ddpm.progress import ProgressReporter, format_duration
+from ddpm.progress import ProgressReporter
 from ddpm.runtime import Runtime, is_peer_failure, seed_everything
 from ddpm.trained import TrainedModel
 from ddpm.training.ema import EMA
 from ddpm.training.interval import Due, Interval
 from ddpm.training.plan import RunPlan, plain_config, plan_run, shell_override
-from ddpm.training.scores import RunScorer, format_scores, score_model
+from ddpm.training.report import announce, finish
+from ddpm.training.scores import RunScorer, score_model
 from ddpm.training.state import restore, training_state
 from ddpm.training.step import (
     StepOptions,
@@ -48,11 +48,7 @@ from ddpm.training.stopping import (
     ignore_stop_signals,
 )
 from ddpm.training.writer import RunWriter, on_cpu
-from ddpm.validate import validate_train
-
-# Above this share of the image left in x_T, the run says that sampling from N(0, I) starts off the
-# training distribution. It only prints a note: the annotated DDPM's own recipe (T=200) is above it.
-SIGNAL_AT_T_NOTE = 0.1
+from ddpm.validate import check_data_fits, check_ranks_fit, validate_train
 
 
 @dataclass
@@ -89,31 +85,6 @@ class Run:
             f"{cfg.objective.name}-prediction, {cfg.loss.name} loss | batch {cfg.batch_size} | "
             f"{cfg.steps} steps | EMA {cfg.ema.decay or 'off'} | sampler {cfg.sampler} | "
             f"{self.runtime.describe()} | run dir {self.plan.run_dir}"
-        )
-
-
-def check_data_fits(cfg: DictConfig, dataset: Dataset, saved: dict[str, Any] | None) -> None:
-    if len(dataset) < cfg.batch_size:
-        skipped = len(getattr(dataset, "skipped", []))
-        unreadable = f", besides {skipped} unreadable files" if skipped else ""
-        raise ConfigError(
-            f"batch_size={cfg.batch_size} is larger than the data set ({len(dataset)} images{unreadable}): "
-            "every step needs a full batch"
-        )
-    if saved is not None and saved["state"]["data"]["n_images"] != len(dataset):
-        raise ConfigError(
-            f"data.root={cfg.data.get('root', cfg.data.name)} now holds {len(dataset)} images, but the "
-            f"resumed run was trained on {saved['state']['data']['n_images']}: its data order cannot go on"
-        )
-
-
-def check_ranks_fit(cfg: DictConfig, runtime: Runtime) -> None:
-    per_step = runtime.world_size * cfg.grad_accum
-    if runtime.distributed and cfg.batch_size % per_step:
-        raise ConfigError(
-            f"batch_size={cfg.batch_size} is invalid for {runtime.world_size} ranks and "
-            f"grad_accum={cfg.grad_accum}: each rank takes batch_size / {runtime.world_size} images a step "
-            f"in grad_accum micro-batches, so batch_size must be a multiple of {per_step}"
         )
 
 
@@ -319,36 +290,6 @@ def train_loop(run: Run, reporter: ProgressReporter) -> dict[str, Any]:
     return finish(run, writer, reporter, time.perf_counter() - clock, last_loss, watch.skipped, scores)
 
 
-def announce(run: Run, reporter: ProgressReporter) -> bool:
-    """The run's header lines; False when a resumed run has nothing left to do."""
-    cfg, plan = run.cfg, run.plan
-    reporter.say(run.describe())
-    if plan.checkpoint is not None:
-        reporter.say(f"resuming from {plan.checkpoint} at step {run.start} of {cfg.steps}")
-    elif cfg.resume == "auto":
-        reporter.say(
-            f"resume=auto: no checkpoint in {plan.run_dir / 'checkpoints'} yet, so the run starts at step 0 "
-            "(to continue an earlier run, give its folder as hydra.run.dir)"
-        )
-    if run.start >= cfg.steps:
-        reporter.say(
-            f"the run is complete (step {run.start} of steps={cfg.steps}): nothing to do; a larger "
-            "steps= trains on"
-        )
-        return False
-    if run.eval_note:
-        reporter.say(run.eval_note)
-    if run.scorer is not None:
-        reporter.say(run.scorer.describe(plan.run_dir / "eval"))
-    signal = run.schedule.sqrt_alphas_cumprod[-1].item()
-    if signal > SIGNAL_AT_T_NOTE:
-        reporter.say(
-            f"note: x_T keeps sqrt(abar_T) = {signal:.2f} of the image, while sampling starts from pure "
-            "noise; more timesteps or schedule=cosine close that gap (see forward.png)"
-        )
-    return True
-
-
 def open_writer(run: Run) -> RunWriter:
     plan = run.plan
     last_ckpt = plan.checkpoint if plan.continues_in_place else None
@@ -394,42 +335,3 @@ def draw_grid(run: Run, writer: RunWriter, reporter: ProgressReporter, step: int
         )
         return
     reporter.say(f"step {step}: samples -> {writer.grid(step, images)}")
-
-
-def finish(
-    run: Run,
-    writer: RunWriter,
-    reporter: ProgressReporter,
-    elapsed: float,
-    last_loss: float,
-    skipped: int,
-    scores: dict[str, Any] | None,
-) -> dict[str, Any]:
-    """The closing line, and the summary train() returns."""
-    cfg, start = run.cfg, run.start
-    summary = {
-        "steps": cfg.steps,
-        "time_s": elapsed,
-        "final_loss": last_loss,
-        "skipped": skipped,
-        "run_dir": str(run.plan.run_dir),
-        "resumed_from": str(run.plan.checkpoint) if run.plan.checkpoint else None,
-        "checkpoint": str(writer.ckpt_dir / "last.pt"),
-        "samples": str(writer.sample_dir / f"step_{cfg.steps:06d}.png"),
-        "scores": scores,
-    }
-    took = (
-        f"steps {start + 1}-{cfg.steps} in {format_duration(elapsed)} "
-        f"({format_duration(run.elapsed_before + elapsed)} for all {cfg.steps})"
-        if start
-        else f"{cfg.steps} steps in {format_duration(elapsed)}"
-    )
-    skips = f", {skipped} non-finite steps skipped" if skipped else ""
-    scored = f" | {format_scores(scores)}" if scores else ""
-    reporter.say(
-        f"done: {took}, final loss {last_loss:.4f}{skips}{scored} | checkpoint {summary['checkpoint']} | "
-        f"samples {summary['samples']} | metrics {writer.metrics_path}"
-    )
-    if run.runtime.device.type == "cuda":
-        torch.cuda.empty_cache()  # multirun jobs share this process: hand the cached blocks back
-    return summary

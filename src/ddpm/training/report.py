@@ -1,0 +1,87 @@
+"""What a run says about itself: its header lines before the first step, and its closing line."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ddpm.progress import ProgressReporter, format_duration
+from ddpm.training.scores import format_scores
+from ddpm.training.writer import RunWriter
+
+if TYPE_CHECKING:
+    from ddpm.training.loop import Run
+
+# Above this share of the image left in x_T, the run says that sampling from N(0, I) starts off the
+# training distribution. It only prints a note: the annotated DDPM's own recipe (T=200) is above it.
+SIGNAL_AT_T_NOTE = 0.1
+
+
+def announce(run: Run, reporter: ProgressReporter) -> bool:
+    """The run's header lines; False when a resumed run has nothing left to do."""
+    cfg, plan = run.cfg, run.plan
+    reporter.say(run.describe())
+    if plan.checkpoint is not None:
+        reporter.say(f"resuming from {plan.checkpoint} at step {run.start} of {cfg.steps}")
+    elif cfg.resume == "auto":
+        reporter.say(
+            f"resume=auto: no checkpoint in {plan.run_dir / 'checkpoints'} yet, so the run starts at step 0 "
+            "(to continue an earlier run, give its folder as hydra.run.dir)"
+        )
+    if run.start >= cfg.steps:
+        reporter.say(
+            f"the run is complete (step {run.start} of steps={cfg.steps}): nothing to do; a larger "
+            "steps= trains on"
+        )
+        return False
+    if run.eval_note:
+        reporter.say(run.eval_note)
+    if run.scorer is not None:
+        reporter.say(run.scorer.describe(plan.run_dir / "eval"))
+    signal = run.schedule.sqrt_alphas_cumprod[-1].item()
+    if signal > SIGNAL_AT_T_NOTE:
+        reporter.say(
+            f"note: x_T keeps sqrt(abar_T) = {signal:.2f} of the image, while sampling starts from pure "
+            "noise; more timesteps or schedule=cosine close that gap (see forward.png)"
+        )
+    return True
+
+
+def finish(
+    run: Run,
+    writer: RunWriter,
+    reporter: ProgressReporter,
+    elapsed: float,
+    last_loss: float,
+    skipped: int,
+    scores: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The closing line, and the summary train() returns."""
+    cfg, start = run.cfg, run.start
+    summary = {
+        "steps": cfg.steps,
+        "time_s": elapsed,
+        "final_loss": last_loss,
+        "skipped": skipped,
+        "run_dir": str(run.plan.run_dir),
+        "resumed_from": str(run.plan.checkpoint) if run.plan.checkpoint else None,
+        "checkpoint": str(writer.ckpt_dir / "last.pt"),
+        "samples": str(writer.sample_dir / f"step_{cfg.steps:06d}.png"),
+        "scores": scores,
+    }
+    took = (
+        f"steps {start + 1}-{cfg.steps} in {format_duration(elapsed)} "
+        f"({format_duration(run.elapsed_before + elapsed)} for all {cfg.steps})"
+        if start
+        else f"{cfg.steps} steps in {format_duration(elapsed)}"
+    )
+    skips = f", {skipped} non-finite steps skipped" if skipped else ""
+    scored = f" | {format_scores(scores)}" if scores else ""
+    reporter.say(
+        f"done: {took}, final loss {last_loss:.4f}{skips}{scored} | checkpoint {summary['checkpoint']} | "
+        f"samples {summary['samples']} | metrics {writer.metrics_path}"
+    )
+    if run.runtime.device.type == "cuda":
+        torch.cuda.empty_cache()  # multirun jobs share this process: hand the cached blocks back
+    return summary
