@@ -66,11 +66,13 @@ def save_loss_plot(metrics: Path, path: Path, title: str = "") -> None:
         aq.legend(fontsize=8)
     for key in sorted(scores):
         points = [(r["step"], r[key]) for r in every if r.get(key) is not None]
-        floor = key.startswith("fid_floor_")  # what real images score: the line to aim for
-        style = {"ls": "--", "color": "gray"} if floor else {"marker": "o"}
-        axes[2].plot(*zip(*points, strict=True), lw=1, label=key.replace("_", " "), **style)
+        label = key.replace("_", " ")
+        if key.startswith("fid_floor_"):  # what real images score: the line to aim for
+            axes[2].axhline(points[-1][1], ls="--", lw=1, color="gray", label=label)
+        elif points:
+            axes[2].plot(*zip(*points, strict=True), lw=1, marker="o", label=label)
     if scores:
-        axes[2].set(xlabel="step", ylabel="FID (lower is better)")
+        axes[2].set(xlabel="step", ylabel="FID (lower is better)", ylim=(0, None))
         axes[2].legend(fontsize=8)
     write_atomically(path, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)

@@ -168,7 +168,8 @@ def save_summary_plot(folder: Path, rows: list[RunRow]) -> None:
     axes[0].legend(fontsize=7)
     for ax, r in zip(axes[1:], grids, strict=True):
         ax.imshow(Image.open(folder / r.grid), cmap="gray")
-        ax.set_title(f"{textwrap.fill(label(r, 90), 30)}\nFID {_cell(r.fid) or 'n/a'}", fontsize=7)
+        floor = f" (real {_cell(r.fid_floor)})" if r.fid_floor is not None else ""
+        ax.set_title(f"{textwrap.fill(label(r, 90), 30)}\nFID {_cell(r.fid) or 'n/a'}{floor}", fontsize=7)
         ax.axis("off")
     write_atomically(folder / "summary.png", lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
