@@ -9,7 +9,7 @@ from conftest import TINY, compose
 from ddpm.data import build_dataset, load_subset
 from ddpm.errors import ConfigError, FeatureError
 from ddpm.evaluation.evaluate import evaluate
-from ddpm.evaluation.features import classifier_extractor, fid_inception
+from ddpm.evaluation.features import classifier_extractor, fid_inception, pixel_extractor
 from ddpm.evaluation.metrics import fid
 from ddpm.training.loop import train
 
@@ -35,6 +35,14 @@ def test_classifier_features_rank_real_above_noise(digits, tmp_path):
     # cached: the second call reads the file and gives the same features
     again, acc2 = classifier_extractor(images[:10], None, tmp_path / "clf.pt", steps=600, seed=0)
     assert acc2 == accuracy and torch.allclose(again(held_out[:5]), extract(held_out[:5]))
+
+
+def test_pixel_features_are_the_pixels_and_rank_real_above_noise(digits):
+    images, _ = load_subset(digits, 1000, seed=0)
+    extract = pixel_extractor()
+    assert torch.equal(extract(images[:3]), images[:3].flatten(1))
+    real, held_out, noise = images[:500], images[500:], torch.rand(500, 1, 8, 8) * 2 - 1
+    assert fid(extract(real), extract(noise)) > 20 * fid(extract(real), extract(held_out))
 
 
 def test_classifier_needs_labels(tmp_path):
@@ -83,11 +91,20 @@ def test_evaluate_a_folder_with_enough_images_reports_fid(compose_cfg, digits, t
 
     images, _ = load_subset(digits, 300, seed=5)
     save_individual(images, tmp_path / "pngs")
-    cfg = eval_cfg(compose_cfg, tmp_path, f"samples={tmp_path / 'pngs'}", "data=digits", "n=300")
+    cfg = eval_cfg(
+        compose_cfg,
+        tmp_path,
+        f"samples={tmp_path / 'pngs'}",
+        "data=digits",
+        "n=300",
+        "features=[classifier,pixels]",
+    )
     report = evaluate(cfg)
     clf = report["features"]["classifier"]
     assert clf["fid"] is not None and clf["fid"] < 5.0  # real digits against real digits
     assert clf["precision"] > 0.8 and clf["recall"] > 0.8
+    pixels = report["features"]["pixels"]
+    assert pixels["dim"] == 64 and pixels["fid"] is not None  # 300 images > the 8x8 = 64 pixels
     assert report["out"] == str(tmp_path / "eval_pngs")
 
 

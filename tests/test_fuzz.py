@@ -120,7 +120,7 @@ TRAIN_INVALID: dict[str, st.SearchStrategy[str]] = {
     "eval.clip_x0": not_a_value,
     "eval.n_real": below(2),
     "eval.features": st.one_of(
-        not_one_of({"classifier", "inception"}).map(lambda w: f"[{w}]"), st.just("[]"), not_a_value
+        not_one_of({"classifier", "inception", "pixels"}).map(lambda w: f"[{w}]"), st.just("[]"), not_a_value
     ),
     "eval.inception_weights": words.map(lambda w: f"no_such_dir/{w}.pth"),
     "eval.classifier_steps": below(1),

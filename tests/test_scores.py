@@ -21,6 +21,7 @@ def scored(tmp_path_factory):
     """A 4-step run scored at steps 2 and 4."""
     root = tmp_path_factory.mktemp("scored")
     overrides = RUN + ["steps=4", "log_every=1", "eval_every=2", *cheap_eval(root / "cache")]
+    overrides.append("eval.features=[classifier,pixels]")  # and a second feature space, nothing learned
     summary = train(compose("train", overrides), root / "run")
     return root, summary
 
@@ -40,6 +41,7 @@ def test_a_run_scores_itself_every_k_steps_into_eval_json_and_metrics(scored):
         # beside it, 130 other real digits against the same 200: what a perfect model would score
         assert 0 < row["fid_floor_classifier"] < row["fid_classifier"] / 5
     assert summary["scores"]["fid_classifier"] == scores[-1]["fid_classifier"]
+    assert all(r["fid_pixels"] > r["fid_floor_pixels"] > 0 for r in scores)
 
 
 def test_the_run_s_score_is_the_score_ddpm_eval_gives_its_checkpoint(scored):

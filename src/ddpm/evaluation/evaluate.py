@@ -21,6 +21,7 @@ from ddpm.evaluation.features import (
     Extractor,
     classifier_extractor,
     inception_extractor,
+    pixel_extractor,
 )
 from ddpm.evaluation.metrics import fid, kid, precision_recall
 from ddpm.files import write_atomically
@@ -79,6 +80,8 @@ def extractor(
 ) -> tuple[Extractor, dict]:
     if name == "inception":
         return inception_extractor(cfg.inception_weights, device), {}
+    if name == "pixels":
+        return pixel_extractor(), {}
     extract, accuracy, cache = classifier_for(cfg, data, dataset)
     return extract, {"classifier_accuracy": accuracy, "classifier": str(cache)}
 

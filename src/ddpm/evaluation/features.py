@@ -14,7 +14,7 @@ from ddpm.errors import FeatureError
 from ddpm.files import write_atomically
 
 Extractor = Callable[[torch.Tensor], torch.Tensor]  # images in [-1, 1] -> (N, D) features
-FEATURES = ("classifier", "inception")  # the feature spaces ddpm-eval scores in
+FEATURES = ("classifier", "inception", "pixels")  # the feature spaces ddpm-eval scores in
 
 # pytorch-fid's port of the TensorFlow FID Inception weights
 FID_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
@@ -100,6 +100,17 @@ def classifier_extractor(
         return torch.cat([net.features(chunk) for chunk in x.split(512)])
 
     return extract, accuracy
+
+
+# ----------------------------------------------------------------------------------------------- pixels
+def pixel_extractor() -> Extractor:
+    """The images' own pixels as features: nothing learned, so nothing to flatter; a second opinion beside
+    a network's features (C x H x W features: FID needs more images than that)."""
+
+    def extract(x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1).float()
+
+    return extract
 
 
 # -------------------------------------------------------------------------------------------- inception
