@@ -249,16 +249,8 @@ def train_loop(run: Run, reporter: ProgressReporter) -> dict[str, Any]:
                 watch.check(advice, runtime.max)  # before anything reads or saves the weights
             # Log progress.
             if due.log:
-                means = interval.means(runtime)
-                last_loss = means["loss"]
-                img_per_s = interval.images_per_s(cfg.batch_size)
                 elapsed = time.perf_counter() - clock
-                lr = cfg.lr * lr_factor(step - 1, cfg.lr_warmup, cfg.lr_decay, cfg.steps)  # this step's
-                row = {"step": step, "loss": last_loss, "lr": lr, "img_per_s": img_per_s}
-                extra = {"elapsed_s": run.elapsed_before + elapsed, "skipped": watch.skipped}
-                writer.metrics({**row, **extra, **{k: v for k, v in means.items() if k != "loss"}})
-                reporter.log(step, last_loss, img_per_s, (cfg.steps - step) * elapsed / (step - start))
-                interval.reset()
+                last_loss = log_progress(run, writer, reporter, interval, step, elapsed, watch.skipped)
             # Save a checkpoint, then draw the grid: a picture must never cost the weights.
             with interval.paused():
                 if due.checkpoint:
@@ -272,22 +264,52 @@ def train_loop(run: Run, reporter: ProgressReporter) -> dict[str, Any]:
                     scores = score_model(run.scorer, run.sampling_model(step), writer, reporter) or scores
             # Stop on request, after that checkpoint; a scheduler's notice then goes on to its launcher.
             if due.stop:
-                then = f"continue with: {writer.resume_hint}"
-                if stop.notice is not None:
-                    then = (
-                        f"{signal.Signals(stop.notice).name} goes on to the handler it had before "
-                        "(submitit's requeues the job, and resume=auto continues it)"
-                    )
-                raise TrainingStopped(
-                    f"stopped by {signal.Signals(signum).name} at step {step} of {cfg.steps}; checkpoint "
-                    f"{writer.last_ckpt}; {then}",
-                    exit_code=128 + signum,
-                    error=False,
-                    hand_on=stop.hand_on,
-                )
+                raise stopped_by(signum, stop, step, cfg.steps, writer)
             if not due.last:
                 x0 = next(stream)
     return finish(run, writer, reporter, time.perf_counter() - clock, last_loss, watch.skipped, scores)
+
+
+def log_progress(
+    run: Run,
+    writer: RunWriter,
+    reporter: ProgressReporter,
+    interval: Interval,
+    step: int,
+    elapsed: float,
+    skipped: int,
+) -> float:
+    """The metrics row and the progress line of the interval that ends at ``step`` (a collective: every
+    rank calls it); returns the interval's mean loss."""
+    cfg = run.cfg
+    means = interval.means(run.runtime)
+    img_per_s = interval.images_per_s(cfg.batch_size)
+    lr = cfg.lr * lr_factor(step - 1, cfg.lr_warmup, cfg.lr_decay, cfg.steps)  # this step's
+    row = {"step": step, "loss": means["loss"], "lr": lr, "img_per_s": img_per_s}
+    extra = {"elapsed_s": run.elapsed_before + elapsed, "skipped": skipped}
+    writer.metrics({**row, **extra, **{k: v for k, v in means.items() if k != "loss"}})
+    eta = (cfg.steps - step) * elapsed / (step - run.start)
+    reporter.log(step, means["loss"], img_per_s, eta)
+    interval.reset()
+    return means["loss"]
+
+
+def stopped_by(signum: int, stop: StopRequests, step: int, steps: int, writer: RunWriter) -> TrainingStopped:
+    """The stop a signal asked for, once this step's checkpoint is written; a scheduler's notice then goes
+    on to the handler it had before (the launcher's)."""
+    then = f"continue with: {writer.resume_hint}"
+    if stop.notice is not None:
+        then = (
+            f"{signal.Signals(stop.notice).name} goes on to the handler it had before "
+            "(submitit's requeues the job, and resume=auto continues it)"
+        )
+    return TrainingStopped(
+        f"stopped by {signal.Signals(signum).name} at step {step} of {steps}; checkpoint "
+        f"{writer.last_ckpt}; {then}",
+        exit_code=128 + signum,
+        error=False,
+        hand_on=stop.hand_on,
+    )
 
 
 def open_writer(run: Run) -> RunWriter:
