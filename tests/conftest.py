@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -221,3 +222,18 @@ class Exploit:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
+
+
+def signal_at(monkeypatch: pytest.MonkeyPatch, step: int, signum: int = signal.SIGTERM) -> None:
+    """Deliver a real signal to this process during training step ``step`` (counted from this call)."""
+    from ddpm.training import loop
+
+    real, calls = loop.train_step, []
+
+    def step_then_signal(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == step:
+            signal.raise_signal(signum)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", step_then_signal)

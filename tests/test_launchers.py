@@ -11,14 +11,13 @@ import hydra.core.utils
 import pytest
 import torch
 import yaml
-from conftest import TINY, assert_refused, cheap_eval, run_entry
+from conftest import TINY, assert_refused, cheap_eval, run_entry, signal_at
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 from submitit.core import job_environment, submission, utils
 from submitit.slurm import slurm
 from submitit.slurm.test_slurm import mocked_slurm
 
-import ddpm.training.loop
 from ddpm import cli, sweeps
 from ddpm.checkpoint import load_checkpoint
 from ddpm.runtime import Runtime, resolve_device
@@ -29,19 +28,6 @@ QUICK = [*TINY, "timesteps=20", "sample_every=0", "checkpoint_every=0", "forward
 def composed_with_hydra(overrides: list[str]):
     with initialize_config_module(config_module="ddpm.configs", version_base="1.3"):
         return compose("train", overrides, return_hydra_config=True)
-
-
-def signal_during(step: int, signum: int):
-    """train_step that delivers a real signal to this process during the ``step``-th call, once."""
-    real, calls = ddpm.training.loop.train_step, []
-
-    def step_then_signal(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == step:
-            signal.raise_signal(signum)
-        return real(*args, **kwargs)
-
-    return step_then_signal
 
 
 @pytest.fixture
@@ -89,7 +75,7 @@ def test_a_slurm_job_at_its_time_limit_checkpoints_is_requeued_and_continues_in_
     step 3 in the same folder (the sweep folder's ${now:} was resolved once, when the sweep was submitted)."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("SUBMITIT_FOLDER", raising=False)  # process_job sets it
-    monkeypatch.setattr(ddpm.training.loop, "train_step", signal_during(3, signal.SIGUSR2))
+    signal_at(monkeypatch, 3, signal.SIGUSR2)
     requeued: list[int] = []
     monkeypatch.setattr(
         slurm.SlurmJobEnvironment, "_requeue", lambda env, countdown: requeued.append(countdown)
@@ -147,7 +133,7 @@ def test_the_notice_reaches_the_previous_handler_after_the_checkpoint_and_the_me
         calls.append((signum, load_checkpoint(tmp_path / "run/checkpoints/last.pt")["step"]))
         calls.append(capsys.readouterr().err)
 
-    monkeypatch.setattr(ddpm.training.loop, "train_step", signal_during(2, signal.SIGUSR2))
+    signal_at(monkeypatch, 2, signal.SIGUSR2)
     original = signal.signal(signal.SIGUSR2, launchers_handler)
     try:
         code, _, _ = run_entry(cli.train_main, [*QUICK, "steps=5", "hydra.run.dir=run"], capsys)

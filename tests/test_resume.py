@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, Exploit, write_bad_files, write_random
+from conftest import TINY, Exploit, signal_at, write_bad_files, write_random
 
 import ddpm.training.loop
 from ddpm.checkpoint import load_checkpoint
@@ -35,19 +35,6 @@ EXACT = TINY + [
 
 def rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def signal_at(monkeypatch: pytest.MonkeyPatch, step: int, signum: int = signal.SIGTERM) -> None:
-    """Deliver a real signal to this process during training step ``step`` (counted from this call)."""
-    real, calls = ddpm.training.loop.train_step, []
-
-    def step_then_signal(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == step:
-            signal.raise_signal(signum)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(ddpm.training.loop, "train_step", step_then_signal)
 
 
 def assert_same_state(a: dict, b: dict) -> None:
