@@ -142,11 +142,12 @@ class Scorer:
         real, _ = load_subset(dataset, cfg.n_real, cfg.seed)
         # as many other real images as will be scored, where the set has them: what a perfect model gets
         other, _ = load_subset(dataset, cfg.n, cfg.seed, skip=real.shape[0])
-        self.n_real, self.n_floor = real.shape[0], other.shape[0] if other.shape[0] == cfg.n else 0
+        self.n_real = real.shape[0]
+        floor = other.shape[0] == cfg.n
         self.spaces: dict[str, Space] = {}
         for name in features if features is not None else cfg.features:
             extract, about = extractor(name, cfg, data, dataset, device)
-            self.spaces[name] = Space(extract, extract(real), about, extract(other) if self.n_floor else None)
+            self.spaces[name] = Space(extract, extract(real), about, extract(other) if floor else None)
 
     def report(self, fake: torch.Tensor, source: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         """eval.json's content for these images, and the warnings of the feature spaces."""

@@ -33,6 +33,11 @@ def scores_at_end(cfg: DictConfig, multirun: bool) -> bool:
     return multirun if cfg.eval_at_end is None else bool(cfg.eval_at_end)
 
 
+def scores_at_all(cfg: DictConfig, multirun: bool) -> bool:
+    """Whether the run scores itself: at its end, or every eval_every steps."""
+    return scores_at_end(cfg, multirun) or cfg.eval_every > 0
+
+
 def eval_features(cfg: DictConfig, dataset: Dataset) -> tuple[list[str], str | None]:
     """The feature spaces this run scores in, and a note when the data set changes them: the classifier
     needs labels, so a folder of images is scored in Inception features where eval.inception_weights is
@@ -70,8 +75,7 @@ class RunScorer:
         cls, cfg: DictConfig, dataset: Dataset, device: torch.device, multirun: bool
     ) -> tuple[RunScorer | None, str | None]:
         """The scorer, or None where the run does not score itself; and a note for the run's header."""
-        at_end = scores_at_end(cfg, multirun)
-        if not (at_end or cfg.eval_every):
+        if not scores_at_all(cfg, multirun):
             return None, None
         features, note = eval_features(cfg, dataset)
         if not features:
@@ -81,7 +85,13 @@ class RunScorer:
         if sampling.sample_steps is not None:  # a cheap default that a short schedule may not reach
             sampling = dataclasses.replace(sampling, sample_steps=min(sampling.sample_steps, cfg.timesteps))
         run_scorer = cls(
-            scorer, cfg.eval_every, at_end, sampling, cfg.eval.n, cfg.eval.seed, cfg.sample_batch_size
+            scorer,
+            every=cfg.eval_every,
+            at_end=scores_at_end(cfg, multirun),
+            sampling=sampling,
+            n=cfg.eval.n,
+            seed=cfg.eval.seed,
+            batch_size=cfg.sample_batch_size,
         )
         return run_scorer, note
 
@@ -161,7 +171,7 @@ def format_scores(row: dict[str, Any]) -> str:
 
 
 def job_needs_classifier(cfg: DictConfig, multirun: bool) -> bool:
-    return (scores_at_end(cfg, multirun) or cfg.eval_every > 0) and "classifier" in cfg.eval.features
+    return scores_at_all(cfg, multirun) and "classifier" in cfg.eval.features
 
 
 def prepare_classifier(cfg: DictConfig) -> Path | None:
