@@ -33,6 +33,9 @@ BAD_TRAIN = [
     (["timestep=5"], "Key 'timestep' not in 'TrainConfig'"),
     (["steps=many"], "Value 'many' of type 'str' could not be converted to Integer"),
     (["logger=wandb"], "Invalid value 'wandb', expected one of [none, tensorboard]"),
+    (["precision=fp16"], "Invalid value 'fp16', expected one of [auto, fp32, bf16]"),
+    (["device=cpu", "cuda_graph=true"], "cuda_graph=true needs a CUDA device, not cpu: use cuda_graph=null"),
+    (["check_every=0"], "check_every=0 is invalid"),
 ]
 
 

@@ -95,17 +95,20 @@ def test_stop_mode_remembers_the_first_bad_step_until_checked():
     watch = NonFiniteWatch(skip=False, max_in_a_row=10, device=torch.device("cpu"))
     ok, bad = torch.tensor(True), torch.tensor(False)
     for step, finite in enumerate([ok, ok, bad, bad, ok], start=1):
-        watch.record(step, finite, advice)
+        watch.record(step, finite)
     with pytest.raises(TrainingStopped, match="non-finite loss or gradient at step 3; what to do"):
         watch.check(advice)
 
 
-def test_skip_mode_counts_and_gives_up_after_max_in_a_row():
+def test_skip_mode_counts_and_gives_up_at_the_check_after_max_in_a_row():
     watch = NonFiniteWatch(skip=True, max_in_a_row=2, device=torch.device("cpu"))
     ok, bad = torch.tensor(True), torch.tensor(False)
     for step, finite in enumerate([bad, ok, bad], start=1):
-        watch.record(step, finite, advice)
-    assert watch.skipped == 2 and watch.in_a_row == 1
-    watch.check(advice)  # skip mode never stops on check
-    with pytest.raises(TrainingStopped, match="2 steps in a row up to step 4"):
-        watch.record(4, bad, advice)
+        watch.record(step, finite)
+    assert watch.skipped == 2 and int(watch.in_a_row) == 1
+    watch.check(advice)  # no two in a row yet
+    for step in (4, 5, 6):  # the row reaches 2 at step 4; the check comes later and names that step
+        watch.record(step, bad)
+    assert watch.skipped == 5
+    with pytest.raises(TrainingStopped, match="2 steps in a row up to step 4 .*what to do"):
+        watch.check(advice)

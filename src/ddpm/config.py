@@ -23,6 +23,7 @@ from ddpm.diffusion.sampling import Spacing, Variance
 from ddpm.diffusion.schedules import SCHEDULES, ScheduleConfig
 from ddpm.errors import ConfigError
 from ddpm.models import MODELS, ModelConfig
+from ddpm.runtime import Precision
 from ddpm.training.logger import Logger
 from ddpm.training.step import LRDecay
 from ddpm.training.stopping import OnNonFinite
@@ -90,7 +91,11 @@ class TrainConfig(SamplingKeys):
     grad_clip: float = MISSING
     seed: int = MISSING
     device: str = MISSING
+    precision: Precision = MISSING
+    compile: bool | None = None  # None: on a CUDA GPU
+    cuda_graph: bool | None = None  # None: on one CUDA GPU
     dist_timeout: float = MISSING
+    check_every: int = MISSING
     log_every: int = MISSING
     sample_every: int = MISSING
     checkpoint_every: int = MISSING

@@ -39,12 +39,14 @@ class ProgressReporter:
                 TextColumn("step {task.completed}/{task.total}"),
                 BarColumn(),
                 TextColumn("loss {task.fields[loss]}"),
-                TextColumn("{task.fields[img_per_s]} img/s"),
+                TextColumn("{task.fields[img_per_s]} img/s{task.fields[memory]}"),
                 TextColumn("eta"),
                 TimeRemainingColumn(),
                 console=self.console,
             )
-            self.task = self.bar.add_task("train", total=total, completed=start, loss="-", img_per_s="-")
+            self.task = self.bar.add_task(
+                "train", total=total, completed=start, loss="-", img_per_s="-", memory=""
+            )
 
     def __enter__(self) -> ProgressReporter:
         if self.bar is not None:
@@ -59,14 +61,19 @@ class ProgressReporter:
         if self.bar is not None:
             self.bar.update(self.task, completed=step)
 
-    def log(self, step: int, loss: float, img_per_s: float, eta_s: float) -> None:
+    def log(
+        self, step: int, loss: float, img_per_s: float, eta_s: float, peak_gb: float | None = None
+    ) -> None:
+        memory = f" | peak {peak_gb:.2f} GB" if peak_gb is not None else ""
         line = (
-            f"step {step}/{self.total} | loss {loss:.4f} | {img_per_s:,.0f} img/s | "
+            f"step {step}/{self.total} | loss {loss:.4f} | {img_per_s:,.0f} img/s{memory} | "
             f"eta {format_duration(eta_s)}"
         )
         self.record(line)
         if self.bar is not None:
-            self.bar.update(self.task, completed=step, loss=f"{loss:.4f}", img_per_s=f"{img_per_s:,.0f}")
+            self.bar.update(
+                self.task, completed=step, loss=f"{loss:.4f}", img_per_s=f"{img_per_s:,.0f}", memory=memory
+            )
         else:
             self.console.print(line, soft_wrap=True)
             self.console.file.flush()  # a log file or pipe sees each line as it happens

@@ -9,12 +9,15 @@ rank that dies ends the job with a message instead of a hang.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import random
 import re
 from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 import numpy as np
@@ -24,6 +27,15 @@ import torch.distributed as dist
 from ddpm.errors import ConfigError
 
 DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
+
+
+class Precision(Enum):
+    """The arithmetic of the U-Net's forward and backward pass. The weights, Adam's moments, the EMA, the
+    loss and every x_t stay float32 either way (bf16 autocast with fp32 master weights needs no scaler)."""
+
+    auto = "auto"  # bf16 on a CUDA GPU that has it, fp32 elsewhere
+    fp32 = "fp32"
+    bf16 = "bf16"
 
 
 def check_device(device: str) -> None:
@@ -72,12 +84,40 @@ def launched_ranks() -> tuple[int, int, int]:
     return int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), world
 
 
+def resolve_precision(precision: Precision, device: torch.device) -> torch.dtype:
+    """The autocast dtype that ``precision`` names on ``device``; ConfigError where it has none such."""
+    cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if precision is Precision.auto:
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    if precision is Precision.bf16 and device.type == "cuda" and not cuda_bf16:
+        raise ConfigError(f"precision=bf16 is invalid on {torch.cuda.get_device_name(device)}: choose fp32")
+    return torch.bfloat16 if precision is Precision.bf16 else torch.float32
+
+
+def resolve_switch(key: str, value: bool | None, device: torch.device, world_size: int) -> bool:
+    """``compile`` and ``cuda_graph``: null picks what pays on the device (measured: on the CPU, compiling
+    costs minutes of warm-up and gains nothing; on a GPU, a step is thousands of tiny kernels)."""
+    on_gpu = device.type == "cuda"
+    if key == "cuda_graph":
+        if value and not on_gpu:
+            raise ConfigError(f"cuda_graph=true needs a CUDA device, not {device}: use cuda_graph=null")
+        if value and world_size > 1:
+            raise ConfigError(
+                f"cuda_graph=true is invalid under torchrun ({world_size} ranks): a captured step runs on "
+                "one process; compile=true still applies"
+            )
+        return on_gpu and world_size == 1 if value is None else value
+    return on_gpu if value is None else value
+
+
 @dataclass(frozen=True)
 class Runtime:
     device: torch.device
     rank: int = 0  # this process among world_size training processes
     world_size: int = 1
-    precision: torch.dtype = torch.float32
+    precision: torch.dtype = torch.float32  # of the U-Net's arithmetic (autocast); weights stay float32
+    compile: bool = False  # torch.compile the U-Net
+    cuda_graph: bool = False  # capture the whole training step as one CUDA graph
 
     @classmethod
     def from_config(cls, cfg: Any) -> Runtime:
@@ -92,7 +132,20 @@ class Runtime:
         device = resolve_device(cfg.device, sweep_job if world == 1 else None)
         if device.type == "cuda" and world > 1:
             device = resolve_device(f"cuda:{local_rank}")
-        return cls(device=device, rank=rank, world_size=world)
+        return cls(
+            device=device,
+            rank=rank,
+            world_size=world,
+            precision=resolve_precision(cfg.precision, device),
+            compile=resolve_switch("compile", cfg.compile, device, world),
+            cuda_graph=resolve_switch("cuda_graph", cfg.cuda_graph, device, world),
+        )
+
+    def autocast(self) -> AbstractContextManager:
+        """Where the U-Net runs: in bf16 under autocast, or as it is."""
+        if self.precision == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.precision)
 
     @property
     def is_main(self) -> bool:
@@ -159,11 +212,19 @@ class Runtime:
             if not torch.equal(other, value.detach()):
                 raise RuntimeError(f"rank {self.rank} holds a different {name} than rank 0")
 
+    def peak_memory_gb(self) -> float | None:
+        """The most GPU memory the process has held in tensors so far (None on the CPU)."""
+        if self.device.type != "cuda":
+            return None
+        return torch.cuda.max_memory_allocated(self.device) / 2**30
+
     def describe(self) -> str:
         where = f"device {self.device}"
         if self.world_size > 1:
             where += f" (rank {self.rank} of {self.world_size})"
-        return f"{where}, {str(self.precision).removeprefix('torch.')}"
+        how = [{torch.float32: "fp32", torch.bfloat16: "bf16"}[self.precision]]
+        how += ["compiled" if self.compile else "eager"] + (["CUDA graph"] if self.cuda_graph else [])
+        return f"{where}, {', '.join(how)}"
 
 
 def seed_everything(seed: int) -> None:

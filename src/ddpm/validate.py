@@ -53,6 +53,7 @@ def validate_train(cfg: Any) -> None:
     check_sampling(cfg, cfg.timesteps)
     check_device(cfg.device)
     checks.above("dist_timeout", cfg.dist_timeout, 0)
+    checks.at_least("check_every", cfg.check_every, 1)
     checks.at_least("log_every", cfg.log_every, 1)
     checks.at_least("sample_every", cfg.sample_every, 0)
     checks.at_least("checkpoint_every", cfg.checkpoint_every, 0)

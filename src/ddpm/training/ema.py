@@ -1,8 +1,9 @@
 """Exponential moving average of the weights, the copy that samples are drawn from.
 
 torch.optim.swa_utils.AveragedModel keeps its update count in a device tensor; a warm-up decay computed
-from it would read that tensor back on every step. Here the step count stays on the host, so an update
-is a single fused ``lerp`` over the parameters with no synchronisation.
+from it would read that tensor back on every step. Here the step count stays on the host: ``at(step)``
+writes the step's weight into a device tensor (no synchronisation), and ``apply`` is a single fused
+``lerp`` over the parameters that reads it there, so a captured CUDA graph replays it at every step.
 """
 
 from __future__ import annotations
@@ -31,12 +32,20 @@ class EMA:
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self._ema = list(self.model.parameters())
         self._live = list(model.parameters())
+        self.weight = torch.zeros((), device=self._ema[0].device)  # 1 - decay of the coming update
+
+    def at(self, step: int) -> None:
+        """Set the weight of optimizer step ``step``'s update (1-based)."""
+        self.weight.fill_(1.0 - ema_decay(self.decay, self.warmup, step))
 
     @torch.no_grad()
-    def update(self, step: int) -> None:
-        weight = 1.0 - ema_decay(self.decay, self.warmup, step)
+    def apply(self) -> None:
         # one fused kernel per group of tensors, as swa_utils.get_ema_multi_avg_fn does
-        torch._foreach_lerp_(self._ema, self._live, weight)
+        torch._foreach_lerp_(self._ema, self._live, self.weight)
+
+    def update(self, step: int) -> None:
+        self.at(step)
+        self.apply()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.model.state_dict()

@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from ddpm.checkpoint import run_dir_of
@@ -28,6 +27,7 @@ from ddpm.models import build_model
 from ddpm.progress import ProgressReporter
 from ddpm.runtime import Runtime, is_peer_failure, seed_everything
 from ddpm.trained import TrainedModel
+from ddpm.training.accel import StepFn, prepare_net, step_function, step_tensors
 from ddpm.training.ema import EMA
 from ddpm.training.interval import Due, Interval
 from ddpm.training.plan import RunPlan, plain_config, plan_run, shell_override
@@ -36,7 +36,10 @@ from ddpm.training.scores import RunScorer, score_model
 from ddpm.training.state import restore, training_state
 from ddpm.training.step import (
     StepOptions,
+    StepResult,
+    build_optimizer,
     lr_factor,
+    lr_on_device,
     step_draws,
     step_seed,
     train_step,
@@ -65,7 +68,7 @@ class Run:
     ema: EMA | None
     optimizer: torch.optim.Optimizer
     lr_schedule: torch.optim.lr_scheduler.LambdaLR
-    net: nn.Module  # what the step runs: the model, or its DistributedDataParallel wrapper on several ranks
+    net: nn.Module  # what the step runs: the model under autocast, compiled, DDP-wrapped as the runtime says
     start: int = 0
     elapsed_before: float = 0.0  # training time of the steps taken before a resume
     scorer: RunScorer | None = None  # on the main rank of a run that scores itself
@@ -111,7 +114,7 @@ def setup(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = (), sweep_j
     seed_everything(cfg.seed)
     schedule = build_schedule(cfg.schedule, cfg.timesteps).to(runtime.device)
     model = build_model(cfg.model, cfg.data.channels, cfg.data.image_size).to(runtime.device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    optimizer = build_optimizer(model, cfg.lr, runtime.device)
     factor = lambda step: lr_factor(step, cfg.lr_warmup, cfg.lr_decay, cfg.steps)  # noqa: E731
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     ema = EMA(model, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.decay > 0 else None
@@ -120,11 +123,9 @@ def setup(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = (), sweep_j
     if plan.saved is not None:
         ema_model = ema.model if ema is not None else None
         start, elapsed_before = restore(plan.saved, model, ema_model, optimizer, lr_schedule)
+        lr_on_device(optimizer, runtime.device)
     # wrapped after the EMA copy and the restore: the EMA averages the plain module's weights
-    net = model
-    if runtime.distributed:
-        device_ids = [runtime.device] if runtime.device.type == "cuda" else None
-        net = DistributedDataParallel(model, device_ids=device_ids)
+    net = prepare_net(model, runtime)
     return Run(
         cfg,
         plan,
@@ -215,6 +216,7 @@ def train_loop(run: Run, reporter: ProgressReporter) -> dict[str, Any]:
 
     opts = StepOptions.from_config(cfg)
     batch_shape = (cfg.batch_size, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+    step_fn = training_step(run, opts, (x0.shape[0], *batch_shape[1:]))
     watch = NonFiniteWatch(opts.skip_nonfinite, cfg.max_nonfinite, runtime.device)
     advice = functools.partial(writer.nonfinite_advice, opts.skip_nonfinite)  # built only on a fault
     interval = Interval(runtime.device)
@@ -233,19 +235,21 @@ def train_loop(run: Run, reporter: ProgressReporter) -> dict[str, Any]:
                 shard(noise, runtime.rank, runtime.world_size),
             )
             torch.manual_seed(step_seed(cfg.seed, step, runtime.rank))
-            # Optimizer step.
-            result = train_step(run.net, run.optimizer, run.schedule, x0, t, noise, opts, runtime.all_true)
-            run.lr_schedule.step()
-            # Update EMA.
             if run.ema is not None:
-                run.ema.update(step)
-            watch.record(step, result.finite, advice)
+                run.ema.at(step)  # the weight of this step's EMA update, written for the step to read
+            # Optimizer step and EMA update; nothing here waits for the device.
+            result = step_fn(x0, t, noise)
+            run.lr_schedule.step()
+            watch.record(step, result.finite)
             interval.add(result)
             reporter.advance(step)
 
-            signum = runtime.agree_on_signal(stop.signum)  # a signal to any rank stops every rank here
+            # The flags are read every check_every steps (under torchrun a signal to any rank stops every
+            # rank at the same step; one process sees it at once, without waiting for the device).
+            flags = step % cfg.check_every == 0 or step == cfg.steps
+            signum = runtime.agree_on_signal(stop.signum) if flags or not runtime.distributed else None
             due = Due.at(step, cfg, stop_requested=signum is not None)
-            if due.log or due.checkpoint or due.grid:
+            if flags or due.log or due.checkpoint or due.grid:
                 watch.check(advice, runtime.max)  # before anything reads or saves the weights
             # Log progress.
             if due.log:
@@ -270,6 +274,19 @@ def train_loop(run: Run, reporter: ProgressReporter) -> dict[str, Any]:
     return finish(run, writer, reporter, time.perf_counter() - clock, last_loss, watch.skipped, scores)
 
 
+def training_step(run: Run, opts: StepOptions, shard_shape: tuple[int, ...]) -> StepFn:
+    """One step of Algorithm 1 with its EMA update, eager or captured as the runtime says."""
+
+    def step(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> StepResult:
+        result = train_step(run.net, run.optimizer, run.schedule, x0, t, noise, opts, run.runtime.all_true)
+        if run.ema is not None:
+            run.ema.apply()
+        return result
+
+    tensors = step_tensors(run.model, run.ema, run.optimizer)
+    return step_function(step, run.runtime, shard_shape, run.cfg.timesteps, tensors, run.optimizer)
+
+
 def log_progress(
     run: Run,
     writer: RunWriter,
@@ -287,9 +304,12 @@ def log_progress(
     lr = cfg.lr * lr_factor(step - 1, cfg.lr_warmup, cfg.lr_decay, cfg.steps)  # this step's
     row = {"step": step, "loss": means["loss"], "lr": lr, "img_per_s": img_per_s}
     extra = {"elapsed_s": run.elapsed_before + elapsed, "skipped": skipped}
+    peak_gb = run.runtime.peak_memory_gb()
+    if peak_gb is not None:
+        extra["peak_mem_gb"] = peak_gb
     writer.metrics({**row, **extra, **{k: v for k, v in means.items() if k != "loss"}})
     eta = (cfg.steps - step) * elapsed / (step - run.start)
-    reporter.log(step, means["loss"], img_per_s, eta)
+    reporter.log(step, means["loss"], img_per_s, eta, peak_gb)
     interval.reset()
     return means["loss"]
 

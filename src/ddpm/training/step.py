@@ -1,4 +1,7 @@
-"""One optimizer step of Algorithm 1, the random draws of each step, and the learning rate of each step."""
+"""One optimizer step of Algorithm 1, the random draws of each step, and the learning rate of each step.
+
+A step never waits for the device: the learning rate is a device tensor (the LR schedule writes it in
+place), and a non-finite step is skipped by fused Adam itself (``found_inf``), not by reading a flag back."""
 
 from __future__ import annotations
 
@@ -33,6 +36,19 @@ def lr_factor(step: int, warmup: int, decay: LRDecay, total: int) -> float:
         progress = (step - warmup) / max(1, total - warmup)
         return 0.5 * (1 + math.cos(math.pi * progress))
     return 1.0
+
+
+def build_optimizer(model: nn.Module, lr: float, device: torch.device) -> torch.optim.Adam:
+    """Fused Adam (one kernel for every parameter's update, on the CPU as on a GPU) with the learning rate
+    in a device tensor, so that the step that reads it can be captured and replayed."""
+    return torch.optim.Adam(model.parameters(), lr=torch.tensor(lr, device=device), fused=True)
+
+
+def lr_on_device(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Put the learning rate back into a device tensor after load_state_dict, which sets the saved value
+    (a float in checkpoints of earlier versions)."""
+    for group in optimizer.param_groups:
+        group["lr"] = torch.as_tensor(group["lr"], dtype=torch.float32).to(device)
 
 
 @dataclass(frozen=True)
@@ -148,14 +164,15 @@ def train_step(
     opts: StepOptions,
     agree: Callable[[torch.Tensor], torch.Tensor] = lambda finite: finite,
 ) -> StepResult:
-    """One optimizer step over the batch x0 with the step's t and eps. Reading the result's tensors forces a
-    host synchronisation, so the caller does that only at its logging cadence. With ``skip_nonfinite`` a
-    non-finite step changes nothing, which needs the finite flag read here, on every step, after
-    ``agree`` has made every rank's flag the same."""
+    """One optimizer step over the batch x0 with the step's t and eps; ``optimizer`` is fused Adam
+    (build_optimizer). Nothing here waits for the device: reading the result's tensors does, so the caller
+    does that only at its cadence. With ``skip_nonfinite``, a non-finite step changes nothing: fused Adam
+    leaves the weights, its moments and its step count as they were where ``found_inf`` is set, from the
+    finite flag that ``agree`` has made the same on every rank."""
     optimizer.zero_grad(set_to_none=True)
     no_sync = getattr(model, "no_sync", None)  # DistributedDataParallel's
     batch = accumulate_gradients(model, schedule, x0, t, noise, opts, no_sync)
-    params = [p for p in model.parameters() if p.grad is not None]
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     if opts.grad_clip > 0:
         norm = torch.nn.utils.clip_grad_norm_(params, opts.grad_clip)
     else:
@@ -163,7 +180,6 @@ def train_step(
     finite = torch.isfinite(batch.loss) & torch.isfinite(norm)
     if opts.skip_nonfinite:
         finite = agree(finite)
-        if not bool(finite):
-            return StepResult(batch.loss, batch.quartile_loss, batch.quartile_count, finite, norm)
+        optimizer.found_inf = (~finite).float()  # type: ignore[attr-defined] (read by fused Adam)
     optimizer.step()
     return StepResult(batch.loss, batch.quartile_loss, batch.quartile_count, finite, norm)

@@ -115,34 +115,46 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
 
 
 class NonFiniteWatch:
-    """Watches for steps whose loss or gradient is NaN or infinite.
+    """Watches for steps whose loss or gradient is NaN or infinite, in device tensors that only ``check``
+    and ``skipped`` read back, at the loop's cadences, so no step waits for the device.
 
-    With ``skip``, train_step has already read the flag and left such a step out, so the counts live on
-    the host and ``max_in_a_row`` of them in a row stop the run. Otherwise the first bad step is kept in a
-    device tensor and read only by ``check``, at the loop's cadences, so no step waits for the device."""
+    Without ``skip`` the first bad step is kept and stops the run at the next check (the last checkpoint
+    holds good weights). With ``skip`` such a step changed nothing (train_step's masked update); the watch
+    counts them, and ``max_in_a_row`` of them in a row stop the run at the next check."""
 
     def __init__(self, skip: bool, max_in_a_row: int, device: torch.device) -> None:
         self.skip, self.max_in_a_row = skip, max_in_a_row
-        self.skipped = self.in_a_row = 0
-        self.first_bad = torch.zeros((), dtype=torch.long, device=device)  # 0 while every step is finite
+        # first bad step (0: none), skipped steps, bad steps in a row now, step the row reached the limit
+        self.first_bad, self._skipped, self.in_a_row, self.tripped = torch.zeros(
+            4, dtype=torch.long, device=device
+        )
 
-    def record(self, step: int, finite: torch.Tensor, then: Callable[[], str]) -> None:
-        """``then()`` ends the message (what was kept, how to go on); it is built only on a fault."""
+    def record(self, step: int, finite: torch.Tensor) -> None:
+        bad = ~finite
         if not self.skip:
-            self.first_bad = torch.where(finite | (self.first_bad > 0), self.first_bad, step)
+            self.first_bad = torch.where(bad & (self.first_bad == 0), step, self.first_bad)
             return
-        ok = bool(finite)
-        self.skipped += not ok
-        self.in_a_row = 0 if ok else self.in_a_row + 1
-        if self.in_a_row >= self.max_in_a_row:
-            raise TrainingStopped(
-                f"{self.in_a_row} steps in a row up to step {step} had a non-finite loss or gradient "
-                f"(max_nonfinite={self.max_in_a_row}); {then()}"
-            )
+        self._skipped = self._skipped + bad
+        self.in_a_row = torch.where(bad, self.in_a_row + 1, 0)
+        limit = (self.in_a_row >= self.max_in_a_row) & (self.tripped == 0)
+        self.tripped = torch.where(limit, step, self.tripped)
+
+    @property
+    def skipped(self) -> int:
+        """Steps skipped so far (a host sync: read at the log cadence)."""
+        return int(self._skipped)
 
     def check(
         self, then: Callable[[], str], agree: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
     ) -> None:
-        """Stop if a step was non-finite; ``agree`` (every rank calls it) makes every rank's answer one."""
-        if not self.skip and (bad := int(agree(self.first_bad))):
+        """Stop if a step was non-finite (or, with skip, too many in a row). ``agree`` (every rank calls
+        it) makes every rank's answer one; ``then()`` ends the message (what was kept, how to go on) and
+        is built only on a fault."""
+        bad = int(agree(self.tripped if self.skip else self.first_bad))
+        if bad and self.skip:
+            raise TrainingStopped(
+                f"{self.max_in_a_row} steps in a row up to step {bad} had a non-finite loss or gradient "
+                f"(max_nonfinite={self.max_in_a_row}); {then()}"
+            )
+        if bad:
             raise TrainingStopped(f"non-finite loss or gradient at step {bad}; {then()}")
