@@ -1,12 +1,20 @@
-"""Training-step throughput of ddpm beside the reference implementations, measured in the same run.
+"""Training-step throughput of ddpm beside the reference implementations, measured in the same process.
 
     python scripts/bench_train.py --shape seed28 --impl ddpm,lucidrains,diffusers
+    python scripts/bench_train.py --shape cifar32 --precision bf16 --compile true --cuda-graph true
 
-Random data, Adam, noise-prediction MSE, one optimizer step per iteration. Each implementation runs
-``--warmup`` steps, then ``--repeats`` blocks of ``--steps`` steps; a block's time ends with a device
-synchronisation, and the figure quoted is the median block. The references come from the optional
-``bench`` extra (``pip install -e '.[bench]'``); an implementation that is not installed is reported as such.
-Shapes follow ../shared/ANCHORS.md.
+Random data, Adam, one optimizer step per iteration. ddpm runs the step ddpm-train runs (train_step with
+its EMA update and non-finite flag, under the precision, compilation and CUDA graph that ``--precision``,
+``--compile`` and ``--cuda-graph`` choose, as the config keys of the same names: "auto" / "null" pick what
+ddpm-train picks on the device). The references run their own step in fp32, as their examples do.
+
+Every implementation is built and warmed up first (the warm-up, which holds any compilation, is timed
+apart); then blocks of ``--steps`` steps are timed in turn, ddpm, reference, ddpm, ..., ``--repeats`` rounds,
+each block ending with a device synchronisation, so a machine's drift touches every implementation alike.
+The figure quoted is the median block. FLOPs per step are counted once with torch.utils.flop_counter on
+the fp32 forward and backward; MFU divides the achieved rate by the device's dense peak (``--peak-tflops``
+or the table below, bf16 tensor-core peak for bf16 runs, TF32 for fp32 on a GPU).
+The references come from the optional ``bench`` extra (``pip install -e '.[bench]'``).
 """
 
 from __future__ import annotations
@@ -20,12 +28,15 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from ddpm.diffusion.forward import Loss, Objective
 from ddpm.diffusion.schedules import Schedule, linear_betas
 from ddpm.models.unet import UNet
-from ddpm.runtime import resolve_device
-from ddpm.training.step import StepOptions, step_draws, train_step
+from ddpm.runtime import Precision, Runtime, resolve_device, resolve_precision, resolve_switch
+from ddpm.training.accel import prepare_net, step_function, step_tensors
+from ddpm.training.ema import EMA
+from ddpm.training.step import StepOptions, build_optimizer, step_draws, train_step
 
 
 @dataclass(frozen=True)
@@ -45,23 +56,56 @@ SHAPES = {
     "cat128": Shape(128, 3, 64, (1, 2, 4, 8), 32),
 }
 
+# dense peak TFLOP/s (bf16 tensor cores, TF32) of the GPUs the figures come from, by name
+PEAKS = {"H100": (989.0, 494.0), "H200": (989.0, 494.0), "A100": (312.0, 156.0)}
+
 Step = Callable[[torch.Tensor], torch.Tensor]
 
 
-def ddpm_step(shape: Shape, device: torch.device) -> tuple[Step, torch.nn.Module]:
+@dataclass(frozen=True)
+class Choices:
+    """ddpm's precision, compile and cuda_graph, as given on the command line."""
+
+    precision: str
+    compile: bool | None
+    cuda_graph: bool | None
+
+    def runtime(self, device: torch.device) -> Runtime:
+        return Runtime(
+            device,
+            precision=resolve_precision(Precision(self.precision), device),
+            compile=resolve_switch("compile", self.compile, device, 1),
+            cuda_graph=resolve_switch("cuda_graph", self.cuda_graph, device, 1),
+        )
+
+
+def ddpm_step(shape: Shape, device: torch.device, choices: Choices) -> tuple[Step, torch.nn.Module]:
     model = UNet(shape.channels, shape.dim, shape.dim_mults).to(device)
     schedule = Schedule.from_betas(linear_betas(shape.timesteps, 1e-4, 0.02)).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-
-    # ddpm-train's own step, with its non-finite watch (on_nonfinite=stop: no host sync)
+    runtime = choices.runtime(device)
+    net = prepare_net(model, runtime)
+    opt = build_optimizer(model, 1e-4, device)
+    ema = EMA(model, 0.9999, 0)
     opts = StepOptions(Loss.l2, Objective.eps, 0.0, 0.0, grad_accum=1, grad_clip=0.0, skip_nonfinite=False)
 
+    def one_step(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor):
+        result = train_step(net, opt, schedule, x0, t, noise, opts)
+        ema.apply()
+        return result
+
+    batch_shape = (shape.batch, shape.channels, shape.size, shape.size)
+    launch = step_function(
+        one_step, runtime, batch_shape, shape.timesteps, step_tensors(model, ema, opt), opt
+    )
     steps = iter(range(1, 10**9))
 
     def step(x0: torch.Tensor) -> torch.Tensor:
-        t, noise = step_draws(0, next(steps), x0.shape, shape.timesteps, 0.0, x0.device)
-        return train_step(model, opt, schedule, x0, t, noise, opts).loss
+        n = next(steps)
+        t, noise = step_draws(0, n, x0.shape, shape.timesteps, 0.0, x0.device)
+        ema.at(n)
+        return launch(x0, t, noise).loss
 
+    step.describe = runtime.describe().split(", ", 1)[1]  # type: ignore[attr-defined] (without the device)
     return step, model
 
 
@@ -120,24 +164,79 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(impl: str, shape: Shape, device: torch.device, warmup: int, steps: int, repeats: int) -> dict:
+def step_flops(model: torch.nn.Module, shape: Shape, device: torch.device) -> float:
+    """FLOPs of one fp32 forward and backward of the model on a batch (what the step's arithmetic costs)."""
+    x = torch.randn(shape.batch, shape.channels, shape.size, shape.size, device=device)
+    t = torch.randint(0, shape.timesteps, (shape.batch,), device=device)
+    with FlopCounterMode(display=False) as counter:
+        out = model(x, t)
+        getattr(out, "sample", out).float().square().mean().backward()  # diffusers returns an output object
+    model.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+@dataclass
+class Contender:
+    impl: str
+    step: Step
+    model: torch.nn.Module
+    warmup_s: float
+    peak_gb: float | None
+    blocks: list[float]
+    describe: str
+
+
+def build(
+    impl: str, shape: Shape, device: torch.device, choices: Choices, warmup: int, x0: torch.Tensor
+) -> Contender:
+    """Build, then warm up (compilation and capture included, timed apart from the blocks)."""
     torch.manual_seed(0)
-    step, model = IMPLS[impl](shape, device)
-    x0 = torch.rand(shape.batch, shape.channels, shape.size, shape.size, device=device) * 2 - 1
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    start = time.perf_counter()
+    if impl == "ddpm":
+        step, model = ddpm_step(shape, device, choices)
+    else:
+        step, model = IMPLS[impl](shape, device)
     for _ in range(warmup):
         step(x0)
     sync(device)
-    blocks = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(steps):
-            loss = step(x0)
-        sync(device)
-        blocks.append((time.perf_counter() - start) / steps)
-    assert torch.isfinite(loss), f"{impl}: non-finite loss"
-    ms = statistics.median(blocks) * 1e3
-    params = sum(p.numel() for p in model.parameters())
-    return {"impl": impl, "params_m": params / 1e6, "ms_per_step": ms, "img_per_s": shape.batch / ms * 1e3}
+    warmup_s = time.perf_counter() - start
+    peak = (torch.cuda.max_memory_allocated(device) - before) / 2**30 if device.type == "cuda" else None
+    describe = getattr(step, "describe", "fp32, eager")
+    return Contender(impl, step, model, warmup_s, peak, [], describe)
+
+
+def time_block(c: Contender, x0: torch.Tensor, steps: int, device: torch.device) -> None:
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = c.step(x0)
+    sync(device)
+    c.blocks.append((time.perf_counter() - start) / steps)
+    assert torch.isfinite(loss), f"{c.impl}: non-finite loss"
+
+
+def peak_tflops(device: torch.device, bf16: bool, given: float | None) -> float | None:
+    if given is not None:
+        return given
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, (bf16_peak, tf32_peak) in PEAKS.items():
+        if key in name:
+            return bf16_peak if bf16 else tf32_peak
+    return None
+
+
+def where(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}"
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def switch(value: str) -> bool | None:
+    return {"true": True, "false": False, "null": None, "auto": None}[value]
 
 
 def main() -> None:
@@ -147,9 +246,13 @@ def main() -> None:
     parser.add_argument("--shape", default="seed28", choices=sorted(SHAPES))
     parser.add_argument("--impl", default="ddpm,lucidrains,diffusers")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="auto", choices=[p.value for p in Precision])
+    parser.add_argument("--compile", default="auto", choices=["auto", "null", "true", "false"])
+    parser.add_argument("--cuda-graph", default="auto", choices=["auto", "null", "true", "false"])
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--peak-tflops", type=float, default=None, help="the device's peak, for MFU")
     args = parser.parse_args()
 
     impls = args.impl.split(",")
@@ -157,30 +260,46 @@ def main() -> None:
     if unknown:
         parser.error(f"--impl {','.join(unknown)} is invalid: choose from {', '.join(IMPLS)}")
     device = resolve_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     shape = SHAPES[args.shape]
-    where = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"CPU ({platform.processor() or 'cpu'}, {torch.get_num_threads()} threads)"
+    choices = Choices(args.precision, switch(args.compile), switch(args.cuda_graph))
+    print(f"shape {args.shape}: {shape}")
+    print(f"device {where(device)} | torch {torch.__version__}")
+    print(
+        f"median of {args.repeats} interleaved blocks of {args.steps} steps, "
+        f"after {args.warmup} warm-up steps"
     )
-    print(f"shape {args.shape}: {shape} | device {where} | torch {torch.__version__}")
-    print(f"median of {args.repeats} blocks of {args.steps} steps after {args.warmup} warm-up steps")
-    results = {}
+    x0 = torch.rand(shape.batch, shape.channels, shape.size, shape.size, device=device) * 2 - 1
+    contenders = []
     for impl in impls:
         try:
-            results[impl] = measure(impl, shape, device, args.warmup, args.steps, args.repeats)
+            contenders.append(build(impl, shape, device, choices, args.warmup, x0))
         except ImportError as e:
             print(f"{impl:>10}: not installed ({e.name}); pip install -e '.[bench]'")
-            continue
-        r = results[impl]
+    for _ in range(args.repeats):
+        for c in contenders:
+            time_block(c, x0, args.steps, device)
+    results = {}
+    for c in contenders:
+        ms = statistics.median(c.blocks) * 1e3
+        flops = step_flops(c.model, shape, device)
+        tflops = flops / (ms / 1e3) / 1e12
+        peak = peak_tflops(device, "bf16" in c.describe, args.peak_tflops)
+        mfu = f"{100 * tflops / peak:5.1f}%" if peak else "  n/a"
+        memory = f"{c.peak_gb:6.2f} GB" if c.peak_gb is not None else "     n/a"
+        params = sum(p.numel() for p in c.model.parameters()) / 1e6
+        results[c.impl] = shape.batch / ms * 1e3
         print(
-            f"{impl:>10}: {r['params_m']:6.2f}M params | {r['ms_per_step']:8.1f} ms/step | "
-            f"{r['img_per_s']:8.1f} img/s"
+            f"{c.impl:>10}: {params:6.2f}M params | {c.describe} | {ms:8.1f} ms/step | "
+            f"{results[c.impl]:8.1f} img/s | {tflops:6.2f} TFLOP/s | MFU {mfu} | peak {memory} | "
+            f"warm-up {c.warmup_s:6.1f} s"
         )
     if "ddpm" in results:
-        for impl, r in results.items():
+        for impl, rate in results.items():
             if impl != "ddpm":
-                print(f"ddpm / {impl}: {results['ddpm']['img_per_s'] / r['img_per_s']:.2f}x img/s")
+                print(f"ddpm / {impl}: {results['ddpm'] / rate:.2f}x img/s")
 
 
 if __name__ == "__main__":
