@@ -84,7 +84,7 @@ def ddpm_step(shape: Shape, device: torch.device, choices: Choices) -> tuple[Ste
     schedule = Schedule.from_betas(linear_betas(shape.timesteps, 1e-4, 0.02)).to(device)
     runtime = choices.runtime(device)
     net = prepare_net(model, runtime)
-    opt = build_optimizer(model, 1e-4, device)
+    opt = build_optimizer(model, 1e-4, device, capturable=runtime.cuda_graph)
     ema = EMA(model, 0.9999, 0)
     opts = StepOptions(Loss.l2, Objective.eps, 0.0, 0.0, grad_accum=1, grad_clip=0.0, skip_nonfinite=False)
 

@@ -16,10 +16,10 @@ from ddpm.errors import ConfigError
 from ddpm.models.unet import UNet
 from ddpm.progress import ProgressReporter
 from ddpm.runtime import Precision, Runtime, resolve_precision, resolve_switch
-from ddpm.training.accel import Autocast, Snapshot, prepare_net, rehearse, step_tensors
+from ddpm.training.accel import Autocast, Snapshot, prepare_net, rehearse, step_function, step_tensors
 from ddpm.training.ema import EMA
 from ddpm.training.interval import Interval
-from ddpm.training.step import StepOptions, build_optimizer, lr_factor, lr_on_device, step_draws, train_step
+from ddpm.training.step import StepOptions, build_optimizer, lr_factor, settle_loaded, step_draws, train_step
 from ddpm.training.stopping import NonFiniteWatch
 
 CPU = torch.device("cpu")
@@ -95,7 +95,7 @@ def test_the_lr_schedule_writes_the_device_lr_in_place():
     optimizer.load_state_dict(
         {**optimizer.state_dict(), "param_groups": [{**optimizer.param_groups[0], "lr": 5e-4}]}
     )
-    lr_on_device(optimizer, CPU)
+    settle_loaded(optimizer, CPU)
     assert isinstance(optimizer.param_groups[0]["lr"], torch.Tensor)
     assert float(optimizer.param_groups[0]["lr"]) == pytest.approx(5e-4)
 
@@ -283,3 +283,72 @@ def test_the_config_keys_compose():
         and cfg.cuda_graph is None
         and cfg.check_every == 5
     )
+
+
+# ---------------------------------------------------------------------------------------- on a CUDA GPU
+# These run where a GPU is (scripts/gpu_check.sh runs this file first); here they are skipped.
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def graphed_or_eager(graphed: bool, compiled: bool, bad_step: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    device = torch.device("cuda")
+    model, schedule = tiny()
+    model, schedule = model.to(device), schedule.to(device)
+    runtime = Runtime(device, compile=compiled, cuda_graph=graphed)
+    net = prepare_net(model, runtime)
+    optimizer = build_optimizer(model, 1e-3, device, capturable=graphed)
+    ema = EMA(model, 0.99, 0)
+
+    def step(x0, t, noise):
+        result = train_step(net, optimizer, schedule, x0, t, noise, opts())
+        ema.apply()
+        return result
+
+    launch = step_function(step, runtime, SHAPE, T, step_tensors(model, ema, optimizer), optimizer)
+    losses = []
+    for s in range(1, 31):
+        x0, t, noise = (v.to(device) for v in batch(s))
+        if s == bad_step:
+            x0[0, 0, 0, 0] = float("nan")  # skipped by the masked update, inside the graph too
+        ema.at(s)
+        losses.append(launch(x0, t, noise).loss.clone())
+    return torch.stack(losses), weights(ema.model)
+
+
+@cuda
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_captured_step_computes_what_the_eager_step_computes(compiled):
+    """Replaying the captured step launches the kernels the eager step launched, on the same numbers."""
+    eager_loss, eager_ema = graphed_or_eager(False, compiled, bad_step=7)
+    graph_loss, graph_ema = graphed_or_eager(True, compiled, bad_step=7)
+    assert torch.isnan(graph_loss[6]) and torch.isfinite(graph_loss[7:]).all()
+    torch.testing.assert_close(graph_loss, eager_loss, rtol=1e-4, atol=0, equal_nan=True)
+    for a, b in zip(graph_ema, eager_ema, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
+
+
+@cuda
+def test_ddpm_train_picks_the_fast_path_on_a_gpu_and_it_matches_the_eager_losses(tmp_path, cli):
+    args = [a for a in TINY if a != "device=cpu"] + ["device=cuda", "steps=20", "forward_n=0"]
+    fast = cli("ddpm-train", *args, "hydra.run.dir=fast", cwd=tmp_path)
+    assert fast.returncode == 0, fast.stderr
+    bf16 = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    assert f"device cuda, {bf16}, compiled, CUDA graph" in fast.stdout
+    rows = [json.loads(r) for r in (tmp_path / "fast" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["peak_mem_gb"] > 0 and "peak" in fast.stdout
+    runs = {}
+    for name, graph in (("graphed", "true"), ("eager", "false")):
+        done = cli(
+            "ddpm-train",
+            *args,
+            "precision=fp32",
+            "compile=false",
+            f"cuda_graph={graph}",
+            f"hydra.run.dir={name}",
+            cwd=tmp_path,
+        )
+        assert done.returncode == 0, done.stderr
+        runs[name] = [
+            json.loads(r)["loss"] for r in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        ]
+    assert runs["graphed"] == pytest.approx(runs["eager"], rel=1e-4)

@@ -11,6 +11,7 @@ rather than by reading the flag back (step.py).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -96,7 +97,10 @@ class CapturedStep:
         self.static = tuple(x.clone() for x in example)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+        with torch.cuda.stream(side), warnings.catch_warnings():  # off the default stream, as capture needs
+            warnings.filterwarnings(
+                "ignore", message=".*step\\(\\) is running without"
+            )  # (it is, rehearsing)
             rehearse(step, self.static, snapshot)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()

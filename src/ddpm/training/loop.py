@@ -39,7 +39,7 @@ from ddpm.training.step import (
     StepResult,
     build_optimizer,
     lr_factor,
-    lr_on_device,
+    settle_loaded,
     step_draws,
     step_seed,
     train_step,
@@ -114,7 +114,7 @@ def setup(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = (), sweep_j
     seed_everything(cfg.seed)
     schedule = build_schedule(cfg.schedule, cfg.timesteps).to(runtime.device)
     model = build_model(cfg.model, cfg.data.channels, cfg.data.image_size).to(runtime.device)
-    optimizer = build_optimizer(model, cfg.lr, runtime.device)
+    optimizer = build_optimizer(model, cfg.lr, runtime.device, capturable=runtime.cuda_graph)
     factor = lambda step: lr_factor(step, cfg.lr_warmup, cfg.lr_decay, cfg.steps)  # noqa: E731
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     ema = EMA(model, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.decay > 0 else None
@@ -123,7 +123,7 @@ def setup(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = (), sweep_j
     if plan.saved is not None:
         ema_model = ema.model if ema is not None else None
         start, elapsed_before = restore(plan.saved, model, ema_model, optimizer, lr_schedule)
-        lr_on_device(optimizer, runtime.device)
+        settle_loaded(optimizer, runtime.device, capturable=runtime.cuda_graph)
     # wrapped after the EMA copy and the restore: the EMA averages the plain module's weights
     net = prepare_net(model, runtime)
     return Run(

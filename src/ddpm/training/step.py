@@ -38,17 +38,21 @@ def lr_factor(step: int, warmup: int, decay: LRDecay, total: int) -> float:
     return 1.0
 
 
-def build_optimizer(model: nn.Module, lr: float, device: torch.device) -> torch.optim.Adam:
+def build_optimizer(
+    model: nn.Module, lr: float, device: torch.device, capturable: bool = False
+) -> torch.optim.Adam:
     """Fused Adam (one kernel for every parameter's update, on the CPU as on a GPU) with the learning rate
-    in a device tensor, so that the step that reads it can be captured and replayed."""
-    return torch.optim.Adam(model.parameters(), lr=torch.tensor(lr, device=device), fused=True)
+    in a device tensor, so that the step that reads it can be captured and replayed (``capturable``)."""
+    lr_t = torch.tensor(lr, device=device)
+    return torch.optim.Adam(model.parameters(), lr=lr_t, fused=True, capturable=capturable)
 
 
-def lr_on_device(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
-    """Put the learning rate back into a device tensor after load_state_dict, which sets the saved value
-    (a float in checkpoints of earlier versions)."""
+def settle_loaded(optimizer: torch.optim.Optimizer, device: torch.device, capturable: bool = False) -> None:
+    """After load_state_dict, which sets the saved values: the learning rate back into a device tensor (a
+    float in checkpoints of earlier versions), and ``capturable`` as this run needs it."""
     for group in optimizer.param_groups:
         group["lr"] = torch.as_tensor(group["lr"], dtype=torch.float32).to(device)
+        group["capturable"] = capturable
 
 
 @dataclass(frozen=True)
