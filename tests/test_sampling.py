@@ -166,6 +166,13 @@ def test_on_step_sees_every_state_and_changes_nothing(schedule, sampler, options
     assert torch.equal(seen[-1][1].clamp(-1, 1), plain)
 
 
+def test_sample_steps_are_at_most_t():
+    assert SamplingOptions().sample_steps == 50  # configs/sampling/default.yaml's default
+    assert SamplingOptions(sample_steps=50).steps(200) == 50
+    assert SamplingOptions(sample_steps=50).steps(20) == 20  # a short schedule: all of it
+    assert SamplingOptions(sample_steps=None).steps(1000) == 1000
+
+
 # What reads a tensor's value back to the host, and so waits for the device to get there.
 HOST_READS = ("item", "tolist", "numpy", "cpu", "__array__", "__bool__", "__float__", "__int__", "__index__")
 

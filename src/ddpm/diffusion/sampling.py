@@ -237,7 +237,7 @@ class SamplingOptions:
     """How images are drawn: the sampling keys of ddpm-train, ddpm-sample and ddpm-eval."""
 
     sampler: str = "ddpm"
-    sample_steps: int | None = None  # None: all T
+    sample_steps: int | None = 50  # at most T (more means all T); None: all T
     timestep_spacing: Spacing = Spacing.linspace
     eta: float = 0.0  # ddim only
     ddpm_variance: Variance = Variance.small  # ddpm only
@@ -250,7 +250,9 @@ class SamplingOptions:
         )
 
     def steps(self, timesteps: int) -> int:
-        return self.sample_steps or timesteps
+        """The steps a model of T=``timesteps`` is sampled with: sample_steps, at most T (a cheap default
+        that a short schedule does not reach visits all of it); None: all T."""
+        return timesteps if self.sample_steps is None else min(self.sample_steps, timesteps)
 
 
 @dataclass(frozen=True)
@@ -268,15 +270,13 @@ SAMPLERS: dict[str, Sampler] = {
 }
 
 
-def check_sampling(cfg: Any, timesteps: int | None, prefix: str = "") -> None:
-    """The sampling keys (named ``prefix`` + key), against the number of training timesteps T where it
-    is known."""
+def check_sampling(cfg: Any, prefix: str = "") -> None:
+    """The sampling keys (named ``prefix`` + key). sample_steps needs no T: more than T means all T."""
     checks.one_of(f"{prefix}sampler", cfg.sampler, SAMPLERS)
-    checks.at_least(f"{prefix}sample_steps", cfg.sample_steps or 1, 1)
-    if timesteps is not None and cfg.sample_steps is not None and not 1 <= cfg.sample_steps <= timesteps:
+    if cfg.sample_steps is not None and not cfg.sample_steps >= 1:
         raise ConfigError(
-            f"{prefix}sample_steps={cfg.sample_steps} is invalid: it must lie in [1, T={timesteps}] "
-            "(null: all T)"
+            f"{prefix}sample_steps={cfg.sample_steps} is invalid: it must be >= 1 (at most T are visited; "
+            "null: all T)"
         )
     checks.at_least(f"{prefix}eta", cfg.eta, 0)
 
