@@ -60,12 +60,13 @@ def ours(minutes: float, images: torch.Tensor, n: int, overrides: list[str]) -> 
     train_s = time.perf_counter() - start
     start = time.perf_counter()
     trained = TrainedModel.from_config(ema.model if ema is not None else model, schedule, plain_config(cfg))
-    samples = generate(trained, SamplingOptions.from_config(cfg), n, 0, 250)
+    sampling = SamplingOptions.from_config(cfg)
+    samples = generate(trained, sampling, n, 0, 250)
     info = {
         "steps": step,
         "train_s": train_s,
         "sample_s": time.perf_counter() - start,
-        "sampler": f"{cfg.sampler}, {cfg.sample_steps or cfg.timesteps} steps",
+        "sampler": f"{cfg.sampler}, {sampling.steps(cfg.timesteps)} steps",
     }
     return samples, info
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ddpm.config import train_config
+from ddpm.diffusion.sampling import SamplingOptions
 from ddpm.training.loop import setup
 from ddpm.training.scores import RunScorer, prepare_classifier
 from ddpm.training.step import StepOptions, step_draws, train_step
@@ -61,8 +62,9 @@ def main() -> None:
     score_s, job_s = statistics.median(scores), step_s * cfg.steps
     print(f"device: {run.runtime.describe()} | torch {torch.__version__} | {torch.get_num_threads()} threads")
     print(f"eval classifier ({cfg.eval.classifier_steps} steps, once, cached): {classifier_s:.1f} s")
+    steps = SamplingOptions.from_config(cfg.eval).steps(cfg.timesteps)
     print(
-        f"one score ({cfg.eval.n} samples, {cfg.eval.sampler} {cfg.eval.sample_steps} steps, against "
+        f"one score ({cfg.eval.n} samples, {cfg.eval.sampler} {steps} steps, against "
         f"{cfg.eval.n_real} real): median {score_s:.1f} s of {args.repeats}"
     )
     print(

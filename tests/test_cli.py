@@ -169,6 +169,19 @@ def test_sample_with_ddim_and_dpm_solver_and_without_ema(trained, in_process):
     assert not np.array_equal(pixels["ddim"], pixels["dpm"])
 
 
+def test_sample_steps_are_at_most_t_and_the_output_says_how_many(trained, in_process):
+    cwd = trained.parent
+    common = ["ckpt=run/checkpoints/last.pt", "n=2", "device=cpu"]
+    default = in_process("ddpm-sample", *common, "out=d", cwd=cwd)
+    assert default.returncode == 0, default.stderr
+    assert "ddpm with 50 steps" in default.stdout  # the default, under T=200
+    many = in_process("ddpm-sample", *common, "sample_steps=5000", "out=many", cwd=cwd)
+    every = in_process("ddpm-sample", *common, "sample_steps=null", "out=every", cwd=cwd)
+    assert many.returncode == every.returncode == 0, many.stderr + every.stderr
+    assert "ddpm with 200 steps" in many.stdout and "ddpm with 200 steps" in every.stdout
+    assert np.array_equal(*(np.asarray(Image.open(cwd / d / "grid.png")) for d in ("many", "every")))
+
+
 def test_sample_default_output_is_beside_the_run(trained, in_process):
     result = in_process("ddpm-sample", "ckpt=run/checkpoints/step_000002.pt", "n=2", cwd=trained.parent)
     assert result.returncode == 0, result.stderr

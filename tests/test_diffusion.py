@@ -13,7 +13,7 @@ from ddpm.diffusion.forward import (
     snr_weight,
     target,
 )
-from ddpm.diffusion.sampling import p_sample, p_sample_loop
+from ddpm.diffusion.sampling import ancestral_coefficients, p_sample, p_sample_loop
 from ddpm.diffusion.schedules import build_schedule
 
 
@@ -90,9 +90,8 @@ def test_p_sample_is_algorithm_2_line_for_line(schedule):
     eps = torch.randn_like(x_t)
     denoise = make_denoiser(Constant(eps), schedule, Objective.eps, clip_x0=False)
     abar = schedule.alphas_cumprod.double()
-    out = p_sample(
-        denoise, x_t, t, abar[t].item(), abar[t - 1].item(), "small", torch.Generator().manual_seed(0), False
-    )
+    coefficients = torch.tensor(ancestral_coefficients(abar[t].item(), abar[t - 1].item(), "small"))
+    out = p_sample(denoise, x_t, torch.full((5,), t), coefficients, torch.Generator().manual_seed(0), False)
     z = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(0))
     beta, alpha = schedule.betas[t], schedule.alphas[t]
     expected = (x_t - beta / (1 - abar[t]).sqrt().float() * eps) / alpha.sqrt() + schedule.posterior_variance[
@@ -104,9 +103,10 @@ def test_p_sample_is_algorithm_2_line_for_line(schedule):
 def test_last_step_adds_no_noise(schedule):
     x = torch.randn(2, 1, 4, 4)
     denoise = make_denoiser(Constant(torch.randn_like(x)), schedule, Objective.eps, clip_x0=False)
-    a0 = schedule.alphas_cumprod[0].item()
-    a = p_sample(denoise, x, 0, a0, 1.0, "small", torch.Generator().manual_seed(1), True)
-    b = p_sample(denoise, x, 0, a0, 1.0, "small", torch.Generator().manual_seed(2), True)
+    coefficients = torch.tensor(ancestral_coefficients(schedule.alphas_cumprod[0].item(), 1.0, "small"))
+    t = torch.zeros(2, dtype=torch.long)
+    a = p_sample(denoise, x, t, coefficients, torch.Generator().manual_seed(1), True)
+    b = p_sample(denoise, x, t, coefficients, torch.Generator().manual_seed(2), True)
     torch.testing.assert_close(a, b)
 
 

@@ -53,7 +53,7 @@ def not_one_of(choices: set[str]) -> st.SearchStrategy[str]:
 # linear schedule, unet model, digits data). test_every_train_key_is_fuzzed keeps this table complete.
 TRAIN_INVALID: dict[str, st.SearchStrategy[str]] = {
     "sampler": not_one_of(set(SAMPLERS)),
-    "sample_steps": st.one_of(below(1), st.integers(201, 10**9).map(str), not_a_value),
+    "sample_steps": st.one_of(below(1), not_a_value),  # at most T: larger is not an error
     "timestep_spacing": not_one_of({"linspace", "leading", "trailing"}),
     "eta": floats_outside(0),
     "ddpm_variance": not_one_of({"small", "large"}),
@@ -291,7 +291,7 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 
 SAMPLE_INVALID: dict[str, st.SearchStrategy[str]] = {
     "sampler": not_one_of(set(SAMPLERS)),
-    "sample_steps": st.one_of(below(1), st.integers(21, 10**9).map(str), not_a_value),  # T = 20
+    "sample_steps": st.one_of(below(1), not_a_value),  # at most T: larger is not an error
     "timestep_spacing": not_one_of({"linspace", "leading", "trailing"}),
     "eta": floats_outside(0),
     "ddpm_variance": not_one_of({"small", "large"}),

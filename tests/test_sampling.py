@@ -1,6 +1,8 @@
 """Samplers against exact denoisers: for Gaussian data E[x_0 | x_t] is known in closed form, so each
 sampler must reproduce the data distribution up to its discretisation error."""
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -162,6 +164,73 @@ def test_on_step_sees_every_state_and_changes_nothing(schedule, sampler, options
     assert torch.equal(plain, watched)
     assert [i for i, _ in seen] == list(range(1, len(ts) + 1))
     assert torch.equal(seen[-1][1].clamp(-1, 1), plain)
+
+
+def test_sample_steps_are_at_most_t():
+    assert SamplingOptions().sample_steps == 50  # configs/sampling/default.yaml's default
+    assert SamplingOptions(sample_steps=50).steps(200) == 50
+    assert SamplingOptions(sample_steps=50).steps(20) == 20  # a short schedule: all of it
+    assert SamplingOptions(sample_steps=None).steps(1000) == 1000
+
+
+# What reads a tensor's value back to the host, and so waits for the device to get there.
+HOST_READS = ("item", "tolist", "numpy", "cpu", "__array__", "__bool__", "__float__", "__int__", "__index__")
+
+
+class HostRead(AssertionError):
+    pass
+
+
+def refuse(name):
+    def read(*args, **kwargs):
+        raise HostRead(f"Tensor.{name} inside the sampling loop waits for the device")
+
+    return read
+
+
+@contextmanager
+def no_host_reads_after_the_first_call(denoise, device):
+    """The denoiser, which from its first call on (the tables are built by then, before the loop) makes
+    every host read of a tensor raise, and on CUDA every synchronising call; both undone on leaving."""
+    calls = []
+    with pytest.MonkeyPatch.context() as patches:
+
+        def armed(x, t):
+            if not calls:
+                for name in HOST_READS:
+                    patches.setattr(torch.Tensor, name, refuse(name))
+                if device.type == "cuda":
+                    torch.cuda.set_sync_debug_mode("error")
+            calls.append(t)
+            return denoise(x, t)
+
+        try:
+            yield armed, calls
+        finally:
+            if device.type == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("device", ["cpu", *(["cuda"] if torch.cuda.is_available() else [])])
+@pytest.mark.parametrize(
+    ("sampler", "options"),
+    [(p_sample_loop, {"variance": "small"}), (ddim_sample, {"eta": 0.5}), (dpm_solver_pp_sample, {})],
+)
+def test_sampling_loops_never_wait_for_the_device(sampler, options, device):
+    from conftest import FIXTURES
+
+    from ddpm.trained import load_trained
+
+    device = torch.device(device)
+    trained = load_trained(FIXTURES / "tiny_v2.pt", device)
+    ts = sampling_timesteps(trained.schedule.timesteps, 8, Spacing.linspace)
+    x_T = torch.randn((3, *trained.shape), device=device)
+    with no_host_reads_after_the_first_call(trained.denoiser(clip_x0=True), device) as (denoise, calls):
+        x = sampler(denoise, trained.schedule, x_T, ts, torch.Generator(device).manual_seed(0), **options)
+        with pytest.raises(HostRead):  # the guard is armed: a read in the loop would have failed the same
+            bool(x.sum() > 0)
+    assert len(calls) == len(ts)
+    assert x.shape == x_T.shape and torch.isfinite(x).all()
 
 
 def test_frame_steps_span_noise_to_images_evenly():

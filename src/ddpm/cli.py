@@ -23,7 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ddpm.checkpoint import export_safetensors, load_checkpoint, run_dir_of
 from ddpm.config import register_configs
-from ddpm.diffusion.sampling import SamplingOptions, check_sampling, generate, generate_with_frames
+from ddpm.diffusion.sampling import SamplingOptions, generate, generate_with_frames
 from ddpm.errors import ConfigError, DdpmError
 from ddpm.evaluation.evaluate import evaluate, summary_lines
 from ddpm.images import save_gif, save_grid, save_individual
@@ -178,7 +178,6 @@ def sample(cfg: DictConfig) -> None:
     """Draw cfg.n images from the checkpoint cfg.ckpt; every check runs before anything is written."""
     validate_sample(cfg)
     trained = load_trained(cfg.ckpt, Runtime.from_config(cfg).device, ema=cfg.ema)
-    check_sampling(cfg, trained.schedule.timesteps)
     out = Path(cfg.out) if cfg.out is not None else default_out(Path(cfg.ckpt), cfg.seed)
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,7 @@ class SamplingKeys:
     """How images are drawn, for the grids during training, ddpm-sample and ddpm-eval."""
 
     sampler: str = MISSING  # one of diffusion.sampling.SAMPLERS
-    sample_steps: int | None = MISSING  # None: every one of the T steps
+    sample_steps: int | None = MISSING  # at most T (more: all T); None: every one of the T steps
     timestep_spacing: Spacing = MISSING
     eta: float = MISSING  # ddim only
     ddpm_variance: Variance = MISSING  # ddpm only

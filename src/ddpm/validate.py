@@ -50,7 +50,7 @@ def validate_train(cfg: Any) -> None:
     checks.at_least("grad_clip", cfg.grad_clip, 0)
     checks.within("ema.decay", cfg.ema.decay, 0, 1, " (0: no EMA)")
     checks.at_least("ema.warmup", cfg.ema.warmup, 0)
-    check_sampling(cfg, cfg.timesteps)
+    check_sampling(cfg)
     check_device(cfg.device)
     checks.above("dist_timeout", cfg.dist_timeout, 0)
     checks.at_least("check_every", cfg.check_every, 1)
@@ -61,7 +61,7 @@ def validate_train(cfg: Any) -> None:
     checks.at_least("sample_batch_size", cfg.sample_batch_size, 1)
     checks.at_least("eval_every", cfg.eval_every, 0)
     check_scoring(cfg.eval, "eval.")
-    check_sampling(cfg.eval, None, "eval.")  # eval.sample_steps is at most T
+    check_sampling(cfg.eval, "eval.")
     checks.at_least("forward_n", cfg.forward_n, 0)
     checks.at_least("keep_last", cfg.keep_last, 0)
     checks.at_least("max_nonfinite", cfg.max_nonfinite, 1)
@@ -94,8 +94,8 @@ def check_ranks_fit(cfg: Any, runtime: Runtime) -> None:
 
 
 def validate_sample(cfg: Any) -> None:
-    """Checks that need no checkpoint; sample_steps is checked against T once the checkpoint is read."""
-    check_sampling(cfg, None)
+    """Checks that need no checkpoint (sample_steps needs no T: it is at most T)."""
+    check_sampling(cfg)
     checks.at_least("n", cfg.n, 1)
     checks.at_least("batch_size", cfg.batch_size, 1)
     checks.at_least("gif_frames", cfg.gif_frames, 2)  # x_T and the images at least
@@ -133,5 +133,5 @@ def validate_eval(cfg: Any) -> None:
         raise ConfigError(f"samples=DIR needs data=... ({', '.join(DATASETS.names)}) for the real images")
     check_scoring(cfg)
     checks.at_least("batch_size", cfg.batch_size, 1)
-    check_sampling(cfg, None)
+    check_sampling(cfg)
     check_device(cfg.device)

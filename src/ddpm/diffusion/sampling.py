@@ -4,8 +4,10 @@
 
 of a denoiser (x_t, t) -> (x0_hat, eps_hat), the schedule, the starting noise, the timesteps to visit
 (descending, 0-based, from ``sampling_timesteps``) and a generator for any fresh noise. The model is called
-once per visited timestep. Coefficients are taken from a float64 copy of the schedule on the host, so the
-loops do not synchronise with the device. An optional ``on_step(i, x)`` sees the state after each of the
+once per visited timestep. Coefficients are computed once per call in float64 on the host and moved to the
+device as a table, beside a table of the timesteps; each step slices its row (a view), so the loops neither
+wait for the device nor build tensors from Python values, and a step's kernels read every coefficient
+from device memory. An optional ``on_step(i, x)`` sees the state after each of the
 ``len(timesteps)`` steps (i = 1 ... len(timesteps); the last is the returned images before they are
 clipped to [-1, 1]); it only reads.
 """
@@ -69,42 +71,57 @@ def _alphas_cumprod(schedule: Schedule, timesteps: list[int]) -> tuple[list[floa
     return abar, abar[1:] + [1.0]
 
 
+def _table(rows: list[tuple[float, ...]], like: torch.Tensor) -> torch.Tensor:
+    """Per-step coefficients (one row per visited step), computed in float64 on the host and moved to
+    ``like``'s device and dtype once per call: the loop then slices a row per step, a view, where reading
+    a coefficient from the device would wait for it."""
+    return torch.tensor(rows, dtype=torch.float64).to(device=like.device, dtype=like.dtype)
+
+
+def _t_table(timesteps: list[int], x: torch.Tensor) -> torch.Tensor:
+    """(steps, batch): row i is the timestep the model sees at step i, for every image, built once."""
+    t = torch.tensor(timesteps, dtype=torch.long).view(-1, 1).expand(-1, x.shape[0])
+    return t.contiguous().to(x.device)
+
+
 def _noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-
-
-def _t(x: torch.Tensor, t: int) -> torch.Tensor:
-    return torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
 
 
 # on_step(i, x): the state x after step i of a sampler's run (i = 1 ... number of visited timesteps)
 OnStep = Callable[[int, torch.Tensor], None]
 
 
+def ancestral_coefficients(abar: float, abar_prev: float, variance: str) -> tuple[float, float, float]:
+    """(c_x0, c_xt, sigma) of one ancestral step from t to the next visited step t':
+    x_t' = c_x0 x0_hat + c_xt x_t + sigma z.
+
+    With beta' = 1 - abar_t / abar_t' (the respaced process of Nichol & Dhariwal 2021, sec. 4; beta_t when
+    every step is visited), c_x0 x0_hat + c_xt x_t is eq. 7's posterior mean and sigma^2 = beta~ =
+    (1 - abar_t') / (1 - abar_t) beta' (``small``) or beta' (``large``)."""
+    beta = 1 - abar / abar_prev
+    c_x0 = math.sqrt(abar_prev) * beta / (1 - abar)
+    c_xt = math.sqrt(1 - beta) * (1 - abar_prev) / (1 - abar)
+    var = beta * (1 - abar_prev) / (1 - abar) if variance == "small" else beta
+    return c_x0, c_xt, math.sqrt(var)
+
+
 def p_sample(
     denoise: Denoiser,
     x_t: torch.Tensor,
-    t: int,
-    abar: float,
-    abar_prev: float,
-    variance: str,
+    t: torch.Tensor,
+    coefficients: torch.Tensor,
     generator: torch.Generator | None,
     last: bool,
 ) -> torch.Tensor:
-    """One ancestral step from t to the next visited step t': x_t' ~ q(x_t' | x_t, x0_hat).
-
-    With beta' = 1 - abar_t / abar_t' (the respaced process of Nichol & Dhariwal 2021, sec. 4; beta_t when
-    every step is visited), the mean is eq. 7's posterior mean and the variance beta~ = (1 - abar_t') /
-    (1 - abar_t) beta' (``small``) or beta' (``large``). The last step adds no noise."""
-    x0, _ = denoise(x_t, _t(x_t, t))
-    beta = 1 - abar / abar_prev
-    mean = (math.sqrt(abar_prev) * beta / (1 - abar)) * x0 + (
-        math.sqrt(1 - beta) * (1 - abar_prev) / (1 - abar)
-    ) * x_t
+    """One ancestral step: x_t' ~ q(x_t' | x_t, x0_hat), with ``coefficients`` the (c_x0, c_xt, sigma) of
+    ``ancestral_coefficients`` on x_t's device and ``t`` the batch's timestep. The last step adds no
+    noise."""
+    x0, _ = denoise(x_t, t)
+    mean = coefficients[0] * x0 + coefficients[1] * x_t
     if last:
         return mean
-    var = beta * (1 - abar_prev) / (1 - abar) if variance == "small" else beta
-    return mean + math.sqrt(var) * _noise(x_t, generator)
+    return mean + coefficients[2] * _noise(x_t, generator)
 
 
 @torch.no_grad()
@@ -121,9 +138,12 @@ def p_sample_loop(
     visited and eps-prediction it is Algorithm 2 line for line: x_{t-1} = 1/sqrt(alpha_t) (x_t - beta_t /
     sqrt(1 - abar_t) eps) + sigma_t z is eq. 7's posterior mean written in eps."""
     abar, abar_prev = _alphas_cumprod(schedule, timesteps)
+    rows = [ancestral_coefficients(a, p, variance) for a, p in zip(abar, abar_prev, strict=True)]
+    coefficients = _table(rows, x_T)
+    ts = _t_table(timesteps, x_T)
     x = x_T
-    for i, t in enumerate(timesteps):
-        x = p_sample(denoise, x, t, abar[i], abar_prev[i], variance, generator, i + 1 == len(timesteps))
+    for i in range(len(timesteps)):
+        x = p_sample(denoise, x, ts[i], coefficients[i], generator, i + 1 == len(timesteps))
         if on_step is not None:
             on_step(i + 1, x)
     return x.clamp(-1.0, 1.0)
@@ -142,17 +162,40 @@ def ddim_sample(
     """DDIM, Song et al. 2021, eq. 12: x_t' = sqrt(abar_t') x0_hat + sqrt(1 - abar_t' - sigma^2) eps_hat
     + sigma z, with sigma = eta sqrt((1 - abar_t') / (1 - abar_t)) sqrt(1 - abar_t / abar_t').
     eta = 0 is deterministic; eta = 1 has the variance of DDPM's fixed-small sampler."""
-    abar, abar_prev = _alphas_cumprod(schedule, timesteps)
+    rows = []
+    for a, p in zip(*_alphas_cumprod(schedule, timesteps), strict=True):
+        sigma = eta * math.sqrt((1 - p) / (1 - a) * (1 - a / p))
+        rows.append((math.sqrt(p), math.sqrt(max(1 - p - sigma**2, 0.0)), sigma))
+    coefficients, ts = _table(rows, x_T), _t_table(timesteps, x_T)
     x = x_T
-    for i, t in enumerate(timesteps):
-        x0, eps = denoise(x, _t(x, t))
-        sigma = eta * math.sqrt((1 - abar_prev[i]) / (1 - abar[i]) * (1 - abar[i] / abar_prev[i]))
-        x = math.sqrt(abar_prev[i]) * x0 + math.sqrt(max(1 - abar_prev[i] - sigma**2, 0.0)) * eps
-        if sigma > 0:
-            x = x + sigma * _noise(x, generator)
+    for i, (_, _, sigma) in enumerate(rows):
+        c = coefficients[i]
+        x0, eps = denoise(x, ts[i])
+        x = c[0] * x0 + c[1] * eps
+        if sigma > 0:  # decided on the host: no noise is drawn for a deterministic step
+            x = x + c[2] * _noise(x, generator)
         if on_step is not None:
             on_step(i + 1, x)
     return x.clamp(-1.0, 1.0)
+
+
+def _dpm_solver_rows(schedule: Schedule, timesteps: list[int]) -> tuple[list[tuple[float, ...]], list[bool]]:
+    """Per step of DPM-Solver++(2M) but the last: (sigma_i+1 / sigma_i, alpha_i+1 expm1(-h_i), w, w_prev)
+    with D_i = w x0_hat_i - w_prev x0_hat_i-1, and whether the step is second order (a first-order step
+    takes D_i = x0_hat_i: the first one, and the one after an infinite h)."""
+    abar = schedule.alphas_cumprod.detach().double().cpu()[timesteps]
+    alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
+    lam = (alpha.log() - sigma.log()).tolist()  # -inf where abar = 0 (zero terminal SNR) is fine below
+    alpha, sigma = alpha.tolist(), sigma.tolist()
+    rows, second = [], []
+    h_prev = None
+    for i in range(len(timesteps) - 1):
+        h = lam[i + 1] - lam[i]
+        second.append(h_prev is not None and not math.isinf(h_prev))
+        r = h_prev / h if second[-1] else 1.0
+        rows.append((sigma[i + 1] / sigma[i], alpha[i + 1] * math.expm1(-h), 1 + 1 / (2 * r), 1 / (2 * r)))
+        h_prev = h
+    return rows, second
 
 
 @torch.no_grad()
@@ -169,29 +212,23 @@ def dpm_solver_pp_sample(
         D_i = (1 + 1/(2 r_i)) x0_hat_{i-1} - 1/(2 r_i) x0_hat_{i-2},  r_i = h_{i-1} / h_i
         x_i = (sigma_i / sigma_{i-1}) x_{i-1} - alpha_i (exp(-h_i) - 1) D_i
     The first step is first order; the last one lands on x0_hat (sigma = 0). Deterministic."""
-    abar = schedule.alphas_cumprod.detach().double().cpu()[timesteps]
-    alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
-    lam = (alpha.log() - sigma.log()).tolist()  # -inf where abar = 0 (zero terminal SNR) is fine below
-    alpha, sigma = alpha.tolist(), sigma.tolist()
-    x = x_T
-    x0_prev, h_prev = None, None
-    for i, s in enumerate(timesteps):
-        x0, _ = denoise(x, _t(x, s))
-        if i + 1 == len(timesteps):
-            if on_step is not None:
-                on_step(i + 1, x0)
-            return x0.clamp(-1.0, 1.0)
-        h = lam[i + 1] - lam[i]
-        if x0_prev is None or math.isinf(h_prev):
-            d = x0
-        else:
-            r = h_prev / h
-            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
-        x = (sigma[i + 1] / sigma[i]) * x - alpha[i + 1] * math.expm1(-h) * d
-        x0_prev, h_prev = x0, h
+    if not timesteps:
+        raise ValueError("no timesteps to visit")
+    rows, second = _dpm_solver_rows(schedule, timesteps)
+    coefficients, ts = _table(rows, x_T), _t_table(timesteps, x_T)
+    x, x0_prev = x_T, x_T
+    for i in range(len(rows)):
+        c = coefficients[i]
+        x0, _ = denoise(x, ts[i])
+        d = c[2] * x0 - c[3] * x0_prev if second[i] else x0
+        x = c[0] * x - c[1] * d
+        x0_prev = x0
         if on_step is not None:
             on_step(i + 1, x)
-    raise ValueError("no timesteps to visit")
+    x0, _ = denoise(x, ts[-1])
+    if on_step is not None:
+        on_step(len(timesteps), x0)
+    return x0.clamp(-1.0, 1.0)
 
 
 # ------------------------------------------------------------------------------------ choosing a sampler
@@ -200,7 +237,7 @@ class SamplingOptions:
     """How images are drawn: the sampling keys of ddpm-train, ddpm-sample and ddpm-eval."""
 
     sampler: str = "ddpm"
-    sample_steps: int | None = None  # None: all T
+    sample_steps: int | None = 50  # at most T (more means all T); None: all T
     timestep_spacing: Spacing = Spacing.linspace
     eta: float = 0.0  # ddim only
     ddpm_variance: Variance = Variance.small  # ddpm only
@@ -213,7 +250,9 @@ class SamplingOptions:
         )
 
     def steps(self, timesteps: int) -> int:
-        return self.sample_steps or timesteps
+        """The steps a model of T=``timesteps`` is sampled with: sample_steps, at most T (a cheap default
+        that a short schedule does not reach visits all of it); None: all T."""
+        return timesteps if self.sample_steps is None else min(self.sample_steps, timesteps)
 
 
 @dataclass(frozen=True)
@@ -231,15 +270,13 @@ SAMPLERS: dict[str, Sampler] = {
 }
 
 
-def check_sampling(cfg: Any, timesteps: int | None, prefix: str = "") -> None:
-    """The sampling keys (named ``prefix`` + key), against the number of training timesteps T where it
-    is known."""
+def check_sampling(cfg: Any, prefix: str = "") -> None:
+    """The sampling keys (named ``prefix`` + key). sample_steps needs no T: more than T means all T."""
     checks.one_of(f"{prefix}sampler", cfg.sampler, SAMPLERS)
-    checks.at_least(f"{prefix}sample_steps", cfg.sample_steps or 1, 1)
-    if timesteps is not None and cfg.sample_steps is not None and not 1 <= cfg.sample_steps <= timesteps:
+    if cfg.sample_steps is not None and not cfg.sample_steps >= 1:
         raise ConfigError(
-            f"{prefix}sample_steps={cfg.sample_steps} is invalid: it must lie in [1, T={timesteps}] "
-            "(null: all T)"
+            f"{prefix}sample_steps={cfg.sample_steps} is invalid: it must be >= 1 (at most T are visited; "
+            "null: all T)"
         )
     checks.at_least(f"{prefix}eta", cfg.eta, 0)
 

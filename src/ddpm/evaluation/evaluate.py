@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from ddpm.checkpoint import run_dir_of
 from ddpm.data import build_dataset, load_subset
 from ddpm.data.folder import FolderDataset
-from ddpm.diffusion.sampling import SamplingOptions, check_sampling, generate
+from ddpm.diffusion.sampling import SamplingOptions, generate
 from ddpm.errors import ConfigError
 from ddpm.evaluation.features import (
     Extractor,
@@ -53,7 +53,6 @@ def generated_images(cfg: Any, device: torch.device) -> tuple[torch.Tensor, Dict
     """The images to score, the data config of the real ones, and a record of where the images came from."""
     if cfg.ckpt is not None:
         trained = load_trained(cfg.ckpt, device, ema=cfg.ema)
-        check_sampling(cfg, trained.schedule.timesteps)
         data = real_data_config(cfg.data if cfg.data is not None else trained.config["data"])
         shape = (data.channels, data.image_size, data.image_size)
         if trained.shape != shape:

@@ -86,7 +86,8 @@ class Run:
             f"images) | U-Net {n_params / 1e6:.2f}M params | "
             f"{cfg.schedule.name} schedule, T={cfg.timesteps} | "
             f"{cfg.objective.name}-prediction, {cfg.loss.name} loss | batch {cfg.batch_size} | "
-            f"{cfg.steps} steps | EMA {cfg.ema.decay or 'off'} | sampler {cfg.sampler} | "
+            f"{cfg.steps} steps | EMA {cfg.ema.decay or 'off'} | sampler {cfg.sampler}, "
+            f"{SamplingOptions.from_config(cfg).steps(cfg.timesteps)} steps | "
             f"{self.runtime.describe()} | run dir {self.plan.run_dir}"
         )
 

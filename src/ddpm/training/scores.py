@@ -82,8 +82,7 @@ class RunScorer:
             return None, note
         scorer = Scorer(cfg.eval, real_data_config(cfg.data), device, features)
         sampling = SamplingOptions.from_config(cfg.eval)
-        if sampling.sample_steps is not None:  # a cheap default that a short schedule may not reach
-            sampling = dataclasses.replace(sampling, sample_steps=min(sampling.sample_steps, cfg.timesteps))
+        sampling = dataclasses.replace(sampling, sample_steps=sampling.steps(cfg.timesteps))  # as drawn
         run_scorer = cls(
             scorer,
             every=cfg.eval_every,
@@ -98,7 +97,7 @@ class RunScorer:
     def describe(self, folder: Path) -> str:
         when = [f"every {self.every} steps"] if self.every else []
         when += ["at the end"] if self.at_end else []
-        drawn = f"{self.sampling.sampler}, {self.sampling.sample_steps or 'all'} steps"
+        drawn = f"{self.sampling.sampler}, {self.sampling.sample_steps} steps"
         return (
             f"eval: FID / KID in {list(self.scorer.spaces)} features of {self.n} samples ({drawn}) against "
             f"{self.scorer.n_real} real images, {' and '.join(when)} -> {folder}"
