@@ -102,6 +102,10 @@ TRAIN_INVALID: dict[str, st.SearchStrategy[str]] = {
     "sample_n": below(1),
     "sample_batch_size": below(1),
     "dist_timeout": st.one_of(floats_outside(0), st.just("0")),
+    "precision": not_one_of({"auto", "fp32", "bf16"}),
+    "compile": not_a_value,
+    "cuda_graph": st.one_of(not_a_value, st.just("true")),  # true: this CPU has no CUDA device
+    "check_every": st.one_of(below(1), not_a_value),
     "forward_n": below(0),
     "keep_last": below(0),
     "on_nonfinite": not_one_of({"stop", "skip"}),
