@@ -77,6 +77,22 @@ def test_digits_are_on_the_8bit_grid_too(compose_cfg):
     assert torch.equal(held.decode(held.images[:50]), torch.stack([dataset[i] for i in range(50)]))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_batches_held_on_a_gpu_never_wait_for_it(compose_cfg):
+    cfg = compose_cfg("train", ["batch_size=300", "data.hflip=true"])
+    dataset = build_dataset(cfg.data)
+    order = DataOrder(len(dataset), 300, cfg.seed, True)
+    stream = ResidentImages.from_dataset(dataset, torch.device("cuda")).batches(order, 0)
+    next(stream)  # the first step allocates the pinned host buffer
+    torch.cuda.set_sync_debug_mode("error")  # any host sync raises
+    try:
+        held = [next(stream) for _ in range(6)]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    on_cpu = first(ResidentImages.from_dataset(dataset, CPU).batches(order, 1), 6)
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(held, on_cpu, strict=True))
+
+
 class Floats(Dataset):
     """Five images, the last of them off the 8-bit grid."""
 
@@ -112,14 +128,14 @@ def test_true_over_the_limit_is_refused_before_any_work(compose_cfg):
 
 def test_auto_holds_what_fits_and_small_folders(compose_cfg, monkeypatch):
     data = compose_cfg("train").data
-    assert holds_on_device(data, 1797, CPU) and data_path(data, 1797, CPU) == "held on cpu"
+    assert holds_on_device(data, 1797) and data_path(data, 1797, CPU) == "held on cpu"
     limit = compose_cfg("train", ["data.on_device_max_mb=0.1"]).data
-    assert not holds_on_device(limit, 1797, CPU) and data_path(limit, 1797, CPU) == "DataLoader, 0 workers"
-    assert not holds_on_device(compose_cfg("train", ["data.on_device=false"]).data, 1797, CPU)
+    assert not holds_on_device(limit, 1797) and data_path(limit, 1797, CPU) == "DataLoader, 0 workers"
+    assert not holds_on_device(compose_cfg("train", ["data.on_device=false"]).data, 1797)
     folder = compose_cfg("train", ["data=folder", "data.root=x", "data.image_size=8"]).data
-    assert holds_on_device(folder, 100, CPU)
+    assert holds_on_device(folder, 100)
     monkeypatch.setattr(resident, "FOLDER_AUTO_MAX_IMAGES", 99)
-    assert not holds_on_device(folder, 100, CPU)
+    assert not holds_on_device(folder, 100)
 
 
 def test_resident_for_builds_only_when_held(compose_cfg):

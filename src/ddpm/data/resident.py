@@ -17,8 +17,8 @@ from ddpm.data.order import DataOrder, apply_flips, shard
 from ddpm.data.sets import to_unit_range
 
 # data.on_device=auto holds a folder set on the device only up to this many images: building it decodes
-# every file once more before the first step (the folder was scanned once already), about one epoch of
-# the DataLoader's work, which only pays on a set this small. The built-in sets are at most 60,000 images.
+# every file once more (the folder was scanned once already) and the first step waits for it, which on a
+# large folder is minutes; data.on_device=true still holds one of any size under the limit.
 FOLDER_AUTO_MAX_IMAGES = 50_000
 BUILD_BATCH = 256  # images the build decodes at a time
 
@@ -29,10 +29,11 @@ def resident_mb(data: Any, n_images: int) -> float:
     return n_images * data.channels * data.image_size**2 / 2**20
 
 
-def holds_on_device(data: Any, n_images: int, device: torch.device) -> bool:
-    """Whether the run holds its set on ``device``: data.on_device=true / false say so; auto does where the
-    set fits under data.on_device_max_mb (and a folder set is small). A set too large for true was refused
-    by validate.check_data_fits before any work."""
+def holds_on_device(data: Any, n_images: int) -> bool:
+    """Whether the run holds its set on the training device: data.on_device=true / false say so; auto does
+    where the set fits under data.on_device_max_mb (and a folder set is small), on a GPU or the CPU alike:
+    on the CPU too, the gathered batch costs a fraction of the DataLoader's per-image transforms. A set too
+    large for true was refused by validate.check_data_fits before any work."""
     if isinstance(data.on_device, bool):
         return data.on_device
     small = data.name != "folder" or n_images <= FOLDER_AUTO_MAX_IMAGES
@@ -41,7 +42,7 @@ def holds_on_device(data: Any, n_images: int, device: torch.device) -> bool:
 
 def data_path(data: Any, n_images: int, device: torch.device) -> str:
     """How the run reads its images, for its header."""
-    if holds_on_device(data, n_images, device):
+    if holds_on_device(data, n_images):
         return f"held on {device.type}"
     return f"DataLoader, {data.num_workers} workers"
 
@@ -112,6 +113,6 @@ def encode(x: torch.Tensor) -> torch.Tensor:
 
 def resident_for(data: Any, dataset: Dataset, device: torch.device) -> ResidentImages | None:
     """The set held on ``device`` when data.on_device asks for it, else None (the DataLoader reads it)."""
-    if not holds_on_device(data, len(dataset), device):
+    if not holds_on_device(data, len(dataset)):
         return None
     return ResidentImages.from_dataset(dataset, device, data.num_workers)
