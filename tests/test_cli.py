@@ -225,13 +225,14 @@ def test_train_on_a_folder_of_images(tmp_path, cli):
         "data.root=pics",
         "data.image_size=16",
         "data.num_workers=0",
+        "data.on_device=false",
         "steps=2",
         *QUICK,
         "hydra.run.dir=run",
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
-    assert "data folder 16x16x3 (20 images)" in result.stdout
+    assert "data folder 16x16x3 (20 images, DataLoader, 0 workers)" in result.stdout
     assert Image.open(tmp_path / "run/samples/step_000002.png").mode == "RGB"
 
 

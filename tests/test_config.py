@@ -104,6 +104,9 @@ def test_wrong_types_fail_at_merge(compose_cfg, override):
         (["sample_n=0"], r"sample_n=0"),
         (["forward_n=-1"], r"forward_n=-1"),
         (["data.num_workers=-1"], r"data.num_workers=-1"),
+        (["data.on_device=maybe"], r"data.on_device='maybe' is invalid: choose one of auto, true, false"),
+        (["data.on_device=1"], r"data.on_device=1 is invalid"),  # a number is not a bool
+        (["data.on_device_max_mb=-1"], r"data.on_device_max_mb=-1.0 is invalid"),
         (["sampler=euler"], r"sampler='euler' is invalid: choose one of ddpm, ddim, dpm_solver\+\+"),
         (["sample_steps=0"], r"sample_steps=0 is invalid: it must be >= 1 \(at most T are visited"),
         (["eval.sample_steps=0"], r"eval.sample_steps=0 is invalid: it must be >= 1"),

@@ -80,6 +80,8 @@ TRAIN_INVALID: dict[str, st.SearchStrategy[str]] = {
     "data.channels": st.integers(-10, 10).filter(lambda c: c not in (1, 3)).map(str),
     "data.hflip": not_a_value,
     "data.num_workers": below(0),
+    "data.on_device": not_one_of({"auto"}),
+    "data.on_device_max_mb": floats_outside(0),
     "ema.decay": floats_outside(0, 1),
     "ema.warmup": floats_outside(0),
     "loss": not_one_of({"l1", "l2", "huber"}),

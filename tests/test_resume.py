@@ -287,6 +287,7 @@ def test_resume_is_exact_with_loader_workers_and_flips(compose_cfg, tmp_path, mo
         f"data.root={tmp_path / 'pics'}",
         "data.image_size=8",
         "data.num_workers=2",
+        "data.on_device=false",  # the DataLoader's path, which auto would not take for so small a set
         "data.hflip=true",
         "steps=6",
         "checkpoint_every=2",

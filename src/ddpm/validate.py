@@ -11,6 +11,7 @@ from torch.utils.data import Dataset
 
 from ddpm import checks
 from ddpm.data import DATASETS, check_data
+from ddpm.data.resident import resident_mb
 from ddpm.diffusion.forward import Objective
 from ddpm.diffusion.sampling import check_sampling
 from ddpm.diffusion.schedules import check_schedule
@@ -80,6 +81,13 @@ def check_data_fits(cfg: Any, dataset: Dataset, saved: dict[str, Any] | None) ->
         raise ConfigError(
             f"data.root={cfg.data.get('root', cfg.data.name)} now holds {len(dataset)} images, but the "
             f"resumed run was trained on {saved['state']['data']['n_images']}: its data order cannot go on"
+        )
+    mb, limit = resident_mb(cfg.data, len(dataset)), cfg.data.on_device_max_mb
+    if cfg.data.on_device is True and mb > limit:
+        raise ConfigError(
+            f"data.on_device=true is refused: the data set ({len(dataset):,} images) would take "
+            f"{mb:,.1f} MiB on the device, over data.on_device_max_mb={limit:g}; raise the limit, or read "
+            "it with a DataLoader (data.on_device=false)"
         )
 
 

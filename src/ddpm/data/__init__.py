@@ -40,6 +40,10 @@ def check_data(data: Any) -> None:
     checks.at_least("data.image_size", data.image_size, 1)
     checks.one_of("data.channels", data.channels, (1, 3))
     checks.at_least("data.num_workers", data.num_workers, 0)
+    # true / false arrive as bools (Hydra's parser, YAML); a number must not pass as one
+    if not (isinstance(data.on_device, bool) or data.on_device == "auto"):
+        raise ConfigError(f"data.on_device={data.on_device!r} is invalid: choose one of auto, true, false")
+    checks.at_least("data.on_device_max_mb", data.on_device_max_mb, 0)
     option.check(data)
 
 

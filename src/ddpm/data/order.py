@@ -64,7 +64,10 @@ class BatchSampler(Sampler[list[int]]):
 
 
 def apply_flips(x: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
-    """Mirror the images of x (N, C, H, W) where ``flips`` (N,) is true."""
-    if not bool(flips.any()):
+    """Mirror the images of x (N, C, H, W) where ``flips`` (N,) is true.
+
+    Flips on the CPU that mark nothing return x itself (reading them costs no device sync); flips already
+    on the device are never read back, so a step that takes them waits for nothing."""
+    if flips.device.type == "cpu" and not bool(flips.any()):
         return x
-    return torch.where(flips.to(x.device)[:, None, None, None], x.flip(-1), x)
+    return torch.where(flips.to(x.device, non_blocking=True)[:, None, None, None], x.flip(-1), x)

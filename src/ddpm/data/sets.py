@@ -23,6 +23,8 @@ class DataConfig:
     channels: int = MISSING
     hflip: bool = MISSING
     num_workers: int = MISSING
+    on_device: Any = MISSING  # auto, true or false (Any: Hydra reads true / false as bools)
+    on_device_max_mb: float = MISSING
 
 
 @dataclass
@@ -37,15 +39,22 @@ def image_transform(image_size: int, channels: int) -> Callable[[Any], torch.Ten
     Deterministic: the random flips (data.hflip) are drawn by the data order (order.py), so that a resumed
     run sees the same images. Built from picklable parts only, so DataLoader workers can receive it under
     any start method."""
-    half = [0.5] * channels
     return v2.Compose(
         [
             v2.ToImage(),
             v2.Resize(image_size, antialias=True),
             v2.CenterCrop(image_size),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(mean=half, std=half),  # [0, 1] -> [-1, 1]
+            to_unit_range(channels),
         ]
+    )
+
+
+def to_unit_range(channels: int) -> v2.Compose:
+    """uint8 image -> float32 in [-1, 1]: the transform's last part, which the images held on the device
+    (resident.py) go through as well, so that both paths give the same floats to the bit."""
+    half = [0.5] * channels
+    return v2.Compose(
+        [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=half, std=half)]  # [0, 1] -> [-1, 1]
     )
 
 

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from ddpm.checkpoint import run_dir_of
 from ddpm.data import build_dataset
 from ddpm.data.order import BatchSampler, DataOrder, apply_flips, shard
+from ddpm.data.resident import data_path, resident_for
 from ddpm.diffusion.sampling import SamplingOptions, generate
 from ddpm.diffusion.schedules import Schedule, build_schedule
 from ddpm.images import forward_figure
@@ -81,9 +82,10 @@ class Run:
     def describe(self) -> str:
         cfg, d = self.cfg, self.cfg.data
         n_params = sum(p.numel() for p in self.model.parameters())
+        source = data_path(d, len(self.dataset), self.runtime.device)
         return (
             f"ddpm-train | data {d.name} {d.image_size}x{d.image_size}x{d.channels} ({len(self.dataset):,} "
-            f"images) | U-Net {n_params / 1e6:.2f}M params | "
+            f"images, {source}) | U-Net {n_params / 1e6:.2f}M params | "
             f"{cfg.schedule.name} schedule, T={cfg.timesteps} | "
             f"{cfg.objective.name}-prediction, {cfg.loss.name} loss | batch {cfg.batch_size} | "
             f"{cfg.steps} steps | EMA {cfg.ema.decay or 'off'} | sampler {cfg.sampler}, "
@@ -147,7 +149,13 @@ def setup(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = (), sweep_j
 
 
 def batches(run: Run) -> Iterator[torch.Tensor]:
-    """The batches of steps ``start``, ``start + 1``, ... (0-based) on the device, in the data order."""
+    """The batches of steps ``start``, ``start + 1``, ... (0-based) on the device, in the data order: from
+    the set held on the device (data.on_device), or through a DataLoader."""
+    rank, world = run.runtime.rank, run.runtime.world_size
+    resident = resident_for(run.cfg.data, run.dataset, run.runtime.device)
+    if resident is not None:
+        yield from resident.batches(run.order, run.start, rank, world)
+        return
     loader = DataLoader(
         run.dataset,
         batch_sampler=BatchSampler(run.order, run.start, run.runtime.rank, run.runtime.world_size),
@@ -158,7 +166,6 @@ def batches(run: Run) -> Iterator[torch.Tensor]:
         # the resumed run restores before that happens and the uninterrupted one after
         generator=torch.Generator().manual_seed(run.cfg.seed),
     )
-    rank, world = run.runtime.rank, run.runtime.world_size
     loading = iter(loader)
     try:
         for x0, (_, flips) in zip(loading, run.order.steps(run.start), strict=False):

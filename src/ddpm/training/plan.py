@@ -46,6 +46,8 @@ RESUMABLE = (
     "data.root",
     "data.download",
     "data.num_workers",
+    "data.on_device",  # the set on the device reads the DataLoader's very batches
+    "data.on_device_max_mb",
     "data.bad_images",
     "sampler",
     "sample_steps",
