@@ -246,7 +246,9 @@ def main() -> None:
     parser.add_argument("--shape", default="seed28", choices=sorted(SHAPES))
     parser.add_argument("--impl", default="ddpm,lucidrains,diffusers")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", default="auto", choices=[p.value for p in Precision])
+    parser.add_argument(
+        "--precision", default="auto", help="auto, fp32 or bf16; a list (fp32,bf16) times one ddpm per entry"
+    )
     parser.add_argument("--compile", default="auto", choices=["auto", "null", "true", "false"])
     parser.add_argument("--cuda-graph", default="auto", choices=["auto", "null", "true", "false"])
     parser.add_argument("--warmup", type=int, default=3)
@@ -264,7 +266,10 @@ def main() -> None:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     shape = SHAPES[args.shape]
-    choices = Choices(args.precision, switch(args.compile), switch(args.cuda_graph))
+    precisions = args.precision.split(",")
+    bad = [p for p in precisions if p not in {q.value for q in Precision}]
+    if bad:
+        parser.error(f"--precision {','.join(bad)} is invalid: choose from auto, fp32, bf16")
     print(f"shape {args.shape}: {shape}")
     print(f"device {where(device)} | torch {torch.__version__}")
     print(
@@ -274,14 +279,16 @@ def main() -> None:
     x0 = torch.rand(shape.batch, shape.channels, shape.size, shape.size, device=device) * 2 - 1
     contenders = []
     for impl in impls:
-        try:
-            contenders.append(build(impl, shape, device, choices, args.warmup, x0))
-        except ImportError as e:
-            print(f"{impl:>10}: not installed ({e.name}); pip install -e '.[bench]'")
+        for precision in precisions if impl == "ddpm" else [None]:
+            choices = Choices(precision or "auto", switch(args.compile), switch(args.cuda_graph))
+            try:
+                contenders.append(build(impl, shape, device, choices, args.warmup, x0))
+            except ImportError as e:
+                print(f"{impl:>10}: not installed ({e.name}); pip install -e '.[bench]'")
     for _ in range(args.repeats):
         for c in contenders:
             time_block(c, x0, args.steps, device)
-    results = {}
+    results: dict[str, float] = {}
     for c in contenders:
         ms = statistics.median(c.blocks) * 1e3
         flops = step_flops(c.model, shape, device)
@@ -290,16 +297,16 @@ def main() -> None:
         mfu = f"{100 * tflops / peak:5.1f}%" if peak else "  n/a"
         memory = f"{c.peak_gb:6.2f} GB" if c.peak_gb is not None else "     n/a"
         params = sum(p.numel() for p in c.model.parameters()) / 1e6
-        results[c.impl] = shape.batch / ms * 1e3
+        name = f"{c.impl} ({c.describe})" if c.impl == "ddpm" else c.impl
+        results[name] = shape.batch / ms * 1e3
         print(
             f"{c.impl:>10}: {params:6.2f}M params | {c.describe} | {ms:8.1f} ms/step | "
-            f"{results[c.impl]:8.1f} img/s | {tflops:6.2f} TFLOP/s | MFU {mfu} | peak {memory} | "
+            f"{results[name]:8.1f} img/s | {tflops:6.2f} TFLOP/s | MFU {mfu} | peak {memory} | "
             f"warm-up {c.warmup_s:6.1f} s"
         )
-    if "ddpm" in results:
-        for impl, rate in results.items():
-            if impl != "ddpm":
-                print(f"ddpm / {impl}: {results['ddpm'] / rate:.2f}x img/s")
+    for ours in (n for n in results if n.startswith("ddpm")):
+        for theirs in (n for n in results if not n.startswith("ddpm")):
+            print(f"{ours} / {theirs}: {results[ours] / results[theirs]:.2f}x img/s")
 
 
 if __name__ == "__main__":

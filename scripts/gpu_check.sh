@@ -1,35 +1,86 @@
 #!/usr/bin/env bash
-# One pass of the checks that need a CUDA GPU: the suite with CUDA present, a real run and sampling on the
-# GPU, and the training-step benchmark beside the references. Expects the wheels of ddpm and of whatever the
-# machine lacks in .whl/ (see scripts/README.md); writes logs to $OUT (or ./gpu_out).
+# The checks that need a CUDA GPU, in stages: the GPU's own tests (captured step against eager, the fast
+# path of ddpm-train, data held on the GPU, samplers without a sync), the real ddpm-train loop on the
+# ho2020 U-Net at 32x32x3, the training and sampling benchmarks beside the references, the default digits
+# job, and one-GPU torchrun. Expects the wheels of ddpm (`pip wheel --no-deps -w .whl .`) and of whatever
+# the machine lacks in .whl/ (the bench extra's denoising-diffusion-pytorch and diffusers, and what they
+# need); writes logs to $OUT (or ./gpu_out).
+#
+#   bash scripts/gpu_check.sh                      # every stage (about 12 minutes on an H100)
+#   bash scripts/gpu_check.sh tests loop           # some of them: tests loop train sample digits ddp suite
 set -uo pipefail
 REPO=$PWD
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+STAGES=${*:-tests loop train sample digits ddp}
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
+export PYTHONPATH=/tmp/site:$REPO/scripts PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import torch, ddpm; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), ddpm.__file__)"
+python3 -c "import torch, ddpm; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available(), ddpm.__file__)" | tee -a "$OUT/gpu.txt"
 
 run() { echo "== $*"; "$@"; echo "rc=$?"; }
-python3 -m pytest -q -m "not slow" -p no:cacheprovider tests 2>&1 | tail -5 | tee "$OUT/pytest.log"
-cd /tmp && rm -rf gpu_run && mkdir gpu_run && cd gpu_run
-run timeout 150 ddpm-train device=cuda hydra.run.dir=run 2>&1 | tee "$OUT/train_digits_cuda.log"
-run ddpm-sample ckpt=run/checkpoints/last.pt device=cuda n=64 seed=0 out=s1 save_images=true
-run ddpm-sample ckpt=run/checkpoints/last.pt device=cuda n=64 seed=0 out=s2 save_images=true
-cmp -s s1/grid.png s2/grid.png && echo "same seed, same grid on cuda" || echo "grids differ on cuda"
-# resume on the GPU: SIGTERM mid-run, then resume=auto; the CUDA RNG and optimizer state travel through CPU
-ddpm-train device=cuda steps=600 checkpoint_every=100 hydra.run.dir=cut > "$OUT/resume_cuda.log" 2>&1 &
-sleep 25; kill -TERM $!; wait $!; echo "stopped rc=$? (143 expected)" | tee -a "$OUT/resume_cuda.log"
-run ddpm-train hydra.run.dir=cut resume=auto 2>&1 | tail -3 | tee -a "$OUT/resume_cuda.log"
-cp run/samples/step_001500.png "$OUT/digits_cuda_grid.png" 2>/dev/null
-cp run/forward.png "$OUT/digits_cuda_forward.png" 2>/dev/null
-cd "$REPO"
-for shape in seed28 cifar32; do
-  run timeout 120 python3 scripts/bench_train.py --shape $shape --steps 30 --repeats 3 2>&1 | tee -a "$OUT/bench.log"
-done
-# data-parallel on one GPU: what torchrun --nproc-per-node=1 costs against the plain run (same job)
-run timeout 200 python3 scripts/bench_ddp.py --nproc 1 --steps 300 --repeats 2 device=cuda 2>&1 | tee -a "$OUT/ddp.log"
-# and with every GPU the machine has, if more than one
-n=$(nvidia-smi -L | wc -l)
-[ "$n" -gt 1 ] && run timeout 200 python3 scripts/bench_ddp.py --nproc "$n" --steps 300 --repeats 2 device=cuda 2>&1 | tee -a "$OUT/ddp.log"
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+
+if has tests; then
+  # the tests that skip without a GPU, and the CPU compile check (the suite's own tolerances)
+  run timeout 420 python3 -m pytest -q -p no:cacheprovider -rs tests/test_fast_step.py tests/test_resident.py \
+    tests/test_sampling.py -k "cuda or captured or fast_path or gpu or never_wait or compiled" 2>&1 | tail -15 | tee "$OUT/tests.log"
+fi
+
+if has loop; then
+  # Ho et al.'s 35.7M U-Net at 32x32x3, batch 128, through the real loop (data on the GPU, EMA, logging,
+  # the final checkpoint and grid); the digits at 32x32x3 need no download and cost what CIFAR-10 costs
+  cd /tmp && rm -rf ho_loop
+  run timeout 420 ddpm-train model=ho2020 data.image_size=32 data.channels=3 batch_size=128 steps=600 \
+    log_every=100 sample_every=0 checkpoint_every=0 forward_n=0 sample_n=16 hydra.run.dir=ho_loop 2>&1 | tee "$OUT/ho2020_loop.log"
+  cp ho_loop/metrics.jsonl "$OUT/ho2020_metrics.jsonl" 2>/dev/null
+  python3 - "$OUT/ho2020_metrics.jsonl" <<'EOF' | tee -a "$OUT/ho2020_loop.log"
+import json, statistics, sys
+rows = [json.loads(r) for r in open(sys.argv[1]) if '"img_per_s"' in r]
+rates = [r["img_per_s"] for r in rows[1:]]  # the first interval holds compilation and capture
+print(f"ho2020 32x32x3 batch 128, real loop: median {statistics.median(rates):,.0f} img/s over {len(rates)} intervals "
+      f"(target 7,100); peak {max(r.get('peak_mem_gb', 0) for r in rows):.2f} GB")
+EOF
+  cd "$REPO"
+fi
+
+if has train; then
+  for shape in seed28 cifar32 cat128; do
+    run timeout 240 python3 scripts/bench_train.py --shape $shape --impl ddpm,lucidrains,diffusers --steps 20 --repeats 5 2>&1 | tee -a "$OUT/bench_train.log"
+  done
+  # what each lever gives at seed28: eager fp32, then compile, then the CUDA graph, then bf16
+  for choice in "--precision fp32 --compile false --cuda-graph false" "--precision fp32 --compile true --cuda-graph false" \
+                "--precision fp32 --compile true --cuda-graph true" "--precision bf16 --compile true --cuda-graph true"; do
+    run timeout 150 python3 scripts/bench_train.py --shape seed28 --impl ddpm --steps 20 --repeats 5 $choice 2>&1 | tail -2 | tee -a "$OUT/levers.log"
+  done
+fi
+
+if has sample; then
+  for shape in seed28 cifar32; do
+    run timeout 240 python3 scripts/bench_sample.py --shape $shape --n 256 --repeats 3 2>&1 | tee -a "$OUT/bench_sample.log"
+  done
+  run timeout 240 python3 scripts/bench_sample.py --shape cifar32 --sampler ddim --sample-steps 50 --n 2500 --repeats 3 --no-reference 2>&1 | tee -a "$OUT/bench_sample.log"
+fi
+
+if has digits; then
+  # the default job on the GPU, grids included; the same seed gives the same grid
+  cd /tmp && rm -rf gpu_run && mkdir gpu_run && cd gpu_run
+  /usr/bin/time -f "default digits job on the GPU: %e s wall" ddpm-train device=cuda hydra.run.dir=run 2>&1 | tail -6 | tee "$OUT/digits_cuda.log"
+  run ddpm-sample ckpt=run/checkpoints/last.pt device=cuda n=64 seed=0 out=s1
+  run ddpm-sample ckpt=run/checkpoints/last.pt device=cuda n=64 seed=0 out=s2
+  cmp -s s1/grid.png s2/grid.png && echo "same seed, same grid on cuda" | tee -a "$OUT/digits_cuda.log"
+  cp run/samples/step_001500.png "$OUT/digits_cuda_grid.png" 2>/dev/null
+  cd "$REPO"
+fi
+
+if has ddp; then
+  # torchrun with one rank against the plain run (same job, compiled: compile under DDP)
+  run timeout 200 python3 scripts/bench_ddp.py --nproc 1 --steps 300 --repeats 2 device=cuda 2>&1 | tee -a "$OUT/ddp.log"
+  n=$(nvidia-smi -L | wc -l)
+  [ "$n" -gt 1 ] && run timeout 200 python3 scripts/bench_ddp.py --nproc "$n" --steps 300 --repeats 2 device=cuda 2>&1 | tee -a "$OUT/ddp.log"
+fi
+
+if has suite; then
+  run timeout 600 python3 -m pytest -q -m "not slow" -p no:cacheprovider tests 2>&1 | tail -5 | tee "$OUT/pytest.log"
+fi

@@ -194,6 +194,7 @@ def test_a_sweep_job_takes_the_gpu_of_its_number(monkeypatch, gpus, device, job,
 def test_torchrun_ranks_keep_their_local_rank_in_a_sweep_job(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)  # precision=auto asks the GPU
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
