@@ -228,9 +228,15 @@ def test_compiled_losses_equal_eager_ones_over_100_steps():
     assert compiled == pytest.approx(eager, rel=2e-2)
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_takes_bf16_where_the_cpu_computes_it(monkeypatch, native):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    assert resolve_precision(Precision.auto, CPU) == (torch.bfloat16 if native else torch.float32)
+    assert resolve_precision(Precision.fp32, CPU) == torch.float32
+    assert resolve_precision(Precision.bf16, CPU) == torch.bfloat16  # emulated, slower, but allowed
+
+
 def test_the_choices_follow_the_device():
-    assert resolve_precision(Precision.auto, CPU) == torch.float32
-    assert resolve_precision(Precision.bf16, CPU) == torch.bfloat16
     assert not resolve_switch("compile", None, CPU, 1) and resolve_switch("compile", True, CPU, 1)
     assert not resolve_switch("cuda_graph", None, CPU, 1)
     gpu = torch.device("cuda")

@@ -33,7 +33,7 @@ class Precision(Enum):
     """The arithmetic of the U-Net's forward and backward pass. The weights, Adam's moments, the EMA, the
     loss and every x_t stay float32 either way (bf16 autocast with fp32 master weights needs no scaler)."""
 
-    auto = "auto"  # bf16 on a CUDA GPU that has it, fp32 elsewhere
+    auto = "auto"  # bf16 where the device computes it natively (see native_bf16), fp32 elsewhere
     fp32 = "fp32"
     bf16 = "bf16"
 
@@ -84,12 +84,22 @@ def launched_ranks() -> tuple[int, int, int]:
     return int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), world
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes in bf16 natively: a CUDA GPU from Ampere on, or a CPU with AVX512-BF16
+    (or AMX). Elsewhere bf16 is emulated and slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.cpu._is_avx512_bf16_supported()
+
+
 def resolve_precision(precision: Precision, device: torch.device) -> torch.dtype:
-    """The autocast dtype that ``precision`` names on ``device``; ConfigError where it has none such."""
-    cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    """The autocast dtype that ``precision`` names on ``device``; ConfigError where it has none such. auto
+    takes bf16 where the device computes it natively: on such a CPU it ran the seed28 step 1.9x and the
+    default job 1.2x faster than fp32, to the same quality (README, Speed and Time to quality)."""
+    native = native_bf16(device)
     if precision is Precision.auto:
-        return torch.bfloat16 if cuda_bf16 else torch.float32
-    if precision is Precision.bf16 and device.type == "cuda" and not cuda_bf16:
+        return torch.bfloat16 if native else torch.float32
+    if precision is Precision.bf16 and device.type == "cuda" and not native:
         raise ConfigError(f"precision=bf16 is invalid on {torch.cuda.get_device_name(device)}: choose fp32")
     return torch.bfloat16 if precision is Precision.bf16 else torch.float32
 
