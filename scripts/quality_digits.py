@@ -377,7 +377,7 @@ def main() -> None:
     parser.add_argument(
         "--ours",
         nargs="*",
-        default=["default", "precision=bf16"],
+        default=["precision=fp32", "precision=bf16"],
         help='ddpm settings, each "default" or space-separated ddpm-train overrides, e.g. "precision=bf16"',
     )
     parser.add_argument("--ours-minutes", default="5", help="comma-separated training budgets of ddpm")
