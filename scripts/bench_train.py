@@ -50,6 +50,7 @@ class Shape:
 
 
 SHAPES = {
+    "digits8": Shape(8, 1, 32, (1, 2, 4), 128, 200),  # the default ddpm-train job's step
     "digits16": Shape(16, 1, 32, (1, 2, 4), 128, 200),
     "seed28": Shape(28, 1, 28, (1, 2, 4), 128, 200),
     "cifar32": Shape(32, 3, 64, (1, 2, 4, 8), 128),
