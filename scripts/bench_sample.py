@@ -29,9 +29,11 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # the reference's per-step progress 
 import torch
 from bench_train import SHAPES, Shape
 
+from ddpm.config import train_config
 from ddpm.diffusion.forward import Objective
 from ddpm.diffusion.sampling import SAMPLERS, SamplingOptions, generate
 from ddpm.diffusion.schedules import Schedule, linear_betas
+from ddpm.models import build_model
 from ddpm.models.unet import UNet
 from ddpm.runtime import resolve_device
 from ddpm.trained import TrainedModel
@@ -40,9 +42,15 @@ Draw = Callable[[], torch.Tensor]  # one block: --n images in [-1, 1] (or [0, 1]
 
 
 def ddpm_draw(
-    shape: Shape, timesteps: int, sampling: SamplingOptions, n: int, device: torch.device
+    shape: Shape, timesteps: int, sampling: SamplingOptions, n: int, device: torch.device, model_name: str
 ) -> tuple[Draw, torch.nn.Module]:
-    model = UNet(shape.channels, shape.dim, shape.dim_mults).to(device).eval()
+    if model_name == "ho2020":  # Ho et al.'s CIFAR-10 U-Net as model=ho2020 configures it
+        cfg = train_config(
+            ["model=ho2020", f"data.image_size={shape.size}", f"data.channels={shape.channels}"]
+        )
+        model = build_model(cfg.model, shape.channels, shape.size).to(device).eval()
+    else:
+        model = UNet(shape.channels, shape.dim, shape.dim_mults).to(device).eval()
     schedule = Schedule.from_betas(linear_betas(timesteps, 1e-4, 0.02)).to(device)
     trained = TrainedModel(model, schedule, Objective.eps, (shape.channels, shape.size, shape.size), {})
     seeds = iter(range(10**9))
@@ -126,6 +134,12 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5, help="timed blocks per implementation")
     parser.add_argument("--warmup", type=int, default=1, help="untimed blocks per implementation first")
     parser.add_argument("--no-reference", action="store_true", help="time ddpm alone")
+    parser.add_argument(
+        "--model",
+        default="unet",
+        choices=["unet", "ho2020"],
+        help="ddpm's U-Net: the shape's annotated one, or model=ho2020 at the shape's size (ddpm alone)",
+    )
     parser.add_argument("--device", default="auto")
     return parser.parse_args()
 
@@ -138,16 +152,18 @@ def main() -> None:
     sampling = SamplingOptions(sampler=args.sampler, sample_steps=args.sample_steps)
     steps = sampling.steps(args.timesteps)
     torch.manual_seed(0)
-    draws = {"ddpm": ddpm_draw(shape, args.timesteps, sampling, n, device)}
-    if args.no_reference or args.sampler != "ddpm" or steps != args.timesteps:
-        print("reference: not run (its ancestral loop visits all T: ddpm runs another sampler or fewer)")
+    draws = {"ddpm": ddpm_draw(shape, args.timesteps, sampling, n, device, args.model)}
+    if args.no_reference or args.sampler != "ddpm" or steps != args.timesteps or args.model != "unet":
+        print("reference: not run (it has the annotated U-Net and an ancestral loop over all T only)")
     else:
         try:
             draws["lucidrains"] = lucidrains_draw(shape, args.timesteps, n, device)
         except ImportError as e:
             print(f"lucidrains: not installed ({e.name}); pip install -e '.[bench]'")
     print(f"device {describe_device(device)}")
-    size = f"{shape.size}x{shape.size}x{shape.channels}, dim {shape.dim}, {shape.dim_mults}"
+    size = f"{shape.size}x{shape.size}x{shape.channels}, " + (
+        "model=ho2020" if args.model == "ho2020" else f"dim {shape.dim}, {shape.dim_mults}"
+    )
     print(
         f"shape {args.shape} ({size}) | T={args.timesteps} | {args.sampler}, {steps} steps | {n} images per "
         f"block | median of {args.repeats} interleaved blocks after {args.warmup} warm-up blocks each"

@@ -60,7 +60,7 @@ if has sample; then
   for shape in seed28 cifar32; do
     run timeout 240 python3 scripts/bench_sample.py --shape $shape --n 256 --repeats 3 2>&1 | tee -a "$OUT/bench_sample.log"
   done
-  run timeout 240 python3 scripts/bench_sample.py --shape cifar32 --sampler ddim --sample-steps 50 --n 2500 --repeats 3 --no-reference 2>&1 | tee -a "$OUT/bench_sample.log"
+  run timeout 240 python3 scripts/bench_sample.py --shape cifar32 --model ho2020 --sampler ddim --sample-steps 50 --n 2500 --repeats 3 2>&1 | tee -a "$OUT/bench_sample.log"
 fi
 
 if has digits; then
