@@ -33,10 +33,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from ddpm.diffusion.forward import Loss, Objective
 from ddpm.diffusion.schedules import Schedule, linear_betas
 from ddpm.models.unet import UNet
-from ddpm.runtime import Precision, Runtime, resolve_device, resolve_precision, resolve_switch
-from ddpm.training.accel import prepare_net, step_function, step_tensors
+from ddpm.runtime import Precision, Runtime, resolve_device
+from ddpm.training.accel import prepare_net, training_step
 from ddpm.training.ema import EMA
-from ddpm.training.step import StepOptions, build_optimizer, step_draws, train_step
+from ddpm.training.step import StepOptions, build_optimizer, step_draws
 
 
 @dataclass(frozen=True)
@@ -72,12 +72,7 @@ class Choices:
     cuda_graph: bool | None
 
     def runtime(self, device: torch.device) -> Runtime:
-        return Runtime(
-            device,
-            precision=resolve_precision(Precision(self.precision), device),
-            compile=resolve_switch("compile", self.compile, device, 1),
-            cuda_graph=resolve_switch("cuda_graph", self.cuda_graph, device, 1),
-        )
+        return Runtime.resolved(device, Precision(self.precision), self.compile, self.cuda_graph)
 
 
 def ddpm_step(shape: Shape, device: torch.device, choices: Choices) -> tuple[Step, torch.nn.Module]:
@@ -88,16 +83,8 @@ def ddpm_step(shape: Shape, device: torch.device, choices: Choices) -> tuple[Ste
     opt = build_optimizer(model, 1e-4, device, capturable=runtime.cuda_graph)
     ema = EMA(model, 0.9999, 0)
     opts = StepOptions(Loss.l2, Objective.eps, 0.0, 0.0, grad_accum=1, grad_clip=0.0, skip_nonfinite=False)
-
-    def one_step(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor):
-        result = train_step(net, opt, schedule, x0, t, noise, opts)
-        ema.apply()
-        return result
-
     batch_shape = (shape.batch, shape.channels, shape.size, shape.size)
-    launch = step_function(
-        one_step, runtime, batch_shape, shape.timesteps, step_tensors(model, ema, opt), opt
-    )
+    launch = training_step(model, net, opt, schedule, ema, opts, runtime, batch_shape)
     steps = iter(range(1, 10**9))
 
     def step(x0: torch.Tensor) -> torch.Tensor:

@@ -44,9 +44,9 @@ from ddpm.diffusion.schedules import build_schedule
 from ddpm.evaluation.evaluate import Scorer, real_data_config, score
 from ddpm.images import save_grid
 from ddpm.models import build_model
-from ddpm.runtime import Runtime, resolve_precision, resolve_switch, seed_everything
+from ddpm.runtime import Runtime, seed_everything
 from ddpm.trained import TrainedModel
-from ddpm.training.accel import prepare_net
+from ddpm.training.accel import prepare_net, training_step
 from ddpm.training.ema import EMA
 from ddpm.training.plan import plain_config
 from ddpm.training.step import (
@@ -56,7 +56,6 @@ from ddpm.training.step import (
     lr_factor,
     step_draws,
     step_seed,
-    train_step,
 )
 
 SPACES = ("classifier", "pixels")  # the feature spaces every run is scored in
@@ -76,13 +75,9 @@ def ours_config(setting: str, common: list[str], seed: int) -> DictConfig:
 
 
 def ours_train(cfg: DictConfig, minutes: float, images: torch.Tensor) -> tuple[TrainedModel, dict]:
-    """ddpm-train's step (loop.py's training_step, eager) on random batches of ``images`` for ``minutes``."""
+    """ddpm-train's step (accel.training_step, eager) on random batches of ``images`` for ``minutes``."""
     dev = torch.device("cpu")
-    runtime = Runtime(
-        dev,
-        precision=resolve_precision(cfg.precision, dev),
-        compile=resolve_switch("compile", cfg.compile, dev, 1),
-    )
+    runtime = Runtime.resolved(dev, cfg.precision, cfg.compile, cuda_graph=False)
     seed_everything(cfg.seed)
     schedule = build_schedule(cfg.schedule, cfg.timesteps)
     model = build_model(cfg.model, cfg.data.channels, cfg.data.image_size)
@@ -90,6 +85,8 @@ def ours_train(cfg: DictConfig, minutes: float, images: torch.Tensor) -> tuple[T
     ema = EMA(model, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.decay > 0 else None
     net = prepare_net(model, runtime)  # after the EMA copy: the EMA averages the plain module's weights
     opts = StepOptions.from_config(cfg)
+    shape = (cfg.batch_size, *images.shape[1:])
+    step_fn = training_step(model, net, optimizer, schedule, ema, opts, runtime, shape)
     g = torch.Generator().manual_seed(cfg.seed)
     nonfinite = torch.zeros((), dtype=torch.int64)
     model.train()
@@ -103,9 +100,7 @@ def ours_train(cfg: DictConfig, minutes: float, images: torch.Tensor) -> tuple[T
         torch.manual_seed(step_seed(cfg.seed, step, 0))  # dropout, as ddpm-train seeds it
         if ema is not None:
             ema.at(step)
-        result = train_step(net, optimizer, schedule, batch, t, noise, opts)
-        if ema is not None:
-            ema.apply()
+        result = step_fn(batch, t, noise)
         nonfinite += ~result.finite
     train_s = time.perf_counter() - start
     sampling_model = ema.model if ema is not None else model

@@ -15,8 +15,8 @@ from ddpm.diffusion.schedules import Schedule, linear_betas
 from ddpm.errors import ConfigError
 from ddpm.models.unet import UNet
 from ddpm.progress import ProgressReporter
-from ddpm.runtime import Precision, Runtime, resolve_precision, resolve_switch
-from ddpm.training.accel import Autocast, Snapshot, prepare_net, rehearse, step_function, step_tensors
+from ddpm.runtime import Precision, Runtime, resolve_compile, resolve_cuda_graph, resolve_precision
+from ddpm.training.accel import Autocast, Snapshot, prepare_net, rehearse, step_tensors, training_step
 from ddpm.training.ema import EMA
 from ddpm.training.interval import Interval
 from ddpm.training.step import StepOptions, build_optimizer, lr_factor, settle_loaded, step_draws, train_step
@@ -237,11 +237,11 @@ def test_auto_precision_takes_bf16_where_the_cpu_computes_it(monkeypatch, native
 
 
 def test_the_choices_follow_the_device():
-    assert not resolve_switch("compile", None, CPU, 1) and resolve_switch("compile", True, CPU, 1)
-    assert not resolve_switch("cuda_graph", None, CPU, 1)
+    assert not resolve_compile(None, CPU) and resolve_compile(True, CPU)
+    assert not resolve_cuda_graph(None, CPU, 1)
     gpu = torch.device("cuda")
-    assert resolve_switch("compile", None, gpu, 2) and resolve_switch("cuda_graph", None, gpu, 1)
-    assert not resolve_switch("cuda_graph", None, gpu, 2)
+    assert resolve_compile(None, gpu) and resolve_cuda_graph(None, gpu, 1)
+    assert not resolve_cuda_graph(None, gpu, 2)
 
 
 def test_a_gpu_without_bf16_refuses_bf16(monkeypatch):
@@ -259,9 +259,9 @@ def test_a_gpu_without_bf16_refuses_bf16(monkeypatch):
 def test_cuda_graph_refusals(value, world, message):
     if message is not None:
         with pytest.raises(ConfigError, match=message):
-            resolve_switch("cuda_graph", value, CPU, world)
+            resolve_cuda_graph(value, CPU, world)
     with pytest.raises(ConfigError, match="cuda_graph=true is invalid under torchrun"):
-        resolve_switch("cuda_graph", True, torch.device("cuda"), 2)
+        resolve_cuda_graph(True, torch.device("cuda"), 2)
 
 
 def test_peak_memory_is_reported_on_a_gpu_only(monkeypatch, capsys):
@@ -306,13 +306,7 @@ def graphed_or_eager(graphed: bool, compiled: bool, bad_step: int) -> tuple[torc
     net = prepare_net(model, runtime)
     optimizer = build_optimizer(model, 1e-3, device, capturable=graphed)
     ema = EMA(model, 0.99, 0)
-
-    def step(x0, t, noise):
-        result = train_step(net, optimizer, schedule, x0, t, noise, opts())
-        ema.apply()
-        return result
-
-    launch = step_function(step, runtime, SHAPE, T, step_tensors(model, ema, optimizer), optimizer)
+    launch = training_step(model, net, optimizer, schedule, ema, opts(), runtime, SHAPE)
     losses = []
     for s in range(1, 31):
         x0, t, noise = (v.to(device) for v in batch(s))

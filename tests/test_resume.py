@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import TINY, Exploit, signal_at, write_bad_files, write_random
 
+import ddpm.training.accel
 import ddpm.training.loop
 from ddpm.checkpoint import load_checkpoint
 from ddpm.errors import CheckpointError, ConfigError
@@ -87,7 +88,7 @@ def test_a_crash_after_going_back_leaves_the_run_at_the_earlier_checkpoint(
     def crash(*args, **kwargs):
         raise RuntimeError("the machine went away")
 
-    monkeypatch.setattr(ddpm.training.loop, "train_step", crash)
+    monkeypatch.setattr(ddpm.training.accel, "train_step", crash)
     ckpt = str(run / "checkpoints/step_000003.pt")
     with pytest.raises(RuntimeError):
         train(compose_cfg("train", EXACT + [f"resume={ckpt}"]), run, [f"resume={ckpt}"])
@@ -245,7 +246,7 @@ def test_skip_gives_up_after_max_nonfinite_in_a_row(compose_cfg, tmp_path):
 
 def test_a_checkpoint_that_cannot_be_written_stops_the_run(compose_cfg, tmp_path, monkeypatch):
     # The write of step 4's checkpoint goes to /dev/full: the kernel's own "No space left on device".
-    real, calls = ddpm.training.loop.train_step, []
+    real, calls = ddpm.training.accel.train_step, []
 
     def fill_the_disk_before_step_4(*args, **kwargs):
         calls.append(1)
@@ -253,7 +254,7 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run(compose_cfg, tmp_path
             os.symlink("/dev/full", tmp_path / "checkpoints/.step_000004.pt.tmp")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ddpm.training.loop, "train_step", fill_the_disk_before_step_4)
+    monkeypatch.setattr(ddpm.training.accel, "train_step", fill_the_disk_before_step_4)
     overrides = TINY + ["steps=6", "checkpoint_every=2", "sample_every=0"]
     with pytest.raises(
         TrainingStopped,

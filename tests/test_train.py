@@ -137,7 +137,7 @@ def test_grad_accum_changes_memory_not_the_gradient(compose_cfg):
 
 
 def test_grad_clip_bounds_the_gradient_norm(compose_cfg):
-    from ddpm.training.loop import train_step
+    from ddpm.training.step import train_step
 
     x0 = torch.rand(4, 1, 8, 8) * 2 - 1
     t, noise = step_draws(0, 1, x0.shape, 50, 0.0, x0.device)

@@ -9,13 +9,11 @@ rank that dies ends the job with a message instead of a hang.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import os
 import random
 import re
 from collections.abc import Iterable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -104,20 +102,24 @@ def resolve_precision(precision: Precision, device: torch.device) -> torch.dtype
     return torch.bfloat16 if precision is Precision.bf16 else torch.float32
 
 
-def resolve_switch(key: str, value: bool | None, device: torch.device, world_size: int) -> bool:
-    """``compile`` and ``cuda_graph``: null picks what pays on the device (measured: on the CPU, compiling
-    costs minutes of warm-up and gains nothing; on a GPU, a step is thousands of tiny kernels)."""
+def resolve_compile(value: bool | None, device: torch.device) -> bool:
+    """``compile``: null compiles on a GPU, where a step is thousands of tiny kernels; on the CPU compiled
+    steps measured slower than eager after minutes of warm-up (README, Speed)."""
+    return device.type == "cuda" if value is None else value
+
+
+def resolve_cuda_graph(value: bool | None, device: torch.device, world_size: int) -> bool:
+    """``cuda_graph``: null captures the step on a GPU when this is the only process; true anywhere else is
+    a ConfigError."""
     on_gpu = device.type == "cuda"
-    if key == "cuda_graph":
-        if value and not on_gpu:
-            raise ConfigError(f"cuda_graph=true needs a CUDA device, not {device}: use cuda_graph=null")
-        if value and world_size > 1:
-            raise ConfigError(
-                f"cuda_graph=true is invalid under torchrun ({world_size} ranks): a captured step runs on "
-                "one process; compile=true still applies"
-            )
-        return on_gpu and world_size == 1 if value is None else value
-    return on_gpu if value is None else value
+    if value and not on_gpu:
+        raise ConfigError(f"cuda_graph=true needs a CUDA device, not {device}: use cuda_graph=null")
+    if value and world_size > 1:
+        raise ConfigError(
+            f"cuda_graph=true is invalid under torchrun ({world_size} ranks): a captured step runs on "
+            "one process; compile=true still applies"
+        )
+    return on_gpu and world_size == 1 if value is None else value
 
 
 @dataclass(frozen=True)
@@ -142,20 +144,27 @@ class Runtime:
         device = resolve_device(cfg.device, sweep_job if world == 1 else None)
         if device.type == "cuda" and world > 1:
             device = resolve_device(f"cuda:{local_rank}")
+        return cls.resolved(device, cfg.precision, cfg.compile, cfg.cuda_graph, rank, world)
+
+    @classmethod
+    def resolved(
+        cls,
+        device: torch.device,
+        precision: Precision,
+        compile: bool | None,
+        cuda_graph: bool | None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> Runtime:
+        """The runtime that the config keys precision, compile and cuda_graph choose on ``device``."""
         return cls(
             device=device,
             rank=rank,
-            world_size=world,
-            precision=resolve_precision(cfg.precision, device),
-            compile=resolve_switch("compile", cfg.compile, device, world),
-            cuda_graph=resolve_switch("cuda_graph", cfg.cuda_graph, device, world),
+            world_size=world_size,
+            precision=resolve_precision(precision, device),
+            compile=resolve_compile(compile, device),
+            cuda_graph=resolve_cuda_graph(cuda_graph, device, world_size),
         )
-
-    def autocast(self) -> AbstractContextManager:
-        """Where the U-Net runs: in bf16 under autocast, or as it is."""
-        if self.precision == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.precision)
 
     @property
     def is_main(self) -> bool:

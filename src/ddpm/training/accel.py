@@ -19,9 +19,10 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ddpm.diffusion.schedules import Schedule
 from ddpm.runtime import Runtime
 from ddpm.training.ema import EMA
-from ddpm.training.step import StepResult
+from ddpm.training.step import StepOptions, StepResult, train_step
 
 StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], StepResult]  # (x0, t, eps) -> result
 
@@ -122,22 +123,33 @@ def step_tensors(model: nn.Module, ema: EMA | None, optimizer: torch.optim.Optim
     return tensors + [g["lr"] for g in optimizer.param_groups if isinstance(g["lr"], torch.Tensor)]
 
 
-def step_function(
-    step: StepFn,
-    runtime: Runtime,
-    example_shape: tuple[int, ...],
-    timesteps: int,
-    tensors: list[torch.Tensor],
+def training_step(
+    model: nn.Module,
+    net: nn.Module,
     optimizer: torch.optim.Optimizer,
+    schedule: Schedule,
+    ema: EMA | None,
+    opts: StepOptions,
+    runtime: Runtime,
+    shard_shape: tuple[int, ...],
 ) -> StepFn:
-    """``step`` as the loop calls it: as it is, or captured as a CUDA graph where the runtime says so
-    (``tensors``: what the step writes besides ``optimizer``'s state, put back after the rehearsal)."""
+    """One step of Algorithm 1 (``net``, prepare_net's, on this rank's ``shard_shape`` batch) with its EMA
+    update, as the loop calls it: eager, or captured as a CUDA graph where the runtime says so. The EMA
+    weight of each step is written before the call (``EMA.at``)."""
+
+    def step(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> StepResult:
+        result = train_step(net, optimizer, schedule, x0, t, noise, opts, runtime.all_true)
+        if ema is not None:
+            ema.apply()
+        return result
+
     if not runtime.cuda_graph:
         return step
     device = runtime.device
     example = (
-        torch.zeros(example_shape, device=device),
-        torch.randint(0, timesteps, example_shape[:1], device=device),
-        torch.randn(example_shape, device=device),
+        torch.zeros(shard_shape, device=device),
+        torch.randint(0, schedule.timesteps, shard_shape[:1], device=device),
+        torch.randn(shard_shape, device=device),
     )
-    return CapturedStep(step, example, Snapshot.take(tensors, optimizer))
+    snapshot = Snapshot.take(step_tensors(model, ema, optimizer), optimizer)
+    return CapturedStep(step, example, snapshot)

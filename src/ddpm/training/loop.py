@@ -28,22 +28,20 @@ from ddpm.models import build_model
 from ddpm.progress import ProgressReporter
 from ddpm.runtime import Runtime, is_peer_failure, seed_everything
 from ddpm.trained import TrainedModel
-from ddpm.training.accel import StepFn, prepare_net, step_function, step_tensors
+from ddpm.training.accel import prepare_net, training_step
 from ddpm.training.ema import EMA
 from ddpm.training.interval import Due, Interval
 from ddpm.training.plan import RunPlan, plain_config, plan_run, shell_override
-from ddpm.training.report import announce, finish
+from ddpm.training.report import announce, finish, log_progress
 from ddpm.training.scores import RunScorer, score_model
 from ddpm.training.state import restore, training_state
 from ddpm.training.step import (
     StepOptions,
-    StepResult,
     build_optimizer,
     lr_factor,
     settle_loaded,
     step_draws,
     step_seed,
-    train_step,
 )
 from ddpm.training.stopping import (
     NonFiniteWatch,
@@ -224,7 +222,10 @@ def train_loop(run: Run, reporter: ProgressReporter) -> dict[str, Any]:
 
     opts = StepOptions.from_config(cfg)
     batch_shape = (cfg.batch_size, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
-    step_fn = training_step(run, opts, (x0.shape[0], *batch_shape[1:]))
+    shard_shape = (x0.shape[0], *batch_shape[1:])
+    step_fn = training_step(
+        run.model, run.net, run.optimizer, run.schedule, run.ema, opts, runtime, shard_shape
+    )
     watch = NonFiniteWatch(opts.skip_nonfinite, cfg.max_nonfinite, runtime.device)
     advice = functools.partial(writer.nonfinite_advice, opts.skip_nonfinite)  # built only on a fault
     interval = Interval(runtime.device)
@@ -280,46 +281,6 @@ def train_loop(run: Run, reporter: ProgressReporter) -> dict[str, Any]:
             if not due.last:
                 x0 = next(stream)
     return finish(run, writer, reporter, time.perf_counter() - clock, last_loss, watch.skipped, scores)
-
-
-def training_step(run: Run, opts: StepOptions, shard_shape: tuple[int, ...]) -> StepFn:
-    """One step of Algorithm 1 with its EMA update, eager or captured as the runtime says."""
-
-    def step(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> StepResult:
-        result = train_step(run.net, run.optimizer, run.schedule, x0, t, noise, opts, run.runtime.all_true)
-        if run.ema is not None:
-            run.ema.apply()
-        return result
-
-    tensors = step_tensors(run.model, run.ema, run.optimizer)
-    return step_function(step, run.runtime, shard_shape, run.cfg.timesteps, tensors, run.optimizer)
-
-
-def log_progress(
-    run: Run,
-    writer: RunWriter,
-    reporter: ProgressReporter,
-    interval: Interval,
-    step: int,
-    elapsed: float,
-    skipped: int,
-) -> float:
-    """The metrics row and the progress line of the interval that ends at ``step`` (a collective: every
-    rank calls it); returns the interval's mean loss."""
-    cfg = run.cfg
-    means = interval.means(run.runtime)
-    img_per_s = interval.images_per_s(cfg.batch_size)
-    lr = cfg.lr * lr_factor(step - 1, cfg.lr_warmup, cfg.lr_decay, cfg.steps)  # this step's
-    row = {"step": step, "loss": means["loss"], "lr": lr, "img_per_s": img_per_s}
-    extra = {"elapsed_s": run.elapsed_before + elapsed, "skipped": skipped}
-    peak_gb = run.runtime.peak_memory_gb()
-    if peak_gb is not None:
-        extra["peak_mem_gb"] = peak_gb
-    writer.metrics({**row, **extra, **{k: v for k, v in means.items() if k != "loss"}})
-    eta = (cfg.steps - step) * elapsed / (step - run.start)
-    reporter.log(step, means["loss"], img_per_s, eta, peak_gb)
-    interval.reset()
-    return means["loss"]
 
 
 def stopped_by(signum: int, stop: StopRequests, step: int, steps: int, writer: RunWriter) -> TrainingStopped:

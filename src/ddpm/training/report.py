@@ -1,4 +1,5 @@
-"""What a run says about itself: its header lines before the first step, and its closing line."""
+"""What a run says about itself: its header lines before the first step, a log line and metrics row per
+interval, and its closing line."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ddpm.progress import ProgressReporter, format_duration
+from ddpm.training.interval import Interval
 from ddpm.training.scores import format_scores
+from ddpm.training.step import lr_factor
 from ddpm.training.writer import RunWriter
 
 if TYPE_CHECKING:
@@ -85,3 +88,30 @@ def finish(
     if run.runtime.device.type == "cuda":
         torch.cuda.empty_cache()  # multirun jobs share this process: hand the cached blocks back
     return summary
+
+
+def log_progress(
+    run: Run,
+    writer: RunWriter,
+    reporter: ProgressReporter,
+    interval: Interval,
+    step: int,
+    elapsed: float,
+    skipped: int,
+) -> float:
+    """The metrics row and the progress line of the interval that ends at ``step`` (a collective: every
+    rank calls it); returns the interval's mean loss."""
+    cfg = run.cfg
+    means = interval.means(run.runtime)
+    img_per_s = interval.images_per_s(cfg.batch_size)
+    lr = cfg.lr * lr_factor(step - 1, cfg.lr_warmup, cfg.lr_decay, cfg.steps)  # this step's
+    row = {"step": step, "loss": means["loss"], "lr": lr, "img_per_s": img_per_s}
+    extra = {"elapsed_s": run.elapsed_before + elapsed, "skipped": skipped}
+    peak_gb = run.runtime.peak_memory_gb()
+    if peak_gb is not None:
+        extra["peak_mem_gb"] = peak_gb
+    writer.metrics({**row, **extra, **{k: v for k, v in means.items() if k != "loss"}})
+    eta = (cfg.steps - step) * elapsed / (step - run.start)
+    reporter.log(step, means["loss"], img_per_s, eta, peak_gb)
+    interval.reset()
+    return means["loss"]
