@@ -2,9 +2,9 @@
 
     python scripts/bench_overheads.py --steps 8 --images 2000
 
-1. The non-finite watch: ddpm-train's ``train_step`` (which also takes the gradient's norm and a finite
-   flag) against a bare p_losses / backward / Adam step, the two interleaved on one model (seed28 shape:
-   28x28x1, dim 28, (1, 2, 4), batch 128), and the norm alone. Medians.
+1. The non-finite watch: ddpm-train's ``TrainStep.optimize`` (which also takes the gradient's norm and a
+   finite flag) against a bare training_losses / backward / Adam step, the two interleaved on one model
+   (seed28 shape: 28x28x1, dim 28, (1, 2, 4), batch 128), and the norm alone. Medians.
 2. The start-up scan of a folder data set: building ``FolderDataset`` (which decodes every file once)
    over ``--images`` 64x64 JPEGs, against reading the same images once through the dataset. Medians of 3.
 """
@@ -23,11 +23,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ddpm.data.batch import Batch
 from ddpm.data.folder import FolderDataset
-from ddpm.diffusion.forward import Loss, Objective, p_losses
+from ddpm.diffusion.gaussian import Diffusion, Loss
 from ddpm.diffusion.schedules import Schedule, linear_betas
 from ddpm.models.unet import UNet
-from ddpm.training.step import StepOptions, step_draws, train_step
+from ddpm.runtime import Runtime
+from ddpm.training.step import LRDecay, StepOptions, TrainStep, build_optimizer
 
 T = TypeVar("T")
 
@@ -42,25 +44,31 @@ def timed(fn: Callable[[], T]) -> tuple[T, float]:
 def watch_cost(steps: int) -> None:
     torch.manual_seed(0)
     model = UNet(1, 28, (1, 2, 4))
-    schedule = Schedule.from_betas(linear_betas(200, 1e-4, 0.02))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    opts = StepOptions(Loss.l2, Objective.eps, 0.0, 0.0, grad_accum=1, grad_clip=0.0, skip_nonfinite=False)
-    x0 = torch.rand(128, 1, 28, 28) * 2 - 1
+    diffusion = Diffusion(Schedule.from_betas(linear_betas(200, 1e-4, 0.02)), loss=Loss.l2)
+    cpu = torch.device("cpu")
+    opt = build_optimizer(model, 1e-4, cpu)
+    opts = StepOptions(
+        0, 128, 1e-4, 0, LRDecay.none, 10**9, grad_accum=1, grad_clip=0.0, skip_nonfinite=False
+    )
+    step = TrainStep(model, model, opt, diffusion, None, opts, Runtime(cpu))
+    batch = Batch(torch.rand(128, 1, 28, 28) * 2 - 1)
     step_numbers = iter(range(1, 10**9))
 
-    def draws() -> tuple[torch.Tensor, torch.Tensor]:  # the step's t and eps, as ddpm-train draws them
-        return step_draws(0, next(step_numbers), x0.shape, 200, 0.0, x0.device)
+    def watched() -> object:  # the optimizing part of ddpm-train's step, on its own draws of t and eps
+        return step.optimize(step.draws(next(step_numbers), batch))
 
     def bare() -> None:
         t = torch.randint(0, 200, (128,))
-        loss = p_losses(model, schedule, x0, t, torch.randn_like(x0), Loss.l2)
+        loss = diffusion.training_losses(model, batch.images, t, torch.randn_like(batch.images))[
+            "loss"
+        ].mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
     runs: dict[str, Callable[[], object]] = {
         "bare step": bare,
-        "train_step (with the watch)": lambda: train_step(model, opt, schedule, x0, *draws(), opts),
+        "TrainStep (with the watch)": watched,
         "gradient norm alone": lambda: torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]),
     }
     for fn in runs.values():  # warm-up
@@ -72,7 +80,7 @@ def watch_cost(steps: int) -> None:
     med = {name: statistics.median(t) for name, t in times.items()}
     for name, ms in med.items():
         print(f"{name:>28}: {ms:9.1f} ms")
-    print(f"train_step / bare step: {med['train_step (with the watch)'] / med['bare step']:.3f}x time")
+    print(f"TrainStep / bare step: {med['TrainStep (with the watch)'] / med['bare step']:.3f}x time")
 
 
 def scan_cost(n: int) -> None:

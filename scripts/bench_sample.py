@@ -30,7 +30,7 @@ import torch
 from bench_train import SHAPES, Shape
 
 from ddpm.config import train_config
-from ddpm.diffusion.forward import Objective
+from ddpm.diffusion.gaussian import Diffusion
 from ddpm.diffusion.sampling import SAMPLERS, SamplingOptions, generate
 from ddpm.diffusion.schedules import Schedule, linear_betas
 from ddpm.models import build_model
@@ -51,8 +51,8 @@ def ddpm_draw(
         model = build_model(cfg.model, shape.channels, shape.size).to(device).eval()
     else:
         model = UNet(shape.channels, shape.dim, shape.dim_mults).to(device).eval()
-    schedule = Schedule.from_betas(linear_betas(timesteps, 1e-4, 0.02)).to(device)
-    trained = TrainedModel(model, schedule, Objective.eps, (shape.channels, shape.size, shape.size), {})
+    diffusion = Diffusion(Schedule.from_betas(linear_betas(timesteps, 1e-4, 0.02))).to(device)
+    trained = TrainedModel(model, diffusion, (shape.channels, shape.size, shape.size))
     seeds = iter(range(10**9))
     return lambda: generate(trained, sampling, n, next(seeds), batch_size=n), model
 

@@ -3,10 +3,11 @@
     python scripts/bench_train.py --shape seed28 --impl ddpm,lucidrains,diffusers
     python scripts/bench_train.py --shape cifar32 --precision bf16 --compile true --cuda-graph true
 
-Random data, Adam, one optimizer step per iteration. ddpm runs the step ddpm-train runs (train_step with
-its EMA update and non-finite flag, under the precision, compilation and CUDA graph that ``--precision``,
-``--compile`` and ``--cuda-graph`` choose, as the config keys of the same names: "auto" / "null" pick what
-ddpm-train picks on the device). The references run their own step in fp32, as their examples do.
+Random data, Adam, one optimizer step per iteration. ddpm runs the step ddpm-train runs (TrainStep: its
+draws, learning rate, EMA update and non-finite flag, under the precision, compilation and CUDA graph
+that ``--precision``, ``--compile`` and ``--cuda-graph`` choose, as the config keys of the same names:
+"auto" / "null" pick what ddpm-train picks on the device). The references run their own step in fp32,
+as their examples do.
 
 Every implementation is built and warmed up first (the warm-up, which holds any compilation, is timed
 apart); then blocks of ``--steps`` steps are timed in turn, ddpm, reference, ddpm, ..., ``--repeats`` rounds,
@@ -30,13 +31,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from ddpm.diffusion.forward import Loss, Objective
+from ddpm.data.batch import Batch
+from ddpm.diffusion.gaussian import Diffusion, Loss
 from ddpm.diffusion.schedules import Schedule, linear_betas
 from ddpm.models.unet import UNet
 from ddpm.runtime import Precision, Runtime, resolve_device
-from ddpm.training.accel import prepare_net, training_step
+from ddpm.training.accel import prepare_net
 from ddpm.training.ema import EMA
-from ddpm.training.step import StepOptions, build_optimizer, step_draws
+from ddpm.training.step import LRDecay, StepOptions, TrainStep, build_optimizer
 
 
 @dataclass(frozen=True)
@@ -77,21 +79,18 @@ class Choices:
 
 def ddpm_step(shape: Shape, device: torch.device, choices: Choices) -> tuple[Step, torch.nn.Module]:
     model = UNet(shape.channels, shape.dim, shape.dim_mults).to(device)
-    schedule = Schedule.from_betas(linear_betas(shape.timesteps, 1e-4, 0.02)).to(device)
+    schedule = Schedule.from_betas(linear_betas(shape.timesteps, 1e-4, 0.02))
+    diffusion = Diffusion(schedule, loss=Loss.l2).to(device)
     runtime = choices.runtime(device)
     net = prepare_net(model, runtime)
     opt = build_optimizer(model, 1e-4, device, capturable=runtime.cuda_graph)
     ema = EMA(model, 0.9999, 0)
-    opts = StepOptions(Loss.l2, Objective.eps, 0.0, 0.0, grad_accum=1, grad_clip=0.0, skip_nonfinite=False)
-    batch_shape = (shape.batch, shape.channels, shape.size, shape.size)
-    launch = training_step(model, net, opt, schedule, ema, opts, runtime, batch_shape)
+    opts = StepOptions(0, shape.batch, 1e-4, 0, LRDecay.none, 10**9, 1, grad_clip=0.0, skip_nonfinite=False)
+    train_step = TrainStep(model, net, opt, diffusion, ema, opts, runtime)
     steps = iter(range(1, 10**9))
 
     def step(x0: torch.Tensor) -> torch.Tensor:
-        n = next(steps)
-        t, noise = step_draws(0, n, x0.shape, shape.timesteps, 0.0, x0.device)
-        ema.at(n)
-        return launch(x0, t, noise).loss
+        return train_step(next(steps), Batch(x0))["loss"]
 
     step.describe = runtime.describe().split(", ", 1)[1]  # type: ignore[attr-defined] (without the device)
     return step, model

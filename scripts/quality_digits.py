@@ -39,24 +39,18 @@ from omegaconf import DictConfig
 
 from ddpm.config import register_configs, train_config
 from ddpm.data import build_dataset, load_subset
+from ddpm.data.batch import Batch
+from ddpm.diffusion.gaussian import Diffusion
 from ddpm.diffusion.sampling import SamplingOptions, generate
-from ddpm.diffusion.schedules import build_schedule
 from ddpm.evaluation.evaluate import Scorer, real_data_config, score
 from ddpm.images import save_grid
 from ddpm.models import build_model
 from ddpm.runtime import Runtime, seed_everything
-from ddpm.trained import TrainedModel
-from ddpm.training.accel import prepare_net, training_step
+from ddpm.trained import TrainedModel, image_shape
+from ddpm.training.accel import prepare_net
 from ddpm.training.ema import EMA
-from ddpm.training.plan import plain_config
-from ddpm.training.step import (
-    LRDecay,
-    StepOptions,
-    build_optimizer,
-    lr_factor,
-    step_draws,
-    step_seed,
-)
+from ddpm.training.rundir.plan import plain_config
+from ddpm.training.step import LRDecay, StepOptions, TrainStep, build_optimizer
 
 SPACES = ("classifier", "pixels")  # the feature spaces every run is scored in
 SAMPLE_BATCH = 250
@@ -75,36 +69,29 @@ def ours_config(setting: str, common: list[str], seed: int) -> DictConfig:
 
 
 def ours_train(cfg: DictConfig, minutes: float, images: torch.Tensor) -> tuple[TrainedModel, dict]:
-    """ddpm-train's step (accel.training_step, eager) on random batches of ``images`` for ``minutes``."""
+    """ddpm-train's step (TrainStep, eager) on random batches of ``images`` for ``minutes``. Its learning
+    rate warms up as lr_warmup says; lr_decay=none, since a time budget has no step count to decay over."""
     dev = torch.device("cpu")
     runtime = Runtime.resolved(dev, cfg.precision, cfg.compile, cuda_graph=False)
     seed_everything(cfg.seed)
-    schedule = build_schedule(cfg.schedule, cfg.timesteps)
+    diffusion = Diffusion.from_config(cfg)
     model = build_model(cfg.model, cfg.data.channels, cfg.data.image_size)
     optimizer = build_optimizer(model, cfg.lr, dev)
     ema = EMA(model, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.decay > 0 else None
     net = prepare_net(model, runtime)  # after the EMA copy: the EMA averages the plain module's weights
-    opts = StepOptions.from_config(cfg)
-    shape = (cfg.batch_size, *images.shape[1:])
-    step_fn = training_step(model, net, optimizer, schedule, ema, opts, runtime, shape)
+    train_step = TrainStep(model, net, optimizer, diffusion, ema, StepOptions.from_config(cfg), runtime)
     g = torch.Generator().manual_seed(cfg.seed)
     nonfinite = torch.zeros((), dtype=torch.int64)
     model.train()
     start, step = time.perf_counter(), 0
     while time.perf_counter() - start < minutes * 60:
         step += 1
-        for group in optimizer.param_groups:  # warm-up only: a cosine decay needs a step count, not a budget
-            group["lr"].fill_(cfg.lr * lr_factor(step - 1, cfg.lr_warmup, LRDecay.none, 1))
-        batch = images[torch.randint(0, images.shape[0], (cfg.batch_size,), generator=g)]
-        t, noise = step_draws(cfg.seed, step, batch.shape, cfg.timesteps, opts.offset_noise, dev)
-        torch.manual_seed(step_seed(cfg.seed, step, 0))  # dropout, as ddpm-train seeds it
-        if ema is not None:
-            ema.at(step)
-        result = step_fn(batch, t, noise)
-        nonfinite += ~result.finite
+        batch = Batch(images[torch.randint(0, images.shape[0], (cfg.batch_size,), generator=g)])
+        nonfinite += ~train_step(step, batch)["finite"]
     train_s = time.perf_counter() - start
-    sampling_model = ema.model if ema is not None else model
-    trained = TrainedModel.from_config(sampling_model, schedule, plain_config(cfg), step)
+    network, weights = (ema.model, "ema") if ema is not None else (model, "model")
+    data = plain_config(cfg)["data"]
+    trained = TrainedModel(network, diffusion, image_shape(data), None, data, step, weights)
     info = {
         "steps": step,
         "train_s": train_s,

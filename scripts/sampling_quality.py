@@ -51,7 +51,7 @@ def main() -> None:
     trained = load_trained(args.ckpt, device)
     scoring = OmegaConf.load(Path(__file__).parents[1] / "configs/scoring/default.yaml")
     scoring.n, scoring.n_real, scoring.seed = args.n, args.n_real, 0
-    scorer = Scorer(scoring, real_data_config(trained.config["data"]), device, ["classifier", "pixels"])
+    scorer = Scorer(scoring, real_data_config(trained.data), device, ["classifier", "pixels"])
 
     header = "| sampler | steps | s / sample set | FID classifier | KID classifier | FID pixels |"
     lines = [header, "| --- | --- | --- | --- | --- | --- |"]
@@ -70,7 +70,7 @@ def main() -> None:
             pixel_fids.append(pix["fid"])
             floors = {"classifier": clf.get("fid_floor"), "pixels": pix.get("fid_floor")}
 
-        steps = sampling.steps(trained.schedule.timesteps)
+        steps = sampling.steps(trained.diffusion.timesteps)
         line = (
             f"| {sampling.sampler} | {steps} | {statistics.median(seconds):.1f} | {cell(fids, 2)} | "
             f"{cell(kids, 4)} | {cell(pixel_fids, 2)} |"

@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 from ddpm.config import train_config
+from ddpm.data.batch import Batch
 from ddpm.diffusion.sampling import SamplingOptions
-from ddpm.training.loop import setup
 from ddpm.training.scores import RunScorer, prepare_classifier
-from ddpm.training.step import StepOptions, step_draws, train_step
+from ddpm.training.setup import setup
 
 
 def main() -> None:
@@ -48,14 +48,11 @@ def main() -> None:
             scorer.score(run.sampling_model(0), 0, Path(tmp) / f"eval{i}")
             scores.append(time.perf_counter() - began)
 
-        opts = StepOptions.from_config(cfg)
-        shape = (cfg.batch_size, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
-        x0 = torch.stack([run.dataset[i] for i in range(cfg.batch_size)]).to(run.runtime.device)
+        batch = Batch.collate([run.dataset[i] for i in range(cfg.batch_size)]).to(run.runtime.device)
         steps = []
         for step in range(1, args.steps + 3):
-            t, noise = step_draws(cfg.seed, step, shape, cfg.timesteps, opts.offset_noise, run.runtime.device)
             began = time.perf_counter()
-            train_step(run.net, run.optimizer, run.schedule, x0, t, noise, opts, run.runtime.all_true)
+            run.train_step(step, batch)
             steps.append(time.perf_counter() - began)
         step_s = statistics.median(steps[2:])  # after two warm-up steps
 

@@ -229,9 +229,9 @@ class Exploit:
 
 def signal_at(monkeypatch: pytest.MonkeyPatch, step: int, signum: int = signal.SIGTERM) -> None:
     """Deliver a real signal to this process during training step ``step`` (counted from this call)."""
-    from ddpm.training import accel  # where the loop's step calls train_step
+    from ddpm.training.step import TrainStep  # its optimizing part, which the loop's step calls
 
-    real, calls = accel.train_step, []
+    real, calls = TrainStep.optimize, []
 
     def step_then_signal(*args, **kwargs):
         calls.append(1)
@@ -239,4 +239,4 @@ def signal_at(monkeypatch: pytest.MonkeyPatch, step: int, signum: int = signal.S
             signal.raise_signal(signum)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(accel, "train_step", step_then_signal)
+    monkeypatch.setattr(TrainStep, "optimize", step_then_signal)

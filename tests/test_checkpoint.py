@@ -8,7 +8,7 @@ from ddpm.checkpoint import link_checkpoint, load_checkpoint, save_checkpoint
 from ddpm.errors import CheckpointError
 from ddpm.models import build_model
 from ddpm.trained import load_trained
-from ddpm.training.plan import plain_config
+from ddpm.training.rundir.plan import plain_config
 
 
 @pytest.fixture
@@ -24,12 +24,13 @@ def test_round_trip_rebuilds_model_and_schedule(cfg, tmp_path):
     save_checkpoint(tmp_path / "c.pt", step=7, model=weights, config=plain_config(cfg))
     assert not list(tmp_path.glob(".*.tmp"))
     trained = load_trained(tmp_path / "c.pt", torch.device("cpu"))
-    assert trained.step == 7 and trained.config["loss"] == "huber" and trained.objective.name == "eps"
-    assert trained.schedule.timesteps == cfg.timesteps and trained.shape == (1, 8, 8)
-    for k, v in trained.model.state_dict().items():
+    assert trained.step == 7 and trained.data == plain_config(cfg)["data"] and trained.class_names is None
+    assert (trained.diffusion.loss.name, trained.diffusion.objective.name) == ("huber", "eps")
+    assert trained.diffusion.timesteps == cfg.timesteps and trained.shape == (1, 8, 8)
+    for k, v in trained.network.state_dict().items():
         torch.testing.assert_close(v, weights[k])
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 4])
-    torch.testing.assert_close(trained.model(x, t), model.eval()(x, t))
+    torch.testing.assert_close(trained.network(x, t), model.eval()(x, t))
 
 
 def test_link_makes_last_the_same_file(tmp_path):
@@ -100,9 +101,9 @@ def test_safetensors_export_loads_like_its_checkpoint(cfg, tmp_path):
     assert mode("ema.safetensors") == mode("c.pt")  # shareable as any file the user writes
     for name, want in (("ema", ema), ("raw", raw)):
         trained = load_trained(tmp_path / f"{name}.safetensors", torch.device("cpu"))
-        assert trained.step == 5 and trained.config == payload["config"]
-        assert trained.schedule.timesteps == cfg.timesteps
-        assert all(torch.equal(v, want[k]) for k, v in trained.model.state_dict().items())
+        assert trained.step == 5 and trained.data == payload["config"]["data"]
+        assert trained.diffusion.timesteps == cfg.timesteps
+        assert all(torch.equal(v, want[k]) for k, v in trained.network.state_dict().items())
 
 
 def test_broken_and_foreign_safetensors_are_refused(tmp_path):

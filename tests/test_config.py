@@ -2,7 +2,7 @@ import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
-from ddpm.diffusion.forward import Loss
+from ddpm.diffusion.gaussian import Loss
 from ddpm.errors import ConfigError
 from ddpm.validate import validate_sample, validate_train
 

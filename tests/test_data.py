@@ -17,15 +17,18 @@ def test_digits_are_the_sklearn_set_in_minus_one_to_one(compose_cfg):
     cfg = compose_cfg("train")
     ds = build_dataset(cfg.data)
     assert len(ds) == 1797
-    x = torch.stack([ds[i] for i in range(64)])
+    x = torch.stack([ds[i][0] for i in range(64)])
     assert x.shape == (64, 1, 8, 8)
     assert x.min() == -1.0 and x.max() == 1.0  # the digits use the full 0..16 range
+    from sklearn.datasets import load_digits
+
+    assert [ds[i][1] for i in range(64)] == load_digits().target[:64].tolist()  # each item's class label
 
 
 @pytest.mark.parametrize(("size", "channels"), [(16, 1), (28, 1), (16, 3)])
 def test_digits_resize_and_channels(compose_cfg, size, channels):
     cfg = compose_cfg("train", [f"data.image_size={size}", f"data.channels={channels}"])
-    x = build_dataset(cfg.data)[0]
+    x = build_dataset(cfg.data)[0][0]
     assert x.shape == (channels, size, size)
     assert x.min() >= -1.0 and x.max() <= 1.0
 
@@ -52,8 +55,8 @@ def test_folder_reads_every_image_resized_and_cropped(compose_cfg, tmp_path, cha
     ds = build_dataset(cfg.data)
     assert len(ds) == 4
     for i in range(4):
-        x = ds[i]
-        assert x.shape == (channels, 16, 16)
+        x, label = ds[i]
+        assert x.shape == (channels, 16, 16) and label is None  # a folder's images carry no label
         assert x.dtype == torch.float32 and x.min() >= -1.0 and x.max() <= 1.0
 
 
@@ -71,7 +74,7 @@ def test_centre_crop_keeps_the_middle(compose_cfg, tmp_path):
         "train",
         ["data=folder", f"data.root={tmp_path}", "data.image_size=8", "data.channels=1", "data.hflip=false"],
     )
-    x = build_dataset(cfg.data)[0]
+    x = build_dataset(cfg.data)[0][0]
     assert torch.all(x == 1.0)
 
 
@@ -81,9 +84,9 @@ def test_items_are_the_same_on_every_read_even_with_hflip(compose_cfg, tmp_path)
     img[:, :4] = 255
     Image.fromarray(img).save(tmp_path / "half.png")
     ds = build_dataset(folder_cfg(compose_cfg, tmp_path, "data.hflip=true"))
-    first = ds[0]
+    first = ds[0][0]
     assert torch.all(first[:, :, :4] == 1.0) and torch.all(first[:, :, 4:] == -1.0)
-    assert all(torch.equal(ds[0], first) for _ in range(50))
+    assert all(torch.equal(ds[0][0], first) for _ in range(50))
 
 
 def test_folder_that_does_not_exist(compose_cfg, tmp_path):
@@ -121,7 +124,7 @@ def test_folder_skips_files_that_cannot_be_read_with_one_warning(compose_cfg, tm
     assert len(ds) == 2
     assert [p.name for p in ds.paths] == ["ok1.png", "ok2.jpg"]
     assert [p.name for p in ds.skipped] == ["a_cut.jpg", "b_cut.png", "c_text.jpg", "d_empty.png"]
-    assert all(ds[i].shape == (1, 8, 8) for i in range(len(ds)))
+    assert all(ds[i][0].shape == (1, 8, 8) for i in range(len(ds)))
     out, err = capsys.readouterr()
     assert out == ""
     lines = err.splitlines()
@@ -179,7 +182,7 @@ def test_16_bit_grayscale_is_scaled_not_clipped(compose_cfg, tmp_path, channels)
     assert Image.open(tmp_path / "b_16bit.png").mode == "I;16"
     assert Image.open(tmp_path / "c_16bit.pgm").mode == "I"
     ds = build_dataset(folder_cfg(compose_cfg, tmp_path, channels=channels))
-    assert torch.equal(ds[1], ds[0]) and torch.equal(ds[2], ds[0])
+    assert torch.equal(ds[1][0], ds[0][0]) and torch.equal(ds[2][0], ds[0][0])
 
 
 def write_see_through(root: Path) -> None:
@@ -202,7 +205,7 @@ def test_transparent_pixels_take_the_background(compose_cfg, tmp_path, backgroun
     assert len(ds) == 3
     grey = background / 127.5 - 1.0
     for i in range(3):
-        x = ds[i]
+        x = ds[i][0]
         assert torch.allclose(x[:, :, 4:], torch.full_like(x[:, :, 4:], grey)), ds.paths[i].name
         assert not torch.allclose(x[:, :, :4], torch.full_like(x[:, :, :4], grey))
 
@@ -218,8 +221,8 @@ def test_palette_cmyk_and_rgb_files_of_one_picture_agree(compose_cfg, tmp_path, 
     rgb.convert("CMYK").save(tmp_path / "c_cmyk.jpg", quality=100, subsampling=0)
     assert [Image.open(p).mode for p in sorted(tmp_path.iterdir())] == ["RGB", "P", "CMYK"]
     ds = build_dataset(folder_cfg(compose_cfg, tmp_path, channels=channels))
-    assert torch.equal(ds[1], ds[0])
-    assert torch.allclose(ds[2], ds[0], atol=4 / 127.5)  # JPEG is lossy, even at quality 100
+    assert torch.equal(ds[1][0], ds[0][0])
+    assert torch.allclose(ds[2][0], ds[0][0], atol=4 / 127.5)  # JPEG is lossy, even at quality 100
 
 
 @pytest.mark.parametrize(("orientation", "turns"), [(6, -1), (8, 1)])
@@ -233,8 +236,8 @@ def test_exif_orientation_turns_the_image_upright(compose_cfg, tmp_path, orienta
     exif[0x0112] = orientation
     Image.fromarray(pixels).save(tmp_path / "b_tagged.png", exif=exif)
     ds = build_dataset(folder_cfg(compose_cfg, tmp_path))
-    assert torch.equal(ds[1], torch.rot90(ds[0], k=turns, dims=(1, 2)))
-    assert not torch.equal(ds[1], ds[0])
+    assert torch.equal(ds[1][0], torch.rot90(ds[0][0], k=turns, dims=(1, 2)))
+    assert not torch.equal(ds[1][0], ds[0][0])
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -257,7 +260,7 @@ def test_mixed_sizes_and_modes_give_one_shape(compose_cfg, tmp_path, channels):
     ds = build_dataset(folder_cfg(compose_cfg, tmp_path, channels=channels))
     assert len(ds) == 10 and ds.skipped == []
     for i in range(len(ds)):
-        x = ds[i]
+        x = ds[i][0]
         assert x.shape == (channels, 8, 8), ds.paths[i].name
         assert x.dtype == torch.float32 and x.min() >= -1.0 and x.max() <= 1.0
 
@@ -281,8 +284,9 @@ def test_mnist_like_sets_load_from_their_files(compose_cfg, tmp_path, name, fold
     cfg = compose_cfg("train", [f"data={name}", f"data.root={tmp_path}", "data.download=false"])
     ds = build_dataset(cfg.data)
     assert len(ds) == 12  # the training split
-    x = ds[5]
+    x, label = ds[5]
     assert x.shape == (1, 28, 28) and x.min() >= -1.0 and x.max() <= 1.0
+    assert label == 5  # the idx labels above: i mod 10
 
 
 def test_cifar10_loads_from_its_python_batches(compose_cfg, tmp_path, monkeypatch):
@@ -300,7 +304,8 @@ def test_cifar10_loads_from_its_python_batches(compose_cfg, tmp_path, monkeypatc
     cfg = compose_cfg("train", ["data=cifar10", f"data.root={tmp_path}", "data.download=false"])
     ds = build_dataset(cfg.data)
     assert len(ds) == 10
-    assert ds[0].shape == (3, 32, 32)
+    assert ds[0][0].shape == (3, 32, 32)
+    assert [ds[i][1] for i in range(len(ds))] == [0, 1] * 5  # the label of each image, as an int
 
 
 @pytest.mark.parametrize("name", ["mnist", "fashion_mnist", "cifar10"])

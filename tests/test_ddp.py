@@ -18,10 +18,11 @@ from conftest import BIN, TINY, assert_refused, compose, logged_steps, run_entry
 
 from ddpm import cli
 from ddpm.checkpoint import load_checkpoint
-from ddpm.data.order import shard
-from ddpm.diffusion.schedules import build_schedule
+from ddpm.data.batch import Batch
+from ddpm.diffusion.gaussian import Diffusion
 from ddpm.models import build_model
-from ddpm.training.step import StepOptions, accumulate_gradients, step_draws
+from ddpm.runtime import Runtime
+from ddpm.training.step import StepOptions, TrainStep, build_optimizer
 
 pytestmark = pytest.mark.slow
 
@@ -49,13 +50,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def one_step(overrides: list[str]) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
-    cfg = compose("train", TINY + overrides)
+def one_step(overrides: list[str], rank: int = 0, world: int = 1, ddp: bool = False) -> torch.nn.Module:
+    """Step 1's gradient on this rank's slice of a fixed global batch, into the model's .grad."""
+    cfg = compose("train", TINY + ["timesteps=50", *overrides])
     torch.manual_seed(0)
     model = build_model(cfg.model, 1, 8)
+    net = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
+    runtime = Runtime(torch.device("cpu"), rank=rank, world_size=world)
+    optimizer = build_optimizer(model, cfg.lr, runtime.device)
+    step = TrainStep(
+        model, net, optimizer, Diffusion.from_config(cfg), None, StepOptions.from_config(cfg), runtime
+    )
     x0 = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    t, noise = step_draws(cfg.seed, 1, x0.shape, 50, 0.0, torch.device("cpu"))
-    return model, x0, t, noise
+    step.optimize(step.draws(1, Batch(x0).shard(rank, world)))
+    return model
 
 
 def rank_gradients(rank: int, world: int, port: int, out: str) -> None:
@@ -63,12 +71,7 @@ def rank_gradients(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    overrides = ["grad_accum=2"]
-    model, x0, t, noise = one_step(overrides)
-    net = torch.nn.parallel.DistributedDataParallel(model)
-    opts = StepOptions.from_config(compose("train", TINY + overrides))
-    part = [shard(v, rank, world) for v in (x0, t, noise)]
-    accumulate_gradients(net, build_schedule(compose("train").schedule, 50), *part, opts, net.no_sync)
+    model = one_step(["grad_accum=2"], rank, world, ddp=True)
     if rank == 0:
         torch.save([p.grad for p in model.parameters()], out)
     dist.destroy_process_group()
@@ -77,10 +80,7 @@ def rank_gradients(rank: int, world: int, port: int, out: str) -> None:
 def test_two_ranks_average_the_gradient_that_one_process_computes(tmp_path):
     out = tmp_path / "grads.pt"
     mp.spawn(rank_gradients, args=(2, free_port(), str(out)), nprocs=2)
-    model, x0, t, noise = one_step([])
-    opts = StepOptions.from_config(compose("train", TINY))
-    accumulate_gradients(model, build_schedule(compose("train").schedule, 50), x0, t, noise, opts)
-    alone = [p.grad for p in model.parameters()]
+    alone = [p.grad for p in one_step([]).parameters()]
     scale = max(g.abs().max().item() for g in alone)
     # the same sums in another order (per rank, then averaged): equal to float32 rounding of the sums
     for a, b in zip(torch.load(out), alone, strict=True):

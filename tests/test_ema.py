@@ -39,9 +39,9 @@ def test_checkpoint_holds_ema_and_sampling_chooses(compose_cfg, tmp_path):
     ema = load_trained(tmp_path / "checkpoints/last.pt", torch.device("cpu"), ema=True)
     raw = load_trained(tmp_path / "checkpoints/last.pt", torch.device("cpu"), ema=False)
     assert ema.weights == "ema" and raw.weights == "model"
-    for k, v in ema.model.state_dict().items():
+    for k, v in ema.network.state_dict().items():
         torch.testing.assert_close(v, payload["ema"][k])
-    for k, v in raw.model.state_dict().items():
+    for k, v in raw.network.state_dict().items():
         torch.testing.assert_close(v, payload["model"][k])
 
 

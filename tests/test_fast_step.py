@@ -10,16 +10,27 @@ import pytest
 import torch
 from conftest import TINY, compose
 
-from ddpm.diffusion.forward import Loss, Objective
+from ddpm.data.batch import Batch
+from ddpm.diffusion.gaussian import Diffusion, Loss
 from ddpm.diffusion.schedules import Schedule, linear_betas
 from ddpm.errors import ConfigError
 from ddpm.models.unet import UNet
 from ddpm.progress import ProgressReporter
 from ddpm.runtime import Precision, Runtime, resolve_compile, resolve_cuda_graph, resolve_precision
-from ddpm.training.accel import Autocast, Snapshot, prepare_net, rehearse, step_tensors, training_step
+from ddpm.training.accel import Autocast, prepare_net
+from ddpm.training.cadence import MetricsSinceLog
+from ddpm.training.capture import RehearsalUndo, copy_into, rehearse
 from ddpm.training.ema import EMA
-from ddpm.training.interval import Interval
-from ddpm.training.step import StepOptions, build_optimizer, lr_factor, settle_loaded, step_draws, train_step
+from ddpm.training.step import (
+    LRDecay,
+    StepInputs,
+    StepOptions,
+    TrainStep,
+    build_optimizer,
+    lr_factor,
+    lr_to_device,
+    step_tensors,
+)
 from ddpm.training.stopping import NonFiniteWatch
 
 CPU = torch.device("cpu")
@@ -27,8 +38,8 @@ SHAPE = (8, 1, 8, 8)
 T = 20
 
 
-def opts(skip: bool = True, clip: float = 1.0) -> StepOptions:
-    return StepOptions(Loss.huber, Objective.eps, 0.0, 0.0, 1, clip, skip)
+def opts(skip: bool = True, clip: float = 1.0, warmup: int = 0, decay: LRDecay = LRDecay.none) -> StepOptions:
+    return StepOptions(0, SHAPE[0], 1e-3, warmup, decay, 10, 1, clip, skip)
 
 
 def tiny() -> tuple[UNet, Schedule]:
@@ -37,13 +48,32 @@ def tiny() -> tuple[UNet, Schedule]:
     return model, Schedule.from_betas(linear_betas(T, 1e-4, 0.02))
 
 
-def batch(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    x0 = torch.rand(SHAPE, generator=torch.Generator().manual_seed(step)) * 2 - 1
-    return (x0, *step_draws(0, step, SHAPE, T, 0.0, CPU))
+def make_step(
+    model: torch.nn.Module,
+    schedule: Schedule,
+    ema: EMA | None = None,
+    options: StepOptions | None = None,
+    net: torch.nn.Module | None = None,
+    runtime: Runtime | None = None,
+) -> TrainStep:
+    runtime = runtime or Runtime(CPU)
+    optimizer = build_optimizer(model, 1e-3, runtime.device, capturable=runtime.cuda_graph)
+    diffusion = Diffusion(schedule, loss=Loss.huber).to(runtime.device)
+    return TrainStep(model, net or model, optimizer, diffusion, ema, options or opts(), runtime)
+
+
+def batch(step: int) -> Batch:
+    return Batch(torch.rand(SHAPE, generator=torch.Generator().manual_seed(step)) * 2 - 1)
 
 
 def weights(model: torch.nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
+
+
+def poisoned(step: int) -> Batch:
+    x0 = batch(step).images
+    x0[0, 0, 0, 0] = float("nan")
+    return Batch(x0)
 
 
 def test_a_masked_skip_leaves_what_a_skipped_step_leaves():
@@ -52,17 +82,13 @@ def test_a_masked_skip_leaves_what_a_skipped_step_leaves():
     runs = []
     for masked in (True, False):
         model, schedule = tiny()
-        optimizer = build_optimizer(model, 1e-3, CPU)
+        train_step = make_step(model, schedule)
         for step in range(1, 8):
-            x0, t, noise = batch(step)
-            if step in bad_steps:
-                x0 = x0.clone()
-                x0[0, 0, 0, 0] = float("nan")
-                if not masked:
-                    continue  # the plain skip: no step at all
-            result = train_step(model, optimizer, schedule, x0, t, noise, opts())
-            assert bool(result.finite) == (step not in bad_steps)
-        runs.append((weights(model), [float(s["step"]) for s in optimizer.state.values()]))
+            if step in bad_steps and not masked:
+                continue  # the plain skip: no step at all
+            metrics = train_step(step, poisoned(step) if step in bad_steps else batch(step))
+            assert bool(metrics["finite"]) == (step not in bad_steps)
+        runs.append((weights(model), [float(s["step"]) for s in train_step.optimizer.state.values()]))
     (masked_w, masked_steps), (plain_w, plain_steps) = runs
     assert masked_steps == plain_steps == [5.0] * len(masked_steps)  # Adam's count skips the bad steps too
     for a, b in zip(masked_w, plain_w, strict=True):
@@ -73,29 +99,37 @@ def test_without_skip_a_non_finite_step_is_taken():
     """on_nonfinite=stop: the step goes through (the run stops at the next check, keeping its last
     checkpoint); found_inf is never set."""
     model, schedule = tiny()
-    optimizer = build_optimizer(model, 1e-3, CPU)
-    x0, t, noise = batch(1)
-    x0[0, 0, 0, 0] = float("nan")
-    result = train_step(model, optimizer, schedule, x0, t, noise, opts(skip=False))
-    assert not bool(result.finite) and not hasattr(optimizer, "found_inf")
+    train_step = make_step(model, schedule, options=opts(skip=False))
+    metrics = train_step(1, poisoned(1))
+    assert not bool(metrics["finite"]) and not hasattr(train_step.optimizer, "found_inf")
     assert not all(torch.isfinite(p).all() for p in model.parameters())
 
 
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
-def test_the_lr_schedule_writes_the_device_lr_in_place():
+@pytest.mark.parametrize("decay", list(LRDecay))
+def test_each_step_writes_the_lr_lambdalr_would_have_in_place(decay):
+    """The step's lr is LambdaLR's to the bit (it was the run's schedule before the step owned it), written
+    into the tensor a captured step reads."""
+    model, schedule = tiny()
+    train_step = make_step(model, schedule, options=opts(warmup=3, decay=decay))
+    lr = train_step.optimizer.param_groups[0]["lr"]
+    twin = build_optimizer(tiny()[0], 1e-3, CPU)
+    reference = torch.optim.lr_scheduler.LambdaLR(twin, lambda s: lr_factor(s, 3, decay, 10))
+    for step in range(1, 11):
+        train_step.set_step(step)
+        assert train_step.optimizer.param_groups[0]["lr"] is lr
+        assert torch.equal(lr, twin.param_groups[0]["lr"]), step
+        twin.step()
+        reference.step()
+    assert float(lr) == pytest.approx(1e-3 * lr_factor(9, 3, decay, 10))
+
+
+def test_a_float_lr_from_an_earlier_checkpoint_goes_back_into_a_tensor():
     model, _ = tiny()
     optimizer = build_optimizer(model, 1e-3, CPU)
-    lr = optimizer.param_groups[0]["lr"]
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, 4, "none", 10))
-    for step in range(6):
-        assert optimizer.param_groups[0]["lr"] is lr  # the tensor a captured step reads
-        assert float(lr) == pytest.approx(1e-3 * min(1.0, (step + 1) / 4))
-        schedule.step()
-    # a checkpoint of an earlier version holds the lr as a float: it goes back into a tensor
     optimizer.load_state_dict(
         {**optimizer.state_dict(), "param_groups": [{**optimizer.param_groups[0], "lr": 5e-4}]}
     )
-    settle_loaded(optimizer, CPU)
+    lr_to_device(optimizer, CPU)
     assert isinstance(optimizer.param_groups[0]["lr"], torch.Tensor)
     assert float(optimizer.param_groups[0]["lr"]) == pytest.approx(5e-4)
 
@@ -114,14 +148,19 @@ def test_the_ema_weight_in_a_device_tensor_gives_the_host_decay():
         torch.testing.assert_close(new, old + 0.6 * (live - old))
 
 
-def run_steps(model, schedule, optimizer, ema, steps) -> list[float]:
-    losses = []
-    for step in steps:
-        ema.at(step)
-        result = train_step(model, optimizer, schedule, *batch(step), opts())
-        ema.apply()
-        losses.append(float(result.loss))
-    return losses
+def test_the_step_updates_the_ema_with_its_own_steps_weight():
+    model, schedule = tiny()
+    ema = EMA(model, decay=0.9, warmup=10)
+    train_step = make_step(model, schedule, ema)
+    before = weights(ema.model)
+    train_step(4, batch(4))
+    w = 1 - min(0.9, 5 / 14)
+    for old, new, live in zip(before, ema.model.parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(new, old + w * (live - old))
+
+
+def run_steps(train_step: TrainStep, steps) -> list[float]:
+    return [float(train_step(step, batch(step))["loss"]) for step in steps]
 
 
 @pytest.mark.parametrize("resumed", [False, True])
@@ -131,22 +170,49 @@ def test_a_rehearsal_before_capture_leaves_no_trace(resumed):
     runs = []
     for rehearsed in (False, True):
         model, schedule = tiny()
-        optimizer = build_optimizer(model, 1e-3, CPU)
         ema = EMA(model, 0.99, 0)
-        first = run_steps(model, schedule, optimizer, ema, [1, 2]) if resumed else []
+        train_step = make_step(model, schedule, ema)
+        first = run_steps(train_step, [1, 2]) if resumed else []
         if rehearsed:
-            snapshot = Snapshot.take(step_tensors(model, ema, optimizer), optimizer)
-
-            def step(x0, t, noise, model=model, optimizer=optimizer, ema=ema, schedule=schedule):
-                train_step(model, optimizer, schedule, x0, t, noise, opts())
-                ema.apply()
-
-            rehearse(step, batch(99), snapshot)
-        runs.append((first + run_steps(model, schedule, optimizer, ema, [3, 4, 5]), weights(ema.model)))
+            undo = RehearsalUndo.take(step_tensors(model, ema, train_step.optimizer), train_step.optimizer)
+            rehearse(train_step.optimize, train_step.draws(99, batch(99)), undo)
+        runs.append((first + run_steps(train_step, [3, 4, 5]), weights(ema.model)))
     (plain_loss, plain_ema), (rehearsed_loss, rehearsed_ema) = runs
     assert rehearsed_loss == plain_loss
     for a, b in zip(plain_ema, rehearsed_ema, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_captured_steps_inputs_land_in_its_static_buffers_labels_too():
+    static = StepInputs(
+        Batch(torch.zeros(2, 1, 2, 2), torch.zeros(2, dtype=torch.long)), torch.zeros(2), torch.zeros(2)
+    )
+    images = static.batch.images
+    step_inputs = StepInputs(
+        Batch(torch.ones(2, 1, 2, 2), torch.tensor([3, 4])), torch.ones(2), torch.full((2,), 2.0)
+    )
+    copy_into(static, step_inputs)
+    assert static.batch.images is images and images.eq(1).all()  # the very buffers the graph reads
+    assert static.batch.labels.tolist() == [3, 4] and static.noise.tolist() == [2.0, 2.0]
+    with pytest.raises(ValueError, match="differs from the captured one"):
+        copy_into(static, StepInputs(Batch(torch.ones(2, 1, 2, 2)), torch.ones(2), torch.ones(2)))
+
+
+def test_labels_reach_the_network_of_each_micro_batch():
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+            self.seen = []
+
+        def forward(self, x, t, labels=None):
+            self.seen.append(labels.tolist())
+            return x * self.w
+
+    model, (_, schedule) = Recorder(), tiny()
+    options = StepOptions(0, SHAPE[0], 1e-3, 0, LRDecay.none, 10, 2, 0.0, False)
+    make_step(model, schedule, options=options)(1, Batch(batch(1).images, torch.arange(8)))
+    assert model.seen == [[0, 1, 2, 3], [4, 5, 6, 7]]
 
 
 class HostReadError(AssertionError):
@@ -157,11 +223,11 @@ def test_a_step_never_reads_a_tensor_back(monkeypatch):
     """The step, the EMA update, the non-finite watch and the interval's sums stay on the device: any read
     of a tensor's value on the host (bool, int, float, item, tolist) would wait for a GPU."""
     model, schedule = tiny()
-    optimizer = build_optimizer(model, 1e-3, CPU)
     ema = EMA(model, 0.999, 10)
-    interval, watch = Interval(CPU), NonFiniteWatch(True, 10, CPU)
+    train_step = make_step(model, schedule, ema)
+    since_log, watch = MetricsSinceLog(CPU), NonFiniteWatch(True, 10, CPU)
     for step in (1, 2):  # the first step creates Adam's state
-        x0, t, noise = batch(step)
+        x = batch(step)
 
         def forbid(*args, **kwargs):
             raise HostReadError("a tensor was read on the host inside the step")
@@ -169,26 +235,23 @@ def test_a_step_never_reads_a_tensor_back(monkeypatch):
         if step == 2:
             for name in ("__bool__", "__int__", "__float__", "item", "tolist"):
                 monkeypatch.setattr(torch.Tensor, name, forbid)
-        ema.at(step)
-        result = train_step(model, optimizer, schedule, x0, t, noise, opts())
-        ema.apply()
-        watch.record(step, result.finite)
-        interval.add(result)
+        metrics = train_step(step, x)
+        watch.record(step, metrics["finite"])
+        since_log.add(metrics)
     monkeypatch.undo()
-    assert interval.steps == 2 and watch.skipped == 0
+    assert since_log.steps == 2 and watch.skipped == 0
 
 
 def test_bf16_autocast_runs_the_unet_in_bf16_and_keeps_everything_else_fp32():
     model, schedule = tiny()
     net = Autocast(model, torch.bfloat16)
-    x0, t, noise = batch(1)
+    x0, t = batch(1).images, torch.zeros(SHAPE[0], dtype=torch.long)
     seen = []
     model.init_conv.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     out = net(x0, t)
     assert seen == [torch.bfloat16] and out.dtype == torch.float32
-    optimizer = build_optimizer(model, 1e-3, CPU)
-    result = train_step(net, optimizer, schedule, x0, t, noise, opts())
-    assert result.loss.dtype == torch.float32
+    metrics = make_step(model, schedule, net=net)(1, batch(1))
+    assert metrics["loss"].dtype == torch.float32
     assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters())
 
 
@@ -199,10 +262,7 @@ def test_bf16_training_follows_fp32_closely():
     for dtype in (torch.float32, torch.bfloat16):
         model, schedule = tiny()
         net = prepare_net(model, Runtime(CPU, precision=dtype))
-        optimizer = build_optimizer(model, 1e-3, CPU)
-        losses.append(
-            [float(train_step(net, optimizer, schedule, *batch(s), opts()).loss) for s in range(1, 11)]
-        )
+        losses.append(run_steps(make_step(model, schedule, net=net), range(1, 11)))
     fp32, bf16 = losses
     assert bf16 != fp32
     assert bf16 == pytest.approx(fp32, rel=0.05)
@@ -219,10 +279,7 @@ def test_compiled_losses_equal_eager_ones_over_100_steps():
         model = UNet(1, 8, (1,), resnet_block_groups=2, attn_heads=1, attn_dim_head=8)
         schedule = Schedule.from_betas(linear_betas(T, 1e-4, 0.02))
         net = prepare_net(model, Runtime(CPU, compile=compiled))
-        optimizer = build_optimizer(model, 1e-3, CPU)
-        losses.append(
-            [float(train_step(net, optimizer, schedule, *batch(s), opts()).loss) for s in range(1, 101)]
-        )
+        losses.append(run_steps(make_step(model, schedule, net=net), range(1, 101)))
     eager, compiled = losses
     assert compiled[:10] == pytest.approx(eager[:10], rel=1e-4)
     assert compiled == pytest.approx(eager, rel=2e-2)
@@ -301,19 +358,15 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 def graphed_or_eager(graphed: bool, compiled: bool, bad_step: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
     device = torch.device("cuda")
     model, schedule = tiny()
-    model, schedule = model.to(device), schedule.to(device)
+    model = model.to(device)
     runtime = Runtime(device, compile=compiled, cuda_graph=graphed)
-    net = prepare_net(model, runtime)
-    optimizer = build_optimizer(model, 1e-3, device, capturable=graphed)
     ema = EMA(model, 0.99, 0)
-    launch = training_step(model, net, optimizer, schedule, ema, opts(), runtime, SHAPE)
+    train_step = make_step(model, schedule, ema, net=prepare_net(model, runtime), runtime=runtime)
     losses = []
     for s in range(1, 31):
-        x0, t, noise = (v.to(device) for v in batch(s))
-        if s == bad_step:
-            x0[0, 0, 0, 0] = float("nan")  # skipped by the masked update, inside the graph too
-        ema.at(s)
-        losses.append(launch(x0, t, noise).loss.clone())
+        # skipped by the masked update, inside the graph too
+        x = (poisoned(s) if s == bad_step else batch(s)).to(device)
+        losses.append(train_step(s, x)["loss"].clone())
     return torch.stack(losses), weights(ema.model)
 
 

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from ddpm import cli
 from ddpm.diffusion.sampling import SAMPLERS
-from ddpm.training.plan import flatten
+from ddpm.training.rundir.plan import flatten
 
 FUZZ = settings(max_examples=50, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 

@@ -1,6 +1,7 @@
 import torch
 from PIL import Image
 
+from ddpm.diffusion.gaussian import Diffusion
 from ddpm.diffusion.schedules import Schedule, linear_betas
 from ddpm.images import (
     display_scale,
@@ -46,7 +47,7 @@ def test_forward_timesteps_span_zero_to_T():
 def test_forward_figure_shows_clean_then_noisier_images():
     schedule = Schedule.from_betas(linear_betas(1000, 1e-4, 0.02))
     x0 = torch.zeros(3, 1, 8, 8)
-    figure = forward_figure(schedule, x0, seed=0, columns=5)
+    figure = forward_figure(Diffusion(schedule), x0, seed=0, columns=5)
     cell = 8 * 4 + 2
     assert figure.size == (5 * cell + 2, 14 + 3 * cell + 2)
     # column 0 is x_0 (uniform grey); the last column is almost pure noise

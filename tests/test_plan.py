@@ -9,7 +9,7 @@ from conftest import FIXTURES, TINY, compose
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from ddpm.errors import CheckpointError, ConfigError
-from ddpm.training.plan import override_keys, plan_run, shell_override
+from ddpm.training.rundir.plan import override_keys, plan_run, shell_override
 
 SAVED = FIXTURES / "tiny_v2.pt"  # step 4 of a tiny run, T=20
 

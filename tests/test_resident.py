@@ -13,7 +13,8 @@ from torch.utils.data import Dataset
 
 from ddpm import cli
 from ddpm.data import build_dataset, resident
-from ddpm.data.order import DataOrder
+from ddpm.data.batch import Batch
+from ddpm.data.order import DataOrder, shard
 from ddpm.data.resident import ResidentImages, data_path, holds_on_device, resident_for
 from ddpm.errors import ConfigError
 from ddpm.training.loop import batches
@@ -29,7 +30,7 @@ def run_of(cfg, dataset, start: int, rank: int, world: int) -> SimpleNamespace:
     return SimpleNamespace(cfg=cfg, dataset=dataset, order=order, start=start, runtime=runtime)
 
 
-def first(stream, n: int) -> list[torch.Tensor]:
+def first(stream, n: int) -> list[Batch]:
     out = [next(stream) for _ in range(n)]
     stream.close()
     return out
@@ -44,8 +45,14 @@ def test_resident_batches_are_the_loaders(compose_cfg, start, rank, world):
         cfg = compose_cfg("train", [*base, f"data.on_device={on}"])
         dataset = build_dataset(cfg.data)
         read[on] = first(batches(run_of(cfg, dataset, start, rank, world)), 12)
-    assert all(x.shape == (300 // world, 1, 8, 8) and x.dtype == torch.float32 for x in read["true"])
-    assert all(torch.equal(a, b) for a, b in zip(read["true"], read["false"], strict=True))
+    images = [b.images for b in read["true"]]
+    assert all(x.shape == (300 // world, 1, 8, 8) and x.dtype == torch.float32 for x in images)
+    for a, b in zip(read["true"], read["false"], strict=True):
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    # each image comes with its own label: the labels of the data order's indices, this rank's slice
+    order = run_of(cfg, dataset, start, rank, world).order
+    for got, (index, _) in zip(read["true"], order.steps(start), strict=False):
+        assert torch.equal(got.labels, dataset.labels[shard(index, rank, world)])
 
 
 def test_flips_are_applied_where_the_order_says(compose_cfg):
@@ -53,8 +60,8 @@ def test_flips_are_applied_where_the_order_says(compose_cfg):
     dataset = build_dataset(cfg.data)
     order = DataOrder(len(dataset), 300, cfg.seed, True)
     index, flips = next(order.steps(0))
-    x = next(ResidentImages.from_dataset(dataset, CPU).batches(order, 0))
-    plain = torch.stack([dataset[int(i)] for i in index])
+    x = next(ResidentImages.from_dataset(dataset, CPU).batches(order, 0)).images
+    plain = torch.stack([dataset[int(i)][0] for i in index])
     assert 0 < int(flips.sum()) < 300
     assert torch.equal(x[flips], plain[flips].flip(-1)) and torch.equal(x[~flips], plain[~flips])
 
@@ -65,8 +72,8 @@ def test_a_folder_of_8bit_images_is_held_as_uint8_exactly(compose_cfg, tmp_path)
     cfg = compose_cfg("train", ["data=folder", f"data.root={tmp_path}", "data.image_size=8"])
     dataset = build_dataset(cfg.data)
     held = ResidentImages.from_dataset(dataset, CPU)
-    assert held.images.dtype == torch.uint8 and held.nbytes == 6 * 3 * 8 * 8
-    assert torch.equal(held.decode(held.images), torch.stack([dataset[i] for i in range(6)]))
+    assert held.images.dtype == torch.uint8 and held.nbytes == 6 * 3 * 8 * 8 and held.labels is None
+    assert torch.equal(held.decode(held.images), torch.stack([dataset[i][0] for i in range(6)]))
 
 
 def test_digits_are_on_the_8bit_grid_too(compose_cfg):
@@ -74,7 +81,7 @@ def test_digits_are_on_the_8bit_grid_too(compose_cfg):
     dataset = build_dataset(compose_cfg("train").data)
     held = ResidentImages.from_dataset(dataset, CPU)
     assert held.images.dtype == torch.uint8
-    assert torch.equal(held.decode(held.images[:50]), torch.stack([dataset[i] for i in range(50)]))
+    assert torch.equal(held.decode(held.images[:50]), torch.stack([dataset[i][0] for i in range(50)]))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -90,7 +97,8 @@ def test_batches_held_on_a_gpu_never_wait_for_it(compose_cfg):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     on_cpu = first(ResidentImages.from_dataset(dataset, CPU).batches(order, 1), 6)
-    assert all(torch.equal(a.cpu(), b) for a, b in zip(held, on_cpu, strict=True))
+    assert all(torch.equal(a.images.cpu(), b.images) for a, b in zip(held, on_cpu, strict=True))
+    assert all(torch.equal(a.labels.cpu(), b.labels) for a, b in zip(held, on_cpu, strict=True))
 
 
 class Floats(Dataset):
@@ -104,8 +112,8 @@ class Floats(Dataset):
     def __len__(self) -> int:
         return 5
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.x[i]
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, None]:
+        return self.x[i], None
 
 
 def test_a_set_off_the_8bit_grid_is_held_as_the_float32_it_gives(monkeypatch):

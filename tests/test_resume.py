@@ -10,11 +10,12 @@ import pytest
 import torch
 from conftest import TINY, Exploit, signal_at, write_bad_files, write_random
 
-import ddpm.training.accel
 import ddpm.training.loop
+import ddpm.training.setup
 from ddpm.checkpoint import load_checkpoint
 from ddpm.errors import CheckpointError, ConfigError
 from ddpm.training.loop import train
+from ddpm.training.step import TrainStep
 from ddpm.training.stopping import TrainingStopped
 
 # Everything that draws random numbers or keeps state across steps: dropout (torch RNG), flips and epoch
@@ -88,7 +89,7 @@ def test_a_crash_after_going_back_leaves_the_run_at_the_earlier_checkpoint(
     def crash(*args, **kwargs):
         raise RuntimeError("the machine went away")
 
-    monkeypatch.setattr(ddpm.training.accel, "train_step", crash)
+    monkeypatch.setattr(TrainStep, "optimize", crash)
     ckpt = str(run / "checkpoints/step_000003.pt")
     with pytest.raises(RuntimeError):
         train(compose_cfg("train", EXACT + [f"resume={ckpt}"]), run, [f"resume={ckpt}"])
@@ -220,7 +221,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(compose_cfg, tm
 
 
 def test_nonfinite_steps_are_skipped_when_asked(compose_cfg, tmp_path, monkeypatch):
-    real = ddpm.training.loop.build_dataset
+    real = ddpm.training.setup.build_dataset
 
     def with_a_nan_image(data):
         dataset = real(data)
@@ -228,7 +229,7 @@ def test_nonfinite_steps_are_skipped_when_asked(compose_cfg, tmp_path, monkeypat
         dataset.images[7] = float("nan")  # one image in 1,797: the batches holding it go non-finite
         return dataset
 
-    monkeypatch.setattr(ddpm.training.loop, "build_dataset", with_a_nan_image)
+    monkeypatch.setattr(ddpm.training.setup, "build_dataset", with_a_nan_image)
     overrides = TINY + ["batch_size=600", "steps=6", "on_nonfinite=skip", "sample_every=0", "timesteps=20"]
     summary = train(compose_cfg("train", overrides), tmp_path)
     assert 1 <= summary["skipped"] <= 3  # one of the three batches of each epoch holds image 7
@@ -246,7 +247,7 @@ def test_skip_gives_up_after_max_nonfinite_in_a_row(compose_cfg, tmp_path):
 
 def test_a_checkpoint_that_cannot_be_written_stops_the_run(compose_cfg, tmp_path, monkeypatch):
     # The write of step 4's checkpoint goes to /dev/full: the kernel's own "No space left on device".
-    real, calls = ddpm.training.accel.train_step, []
+    real, calls = TrainStep.optimize, []
 
     def fill_the_disk_before_step_4(*args, **kwargs):
         calls.append(1)
@@ -254,7 +255,7 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run(compose_cfg, tmp_path
             os.symlink("/dev/full", tmp_path / "checkpoints/.step_000004.pt.tmp")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ddpm.training.accel, "train_step", fill_the_disk_before_step_4)
+    monkeypatch.setattr(TrainStep, "optimize", fill_the_disk_before_step_4)
     overrides = TINY + ["steps=6", "checkpoint_every=2", "sample_every=0"]
     with pytest.raises(
         TrainingStopped,

@@ -7,7 +7,7 @@ import torch
 
 from ddpm.checkpoint import load_checkpoint
 from ddpm.errors import ConfigError
-from ddpm.training.rundir import (
+from ddpm.training.rundir.bookkeeping import (
     holds_run,
     prune_checkpoints,
     refuse_existing_run,
@@ -16,8 +16,8 @@ from ddpm.training.rundir import (
     same_run,
     step_checkpoints,
 )
+from ddpm.training.rundir.writer import RunWriter
 from ddpm.training.stopping import TrainingStopped
-from ddpm.training.writer import RunWriter
 
 
 def test_only_what_ddpm_train_writes_makes_a_run(tmp_path):

@@ -6,7 +6,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from ddpm.diffusion.forward import Objective, make_denoiser
+from ddpm.diffusion.gaussian import Diffusion, Objective
 from ddpm.diffusion.sampling import (
     SamplingOptions,
     Spacing,
@@ -32,7 +32,7 @@ class GaussianOracle(torch.nn.Module):
         self.schedule = schedule
         self.calls = 0
 
-    def forward(self, x_t, t):
+    def forward(self, x_t, t, labels=None):
         self.calls += 1
         a = self.schedule.sqrt_alphas_cumprod[t].view(-1, 1, 1, 1)
         s = self.schedule.sqrt_one_minus_alphas_cumprod[t].view(-1, 1, 1, 1)
@@ -47,7 +47,7 @@ def schedule():
 
 def moments(sampler, schedule, steps, **options):
     oracle = GaussianOracle(schedule)
-    denoise = make_denoiser(oracle, schedule, Objective.eps, clip_x0=False)
+    denoise = Diffusion(schedule, Objective.eps).denoiser(oracle, clip_x0=False)
     ts = sampling_timesteps(schedule.timesteps, steps, Spacing.linspace)
     g = torch.Generator().manual_seed(0)
     x = sampler(denoise, schedule, torch.randn(40000, 1, 1, 1, generator=g), ts, g, **options)
@@ -86,7 +86,7 @@ def test_ddim_converges_at_first_order_and_dpm_solver_at_second():
 
 @pytest.mark.parametrize("sampler", [ddim_sample, dpm_solver_pp_sample])
 def test_deterministic_samplers_ignore_the_generator(schedule, sampler):
-    denoise = make_denoiser(GaussianOracle(schedule), schedule, Objective.eps, clip_x0=True)
+    denoise = Diffusion(schedule, Objective.eps).denoiser(GaussianOracle(schedule), clip_x0=True)
     ts = sampling_timesteps(1000, 10, Spacing.trailing)
     x_T = torch.randn(8, 1, 2, 2)
     a = sampler(denoise, schedule, x_T, ts, torch.Generator().manual_seed(1))
@@ -99,13 +99,13 @@ def test_zero_terminal_snr_schedule_samples_with_v_prediction(sampler):
     # abar_T = 0: eps-prediction is undefined at T, v-prediction is not.
     schedule = Schedule.from_betas(rescale_zero_terminal_snr(cosine_betas(200, 0.008, 0.999)))
 
-    def v_model(x_t, t):  # v = a eps - s x_0, from the exact x_0 (no division by a = 0 at T)
+    def v_model(x_t, t, labels=None):  # v = a eps - s x_0, from the exact x_0 (no division by a = 0 at T)
         a = schedule.sqrt_alphas_cumprod[t].view(-1, 1, 1, 1)
         s = schedule.sqrt_one_minus_alphas_cumprod[t].view(-1, 1, 1, 1)
         x0 = MU + a * SD**2 / (a**2 * SD**2 + s**2) * (x_t - a * MU)
         return a * (x_t - a * x0) / s - s * x0
 
-    denoise = make_denoiser(v_model, schedule, Objective.v, clip_x0=False)
+    denoise = Diffusion(schedule, Objective.v).denoiser(v_model, clip_x0=False)
     ts = sampling_timesteps(200, 200, Spacing.trailing)
     x = sampler(
         denoise, schedule, torch.randn(20000, 1, 1, 1, generator=torch.Generator().manual_seed(0)), ts
@@ -147,7 +147,7 @@ def test_trailing_counts_that_a_float_range_overshot():
     [(p_sample_loop, {"variance": "small"}), (ddim_sample, {"eta": 0.5}), (dpm_solver_pp_sample, {})],
 )
 def test_on_step_sees_every_state_and_changes_nothing(schedule, sampler, options):
-    denoise = make_denoiser(GaussianOracle(schedule), schedule, Objective.eps, clip_x0=True)
+    denoise = Diffusion(schedule, Objective.eps).denoiser(GaussianOracle(schedule), clip_x0=True)
     ts = sampling_timesteps(1000, 12, Spacing.linspace)
     x_T = torch.randn(8, 1, 2, 2, generator=torch.Generator().manual_seed(0))
     seen = []
@@ -223,10 +223,12 @@ def test_sampling_loops_never_wait_for_the_device(sampler, options, device):
 
     device = torch.device(device)
     trained = load_trained(FIXTURES / "tiny_v2.pt", device)
-    ts = sampling_timesteps(trained.schedule.timesteps, 8, Spacing.linspace)
+    ts = sampling_timesteps(trained.diffusion.timesteps, 8, Spacing.linspace)
     x_T = torch.randn((3, *trained.shape), device=device)
     with no_host_reads_after_the_first_call(trained.denoiser(clip_x0=True), device) as (denoise, calls):
-        x = sampler(denoise, trained.schedule, x_T, ts, torch.Generator(device).manual_seed(0), **options)
+        x = sampler(
+            denoise, trained.diffusion.schedule, x_T, ts, torch.Generator(device).manual_seed(0), **options
+        )
         with pytest.raises(HostRead):  # the guard is armed: a read in the loop would have failed the same
             bool(x.sum() > 0)
     assert len(calls) == len(ts)
@@ -257,3 +259,30 @@ def test_frames_run_from_x_T_to_the_same_images_generate_draws():
     assert torch.equal(frames[-1], images)
     g = torch.Generator().manual_seed(3)  # generate's x_T: the first draws of the seeded generator
     assert torch.equal(frames[0, :2], torch.randn((2, *trained.shape), generator=g).clamp(-1, 1))
+
+
+def test_generate_gives_each_image_its_label_batch_by_batch():
+    from ddpm.diffusion.gaussian import Diffusion
+    from ddpm.diffusion.schedules import Schedule
+    from ddpm.trained import TrainedModel
+
+    class LabelEcho(torch.nn.Module):
+        """Predicts eps = the image's label everywhere, and records the labels of each call."""
+
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def forward(self, x, t, labels=None):
+            self.seen.append(labels.clone())
+            return labels.float().view(-1, 1, 1, 1).expand_as(x)
+
+    network = LabelEcho()
+    diffusion = Diffusion(Schedule.from_betas(torch.linspace(1e-4, 0.02, 10)))
+    trained = TrainedModel(network, diffusion, (1, 2, 2), ("a", "b", "c"))
+    labels = torch.tensor([2, 0, 1, 1, 2])
+    sampling = SamplingOptions(sampler="ddim", sample_steps=2)
+    generate(trained, sampling, 5, 0, 2, labels=labels)  # batches of 2 + 2 + 1, two steps each
+    assert [s.tolist() for s in network.seen] == [[2, 0], [2, 0], [1, 1], [1, 1], [2], [2]]
+    with pytest.raises(ValueError, match="5 images need 5 labels"):
+        generate(trained, sampling, 5, 0, 2, labels=labels[:4])

@@ -46,7 +46,7 @@ def test_a_notice_never_stops_at_once_and_goes_on_to_the_previous_handler_after_
             assert received == []  # held until the checkpoint is written
         assert stop.signum == stop.notice == signal.SIGUSR2 and stop.name == "SIGUSR2"
         assert signal.getsignal(signal.SIGUSR2) is submitits  # restored
-        stop.hand_on()
+        stop.pass_notice_on()
         assert received == [(signal.SIGUSR2, None)]
     finally:
         signal.signal(signal.SIGUSR2, original)
@@ -57,7 +57,7 @@ def test_a_notice_without_a_previous_handler_is_a_plain_stop_request():
     try:
         with StopRequests() as stop:
             signal.raise_signal(signal.SIGUSR2)
-        assert stop.signum == signal.SIGUSR2 and stop.notice is None and stop.hand_on is None
+        assert stop.signum == signal.SIGUSR2 and stop.notice is None and stop.pass_notice_on is None
     finally:
         signal.signal(signal.SIGUSR2, original)
 

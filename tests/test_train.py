@@ -1,3 +1,4 @@
+import inspect
 import json
 import math
 
@@ -6,10 +7,12 @@ import torch
 from conftest import TINY
 
 from ddpm.checkpoint import load_checkpoint
+from ddpm.data.batch import Batch
+from ddpm.diffusion.gaussian import Diffusion
 from ddpm.errors import ConfigError
 from ddpm.runtime import resolve_device
 from ddpm.training.loop import train
-from ddpm.training.step import accumulate_gradients, step_draws, step_seed
+from ddpm.training.step import step_draws, step_seed
 
 
 def test_train_writes_the_run_directory(compose_cfg, tmp_path):
@@ -101,33 +104,31 @@ def test_auto_device():
 
 
 def make_step(compose_cfg, overrides):
-    """A tiny model, its optimizer and schedule, and the step options of a composed config."""
-    from ddpm.diffusion.schedules import build_schedule
+    """The training step of a composed config on a tiny model (on one CPU process)."""
+    from ddpm.diffusion.gaussian import Diffusion
     from ddpm.models import build_model
-    from ddpm.training.step import StepOptions
+    from ddpm.runtime import Runtime
+    from ddpm.training.step import StepOptions, TrainStep, build_optimizer
 
     cfg = compose_cfg("train", TINY + overrides)
     torch.manual_seed(0)
     model = build_model(cfg.model, 1, 8)
-    return (
-        model,
-        torch.optim.Adam(model.parameters(), lr=1e-3),
-        build_schedule(cfg.schedule, 50),
-        StepOptions.from_config(cfg),
-    )
+    optimizer = build_optimizer(model, 1e-3, torch.device("cpu"))
+    opts = StepOptions.from_config(cfg)
+    diffusion = Diffusion.from_config(cfg)
+    return TrainStep(model, model, optimizer, diffusion, None, opts, Runtime(torch.device("cpu")))
 
 
 def test_grad_accum_changes_memory_not_the_gradient(compose_cfg):
     # Compared where the computation guarantees agreement: the accumulated gradient, equal up to the
     # order of float32 sums. (Adam-updated weights are not: Adam divides by sqrt(v), which turns the
     # rounding of a near-zero gradient into a full lr-sized step.)
-    x0 = torch.rand(8, 1, 8, 8) * 2 - 1
+    x0 = Batch(torch.rand(8, 1, 8, 8) * 2 - 1)
     results = []
     for accum in (1, 2, 4):
-        model, _, schedule, opts = make_step(compose_cfg, [f"grad_accum={accum}", "batch_size=8"])
-        t, noise = step_draws(0, 1, x0.shape, schedule.timesteps, 0.0, x0.device)
-        loss = accumulate_gradients(model, schedule, x0, t, noise, opts).loss
-        results.append((loss, [p.grad.clone() for p in model.parameters()]))
+        train_step = make_step(compose_cfg, [f"grad_accum={accum}", "batch_size=8", "timesteps=50"])
+        loss = train_step.optimize(train_step.draws(1, x0))["loss"]
+        results.append((loss, [p.grad.clone() for p in train_step.model.parameters()]))
     loss1, grads1 = results[0]
     scale = max(g.abs().max().item() for g in grads1)
     for loss, grads in results[1:]:
@@ -137,36 +138,39 @@ def test_grad_accum_changes_memory_not_the_gradient(compose_cfg):
 
 
 def test_grad_clip_bounds_the_gradient_norm(compose_cfg):
-    from ddpm.training.step import train_step
-
-    x0 = torch.rand(4, 1, 8, 8) * 2 - 1
-    t, noise = step_draws(0, 1, x0.shape, 50, 0.0, x0.device)
+    x0 = Batch(torch.rand(4, 1, 8, 8) * 2 - 1)
     for clip, bounded in ((1e-3, True), (0.0, False)):
-        model, opt, schedule, opts = make_step(compose_cfg, [f"grad_clip={clip}"])
-        train_step(model, opt, schedule, x0, t, noise, opts)
-        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+        train_step = make_step(compose_cfg, [f"grad_clip={clip}", "batch_size=4", "timesteps=50"])
+        metrics = train_step(1, x0)
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in train_step.model.parameters()]))
         assert (norm.item() <= 1e-3 * 1.0001) is bounded
+        assert metrics["grad_norm"].item() > 1e-3  # the norm it reports is the one before clipping
 
 
 def test_offset_noise_adds_a_shared_shift_per_image_and_channel():
-    from ddpm.training.step import sample_noise
+    from ddpm.diffusion.gaussian import Diffusion
+    from ddpm.diffusion.schedules import Schedule
 
+    schedule = Schedule.from_betas(torch.linspace(1e-4, 0.02, 10))
     g, cpu = torch.Generator().manual_seed(0), torch.device("cpu")
-    means = sample_noise((4000, 2, 4, 4), 0.5, g, cpu).mean(dim=(2, 3))
+    means = Diffusion(schedule, offset_noise=0.5).noise((4000, 2, 4, 4), g, cpu).mean(dim=(2, 3))
     assert means.var().item() == pytest.approx(0.25 + 1 / 16, rel=0.08)
-    assert sample_noise((4000, 2, 4, 4), 0.0, g, cpu).mean(dim=(2, 3)).var().item() == pytest.approx(
-        1 / 16, rel=0.08
-    )
+    plain = Diffusion(schedule).noise((4000, 2, 4, 4), g, cpu)
+    assert plain.mean(dim=(2, 3)).var().item() == pytest.approx(1 / 16, rel=0.08)
 
 
 def test_each_step_draws_its_own_numbers_whatever_came_before():
-    shape = (16, 1, 8, 8)
-    t1, eps1 = step_draws(0, 7, shape, 200, 0.1, torch.device("cpu"))
+    from ddpm.diffusion.gaussian import Diffusion
+    from ddpm.diffusion.schedules import Schedule
+
+    diffusion = Diffusion(Schedule.from_betas(torch.linspace(1e-4, 0.02, 200)), offset_noise=0.1)
+    shape, cpu = (16, 1, 8, 8), torch.device("cpu")
+    t1, eps1 = step_draws(diffusion, 0, 7, shape, cpu)
     torch.randn(1000)  # other draws in between change nothing
-    t2, eps2 = step_draws(0, 7, shape, 200, 0.1, torch.device("cpu"))
+    t2, eps2 = step_draws(diffusion, 0, 7, shape, cpu)
     assert torch.equal(t1, t2) and torch.equal(eps1, eps2)
-    t3, eps3 = step_draws(0, 8, shape, 200, 0.1, torch.device("cpu"))
-    assert not torch.equal(eps1, eps3) and not torch.equal(step_draws(1, 7, shape, 200, 0, "cpu")[1], eps1)
+    t3, eps3 = step_draws(diffusion, 0, 8, shape, cpu)
+    assert not torch.equal(eps1, eps3) and not torch.equal(step_draws(diffusion, 1, 7, shape, cpu)[1], eps1)
     assert step_seed(0, 7) != step_seed(0, 7, 1) and step_seed(0, 7) == step_seed(0, 7)
 
 
@@ -263,3 +267,18 @@ def test_grids_are_drawn_in_batches_of_their_own(compose_cfg, tmp_path, monkeypa
     overrides = ["steps=1", "timesteps=20", "batch_size=4", "sample_n=6", "sample_batch_size=3"]
     train(compose_cfg("train", TINY + overrides), tmp_path)
     assert calls == [(6, 3)]  # not the training batch of 4
+
+
+def test_the_loop_body_reaches_the_loss_in_three_calls(compose_cfg, tmp_path, monkeypatch):
+    # train_loop -> TrainStep.__call__ -> TrainStep.optimize -> Diffusion.training_losses, so a reader
+    # follows a step through loop.py, step.py and gaussian.py
+    chains, real = [], Diffusion.training_losses
+
+    def spy(self, *args, **kwargs):
+        callers = [frame.function for frame in inspect.stack()[1:]]  # innermost first
+        chains.append(callers[: callers.index("train_loop")])
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Diffusion, "training_losses", spy)
+    train(compose_cfg("train", TINY + ["steps=2", "sample_every=0", "forward_n=0"]), tmp_path)
+    assert chains == [["optimize", "__call__"]] * 2

@@ -3,7 +3,7 @@
 Files are written atomically (temporary file, fsync, rename) and read with ``weights_only=True``, so a
 crash never leaves half a checkpoint and loading one never runs code. A checkpoint written by ddpm-train
 also carries the training state (``state``: optimizer, LR schedule, RNG states, data position) that
-``resume`` continues from; see training/state.py. trained.py rebuilds a model from one.
+``resume`` continues from; see training/rundir/state.py. trained.py rebuilds a model from one.
 """
 
 from __future__ import annotations

@@ -37,8 +37,8 @@ from ddpm.sweeps import (
 )
 from ddpm.trained import load_trained
 from ddpm.training.loop import train
-from ddpm.training.plan import override_keys, plan_run
-from ddpm.training.rundir import holds_run
+from ddpm.training.rundir.bookkeeping import holds_run
+from ddpm.training.rundir.plan import override_keys, plan_run
 from ddpm.training.stopping import TrainingStopped
 from ddpm.validate import validate_sample
 
@@ -204,7 +204,7 @@ def sample(cfg: DictConfig) -> None:
     weights = {"ema": "EMA weights", "model": "raw weights"}[trained.weights]
     if cfg.ema and trained.weights == "model":
         weights += " (the checkpoint has no EMA)"
-    steps = sampling.steps(trained.schedule.timesteps)
+    steps = sampling.steps(trained.diffusion.timesteps)
     print(
         f"ddpm-sample: {cfg.n} samples from {cfg.ckpt} (step {trained.step}, {weights}, "
         f"{cfg.sampler} with {steps} steps) -> {where}"
@@ -248,8 +248,8 @@ def one_line_errors(prog: str) -> Iterator[None]:
         sys.exit(2)
     except TrainingStopped as e:
         print(e.line(prog), file=sys.stderr)
-        if e.hand_on is not None:
-            e.hand_on()  # submitit's handler requeues the job and exits; another may return
+        if e.pass_notice_on is not None:
+            e.pass_notice_on()  # submitit's handler requeues the job and exits; another may return
         sys.exit(e.exit_code)
     except (ValueError, TypeError) as e:
         # Hydra's parser raises plain ValueErrors on some malformed overrides ("=1"); ours are bugs.

@@ -18,13 +18,13 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ddpm.data import DATASETS
 from ddpm.data.sets import DataConfig
-from ddpm.diffusion.forward import Loss, Objective
-from ddpm.diffusion.sampling import Spacing, Variance
+from ddpm.diffusion.gaussian import Loss, Objective, Variance
+from ddpm.diffusion.sampling import Spacing
 from ddpm.diffusion.schedules import SCHEDULES, ScheduleConfig
 from ddpm.errors import ConfigError
 from ddpm.models import MODELS, ModelConfig
 from ddpm.runtime import Precision
-from ddpm.training.logger import Logger
+from ddpm.training.rundir.logger import Logger
 from ddpm.training.step import LRDecay
 from ddpm.training.stopping import OnNonFinite
 

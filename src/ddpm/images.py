@@ -9,8 +9,7 @@ import torch
 from PIL import Image, ImageDraw
 from torchvision.utils import make_grid
 
-from ddpm.diffusion.forward import q_sample
-from ddpm.diffusion.schedules import Schedule
+from ddpm.diffusion.gaussian import Diffusion
 from ddpm.files import write_atomically
 
 # Cells of a grid are enlarged (nearest neighbour, whole factors) to at least this many pixels, so 8x8 or
@@ -78,14 +77,14 @@ def forward_timesteps(timesteps: int, columns: int) -> list[int]:
     return sorted({round(i * timesteps / (columns - 1)) for i in range(columns)})
 
 
-def forward_figure(schedule: Schedule, x0: torch.Tensor, seed: int, columns: int = 9) -> Image.Image:
+def forward_figure(diffusion: Diffusion, x0: torch.Tensor, seed: int, columns: int = 9) -> Image.Image:
     """Rows: training images; columns: the same image noised by q_sample at t = 0 ... T (labelled)."""
-    ts = forward_timesteps(schedule.timesteps, columns)
+    ts = forward_timesteps(diffusion.timesteps, columns)
     x0 = x0.detach().float().cpu()
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
-    sched = schedule.to("cpu")
+    on_cpu = diffusion.to("cpu")
     index = torch.zeros(x0.shape[0], dtype=torch.long)
-    frames = [x0 if t == 0 else q_sample(sched, x0, index + (t - 1), noise) for t in ts]
+    frames = [x0 if t == 0 else on_cpu.q_sample(x0, index + (t - 1), noise) for t in ts]
     # row-major: image i at every t, then image i + 1
     grid = grid_image(torch.stack(frames, dim=1).flatten(0, 1), ncol=len(ts))
 

@@ -92,8 +92,8 @@ def native_bf16(device: torch.device) -> bool:
 
 def resolve_precision(precision: Precision, device: torch.device) -> torch.dtype:
     """The autocast dtype that ``precision`` names on ``device``; ConfigError where it has none such. auto
-    takes bf16 where the device computes it natively: on such a CPU it ran the seed28 step 1.9x and the
-    default job 1.2x faster than fp32, to the same quality (README, Speed and Time to quality)."""
+    takes bf16 where the device computes it natively, where it is faster than fp32 to the same quality
+    (the figures: README, Speed and Time to quality)."""
     native = native_bf16(device)
     if precision is Precision.auto:
         return torch.bfloat16 if native else torch.float32
@@ -103,8 +103,8 @@ def resolve_precision(precision: Precision, device: torch.device) -> torch.dtype
 
 
 def resolve_compile(value: bool | None, device: torch.device) -> bool:
-    """``compile``: null compiles on a GPU, where a step is thousands of tiny kernels; on the CPU compiled
-    steps measured slower than eager after minutes of warm-up (README, Speed)."""
+    """``compile``: null compiles on a GPU, where a step is thousands of tiny kernels; not on the CPU, where
+    compiled steps ran slower than eager after minutes of warm-up (the figures: README, Speed)."""
     return device.type == "cuda" if value is None else value
 
 

@@ -12,14 +12,14 @@ from torch.utils.data import Dataset
 from ddpm import checks
 from ddpm.data import DATASETS, check_data
 from ddpm.data.resident import resident_mb
-from ddpm.diffusion.forward import Objective
+from ddpm.diffusion.gaussian import Objective
 from ddpm.diffusion.sampling import check_sampling
 from ddpm.diffusion.schedules import check_schedule
 from ddpm.errors import ConfigError
 from ddpm.evaluation.features import FEATURES
 from ddpm.models import check_model
 from ddpm.runtime import Runtime, check_device
-from ddpm.training.logger import check_logger
+from ddpm.training.rundir.logger import check_logger
 
 
 def check_objective(cfg: Any) -> None:

@@ -1,5 +1,5 @@
-"""Training images as tensors in [-1, 1], shaped (channels, image_size, image_size): the ``data`` config
-group, one registered option per data set."""
+"""Training images as tensors in [-1, 1], shaped (channels, image_size, image_size), each with its class
+label where the set has labels (an ``Item``): the ``data`` config group, one registered option per set."""
 
 from __future__ import annotations
 
@@ -9,8 +9,11 @@ import torch
 from torch.utils.data import Dataset
 
 from ddpm import checks
+from ddpm.data.batch import Batch
 from ddpm.data.folder import FolderData, folder_dataset
 from ddpm.data.sets import (
+    BuildDataset,
+    CheckData,
     DataConfig,
     DigitsDataset,
     TorchvisionData,
@@ -25,7 +28,7 @@ def check_folder(data: Any) -> None:
         raise ConfigError(f"data.background={data.background} is invalid: it must lie in [0, 255]")
 
 
-DATASETS: Registry[Dataset] = Registry(
+DATASETS: Registry[BuildDataset, CheckData] = Registry(
     "data",
     Option("digits", DataConfig, DigitsDataset),
     Option("folder", FolderData, folder_dataset, check_folder),
@@ -59,6 +62,5 @@ def load_subset(
     where known; ``skip`` passes over the first draws of the same seed, for a subset disjoint from them."""
     g = torch.Generator().manual_seed(seed)
     index = torch.randperm(len(dataset), generator=g)[skip : skip + n]
-    images = torch.stack([dataset[int(i)] for i in index])
-    labels = getattr(dataset, "labels", None)
-    return images, (labels[index] if labels is not None else None)
+    batch = Batch.collate([dataset[int(i)] for i in index])
+    return batch.images, batch.labels

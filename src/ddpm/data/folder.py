@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from omegaconf import MISSING
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from ddpm.data.batch import Item
 from ddpm.data.sets import DataConfig, first_line, image_transform, pil_mode
 from ddpm.errors import DataError
 
@@ -110,8 +110,8 @@ class FolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.transform(read_image(self.paths[i], self.mode, self.background))
+    def __getitem__(self, i: int) -> Item:
+        return self.transform(read_image(self.paths[i], self.mode, self.background)), None
 
 
 def read_image(path: Path, mode: str, background: int) -> Image.Image:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ddpm.data.batch import Batch
 from ddpm.data.order import DataOrder, apply_flips, shard
 from ddpm.data.sets import to_unit_range
 
@@ -53,10 +54,11 @@ def unit_table() -> torch.Tensor:
 
 
 class ResidentImages:
-    """A whole data set as one (N, C, H, W) tensor on the device, uint8 or float32."""
+    """A whole data set as one (N, C, H, W) tensor on the device, uint8 or float32, and its (N,) labels
+    where it has them."""
 
-    def __init__(self, images: torch.Tensor) -> None:
-        self.images = images
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        self.images, self.labels = images, labels
         self.table = unit_table().to(images.device)
 
     @classmethod
@@ -67,12 +69,15 @@ class ResidentImages:
         loader = DataLoader(
             dataset,
             batch_size=BUILD_BATCH,
+            collate_fn=Batch.collate,
             num_workers=num_workers,
             worker_init_fn=ignore_stop_signals,
             generator=torch.Generator().manual_seed(0),  # leaves the global RNG alone, as the run's loader
         )
-        table, chunks, exact = unit_table(), [], True
-        for x in loader:
+        table, chunks, labels, exact = unit_table(), [], [], True
+        for batch in loader:
+            x = batch.images
+            labels.append(batch.labels)
             if exact:
                 k = encode(x)
                 if torch.equal(table[k.long()], x):
@@ -81,7 +86,8 @@ class ResidentImages:
                 exact = False  # off the 8-bit grid: everything as float32 (the chunks so far decode exactly)
                 chunks = [table[c.long()] for c in chunks]
             chunks.append(x)
-        return cls(torch.cat(chunks).to(device))
+        held = torch.cat(labels).to(device) if all(y is not None for y in labels) else None
+        return cls(torch.cat(chunks).to(device), held)
 
     @property
     def nbytes(self) -> int:
@@ -90,11 +96,9 @@ class ResidentImages:
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         return self.table[x.long()] if x.dtype == torch.uint8 else x
 
-    def batches(
-        self, order: DataOrder, start: int, rank: int = 0, world_size: int = 1
-    ) -> Iterator[torch.Tensor]:
-        """Rank ``rank``'s float32 batch of steps ``start``, ``start + 1``, ... (0-based), on the device:
-        the images the DataLoader path reads for the same order, without reading anything back."""
+    def batches(self, order: DataOrder, start: int, rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
+        """Rank ``rank``'s batch of steps ``start``, ``start + 1``, ... (0-based), float32 images and their
+        labels on the device: what the DataLoader path reads for the same order, without reading back."""
         device = self.images.device
         for index, flips in order.steps(start):
             # indices and flips in one small tensor: one copy a step, from pinned memory on a GPU so that
@@ -103,7 +107,8 @@ class ResidentImages:
             if device.type == "cuda":
                 both = both.pin_memory()
             both = both.to(device, non_blocking=True)
-            yield self.decode(apply_flips(self.images[both[0]], both[1].bool()))
+            images = self.decode(apply_flips(self.images[both[0]], both[1].bool()))
+            yield Batch(images, self.labels[both[0]] if self.labels is not None else None)
 
 
 def encode(x: torch.Tensor) -> torch.Tensor:

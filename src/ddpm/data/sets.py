@@ -6,13 +6,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from omegaconf import MISSING
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
+from ddpm.data.batch import Item
 from ddpm.errors import DataError
 
 
@@ -31,6 +32,18 @@ class DataConfig:
 class TorchvisionData(DataConfig):
     root: str = MISSING
     download: bool = MISSING
+
+
+class BuildDataset(Protocol):
+    """A data option's builder: its config entry -> the data set (DataError if it cannot be read)."""
+
+    def __call__(self, data: Any) -> Dataset: ...
+
+
+class CheckData(Protocol):
+    """A data option's own checks of its config entry, after the ones every set shares."""
+
+    def __call__(self, data: Any) -> None: ...
 
 
 def image_transform(image_size: int, channels: int) -> Callable[[Any], torch.Tensor]:
@@ -83,8 +96,8 @@ class DigitsDataset(Dataset):
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.transform(self.images[i])
+    def __getitem__(self, i: int) -> Item:
+        return self.transform(self.images[i]), int(self.labels[i])
 
 
 class TorchvisionDataset(Dataset):
@@ -114,6 +127,6 @@ class TorchvisionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        img, _ = self.base[i]
-        return self.transform(img.convert(self.mode))
+    def __getitem__(self, i: int) -> Item:
+        img, label = self.base[i]
+        return self.transform(img.convert(self.mode)), int(label)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ddpm import checks
-from ddpm.diffusion.forward import Denoiser
+from ddpm.diffusion.gaussian import Denoiser, Variance
 from ddpm.diffusion.schedules import Schedule
 from ddpm.errors import ConfigError
 
@@ -38,13 +38,6 @@ class Spacing(Enum):
     linspace = "linspace"
     leading = "leading"
     trailing = "trailing"
-
-
-class Variance(Enum):
-    """The variance of each ancestral step."""
-
-    small = "small"  # beta~_t, the posterior variance
-    large = "large"  # beta_t
 
 
 def sampling_timesteps(timesteps: int, steps: int, spacing: Spacing) -> list[int]:
@@ -92,7 +85,7 @@ def _noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
 OnStep = Callable[[int, torch.Tensor], None]
 
 
-def ancestral_coefficients(abar: float, abar_prev: float, variance: str) -> tuple[float, float, float]:
+def ancestral_coefficients(abar: float, abar_prev: float, variance: Variance) -> tuple[float, float, float]:
     """(c_x0, c_xt, sigma) of one ancestral step from t to the next visited step t':
     x_t' = c_x0 x0_hat + c_xt x_t + sigma z.
 
@@ -102,7 +95,7 @@ def ancestral_coefficients(abar: float, abar_prev: float, variance: str) -> tupl
     beta = 1 - abar / abar_prev
     c_x0 = math.sqrt(abar_prev) * beta / (1 - abar)
     c_xt = math.sqrt(1 - beta) * (1 - abar_prev) / (1 - abar)
-    var = beta * (1 - abar_prev) / (1 - abar) if variance == "small" else beta
+    var = beta * (1 - abar_prev) / (1 - abar) if variance is Variance.small else beta
     return c_x0, c_xt, math.sqrt(var)
 
 
@@ -131,12 +124,13 @@ def p_sample_loop(
     x_T: torch.Tensor,
     timesteps: list[int],
     generator: torch.Generator | None = None,
-    variance: str = "small",
+    variance: Variance | str = Variance.small,
     on_step: OnStep | None = None,
 ) -> torch.Tensor:
     """Ancestral sampling, Algorithm 2 of Ho et al. 2020, over the visited timesteps. With every step
     visited and eps-prediction it is Algorithm 2 line for line: x_{t-1} = 1/sqrt(alpha_t) (x_t - beta_t /
     sqrt(1 - abar_t) eps) + sigma_t z is eq. 7's posterior mean written in eps."""
+    variance = Variance(variance)  # a name, or the enum itself
     abar, abar_prev = _alphas_cumprod(schedule, timesteps)
     rows = [ancestral_coefficients(a, p, variance) for a, p in zip(abar, abar_prev, strict=True)]
     coefficients = _table(rows, x_T)
@@ -264,7 +258,7 @@ class Sampler:
 
 
 SAMPLERS: dict[str, Sampler] = {
-    "ddpm": Sampler(p_sample_loop, lambda s: {"variance": s.ddpm_variance.name}),
+    "ddpm": Sampler(p_sample_loop, lambda s: {"variance": s.ddpm_variance}),
     "ddim": Sampler(ddim_sample, lambda s: {"eta": s.eta}),
     "dpm_solver++": Sampler(dpm_solver_pp_sample),
 }
@@ -283,23 +277,35 @@ def check_sampling(cfg: Any, prefix: str = "") -> None:
 
 @torch.no_grad()
 def generate(
-    trained: TrainedModel, sampling: SamplingOptions, n: int, seed: int, batch_size: int
+    trained: TrainedModel,
+    sampling: SamplingOptions,
+    n: int,
+    seed: int,
+    batch_size: int,
+    labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """n images in [-1, 1] of the trained model's shape, drawn ``batch_size`` at a time on its device.
+    """n images in [-1, 1] of the trained model's shape, drawn ``batch_size`` at a time on its device;
+    image i given ``labels[i]`` where the network is conditional.
 
     One generator, seeded once, supplies x_T and every step's noise: the same seed, n and batch size give
     the same images."""
-    return _draw(trained, sampling, n, seed, batch_size, frames=0)[0]
+    return _draw(trained, sampling, n, seed, batch_size, frames=0, labels=labels)[0]
 
 
 @torch.no_grad()
 def generate_with_frames(
-    trained: TrainedModel, sampling: SamplingOptions, n: int, seed: int, batch_size: int, frames: int
+    trained: TrainedModel,
+    sampling: SamplingOptions,
+    n: int,
+    seed: int,
+    batch_size: int,
+    frames: int,
+    labels: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``generate``'s images (the very same), and ``frames`` states of the way to them, (frames, n, C, H,
     W) on the CPU, clipped to [-1, 1]: x_T first, the images last, evenly spaced over the visited
     timesteps in between (at most one frame per step: frames is clamped to steps + 1)."""
-    images, states = _draw(trained, sampling, n, seed, batch_size, frames)
+    images, states = _draw(trained, sampling, n, seed, batch_size, frames, labels)
     assert states is not None
     return images, states
 
@@ -320,14 +326,21 @@ def _recorder(keep: set[int], into: list[torch.Tensor]) -> OnStep:
 
 
 def _draw(
-    trained: TrainedModel, sampling: SamplingOptions, n: int, seed: int, batch_size: int, frames: int
+    trained: TrainedModel,
+    sampling: SamplingOptions,
+    n: int,
+    seed: int,
+    batch_size: int,
+    frames: int,
+    labels: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The images, and with ``frames`` > 0 the states that ``frame_steps`` chooses (None without)."""
-    model, schedule = trained.model, trained.schedule
+    network, schedule = trained.network, trained.diffusion.schedule
     device = schedule.betas.device
-    was_training = model.training
-    model.eval()
-    denoise = trained.denoiser(sampling.clip_x0)
+    if labels is not None and labels.shape != (n,):
+        raise ValueError(f"{n} images need {n} labels, not a tensor of shape {tuple(labels.shape)}")
+    was_training = network.training
+    network.eval()
     timesteps = sampling_timesteps(
         schedule.timesteps, sampling.steps(schedule.timesteps), sampling.timestep_spacing
     )
@@ -338,6 +351,8 @@ def _draw(
     chunks, frame_chunks = [], []
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
+        chunk_labels = labels[start : start + b].to(device) if labels is not None else None
+        denoise = trained.denoiser(sampling.clip_x0, chunk_labels)
         x_T = torch.randn((b, *trained.shape), generator=generator, device=device)
         kept = [x_T.clamp(-1.0, 1.0).cpu()] if 0 in keep else []
         on_step = _recorder(keep, kept) if keep else None
@@ -345,6 +360,6 @@ def _draw(
             sampler.run(denoise, schedule, x_T, timesteps, generator, **options, on_step=on_step).cpu()
         )
         frame_chunks.append(kept)
-    model.train(was_training)
+    network.train(was_training)
     states = torch.cat([torch.stack(k) for k in frame_chunks], dim=1) if keep else None
     return torch.cat(chunks), states

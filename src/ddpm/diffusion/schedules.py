@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from omegaconf import MISSING
@@ -109,7 +109,19 @@ def check_cosine(cfg: Any) -> None:
     checks.at_least("schedule.s", cfg.s, 0)
 
 
-SCHEDULES: Registry[torch.Tensor] = Registry(
+class BuildBetas(Protocol):
+    """A schedule option's builder: its config entry and T -> the T betas (float64)."""
+
+    def __call__(self, cfg: Any, timesteps: int) -> torch.Tensor: ...
+
+
+class CheckSchedule(Protocol):
+    """A schedule option's own checks of its config entry."""
+
+    def __call__(self, cfg: Any) -> None: ...
+
+
+SCHEDULES: Registry[BuildBetas, CheckSchedule] = Registry(
     "schedule",
     Option(
         "linear", LinearSchedule, lambda c, T: linear_betas(T, c.beta_start, c.beta_end), check_beta_range
@@ -156,6 +168,8 @@ class Schedule:
     sqrt_one_minus_alphas_cumprod: torch.Tensor
     sqrt_recip_alphas: torch.Tensor
     posterior_variance: torch.Tensor
+    posterior_mean_coef_x0: torch.Tensor  # eq. 7's mean = coef_x0 x_0 + coef_xt x_t
+    posterior_mean_coef_xt: torch.Tensor
 
     @classmethod
     def from_betas(cls, betas: torch.Tensor) -> Schedule:
@@ -174,6 +188,8 @@ class Schedule:
             sqrt_recip_alphas=alphas.rsqrt(),
             # beta~_t of eq. 7: the variance of q(x_{t-1} | x_t, x_0)
             posterior_variance=betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod),
+            posterior_mean_coef_x0=alphas_cumprod_prev.sqrt() * betas / (1.0 - alphas_cumprod),
+            posterior_mean_coef_xt=alphas.sqrt() * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod),
         )
         return cls(**{k: v.to(torch.float32) for k, v in buffers.items()})
 

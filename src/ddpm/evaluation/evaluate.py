@@ -53,7 +53,7 @@ def generated_images(cfg: Any, device: torch.device) -> tuple[torch.Tensor, Dict
     """The images to score, the data config of the real ones, and a record of where the images came from."""
     if cfg.ckpt is not None:
         trained = load_trained(cfg.ckpt, device, ema=cfg.ema)
-        data = real_data_config(cfg.data if cfg.data is not None else trained.config["data"])
+        data = real_data_config(cfg.data if cfg.data is not None else trained.data)
         shape = (data.channels, data.image_size, data.image_size)
         if trained.shape != shape:
             c, size = trained.shape[0], trained.shape[1]
@@ -65,7 +65,7 @@ def generated_images(cfg: Any, device: torch.device) -> tuple[torch.Tensor, Dict
             "step": trained.step,
             "weights": trained.weights,
             "sampler": sampling.sampler,
-            "sample_steps": sampling.steps(trained.schedule.timesteps),
+            "sample_steps": sampling.steps(trained.diffusion.timesteps),
         }
         return images, data, source
     data = real_data_config(cfg.data)

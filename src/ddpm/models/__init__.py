@@ -6,12 +6,12 @@ from typing import Any
 
 from torch import nn
 
-from ddpm.models.base import ModelConfig, check_levels
+from ddpm.models.base import BuildModel, CheckModel, ModelConfig, check_levels
 from ddpm.models.unet import UNET
 from ddpm.models.unet_ho import HO2020
 from ddpm.registry import Registry
 
-MODELS: Registry[nn.Module] = Registry("model", UNET, HO2020)
+MODELS: Registry[BuildModel, CheckModel] = Registry("model", UNET, HO2020)
 
 __all__ = ["MODELS", "ModelConfig", "build_model", "check_model"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from omegaconf import MISSING
@@ -19,6 +19,19 @@ class ModelConfig:
     dim: int = MISSING  # base width
     dim_mults: list[int] = MISSING  # width multipliers, one per resolution level
     dropout: float = MISSING
+
+
+class BuildModel(Protocol):
+    """A model option's builder: its config entry, the image channels and size -> the network, called
+    as network(x_t, t, labels) and returning an output shaped as x_t."""
+
+    def __call__(self, cfg: Any, channels: int, image_size: int) -> nn.Module: ...
+
+
+class CheckModel(Protocol):
+    """A model option's own checks, given the block widths check_levels found and the image size."""
+
+    def __call__(self, cfg: Any, widths: list[int], image_size: int) -> None: ...
 
 
 def check_levels(cfg: Any, image_size: int) -> list[int]:

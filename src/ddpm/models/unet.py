@@ -198,7 +198,9 @@ class UNet(nn.Module):
         self.final_res_block = resnet(dim * 2, dim)
         self.final_conv = nn.Conv2d(dim, channels, 1)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """eps_theta(x_t, t); ``labels`` is every network's conditioning input (unused here: the model is
+        unconditional), so the step and the samplers call every network alike."""
         x = self.init_conv(x)
         r = x
         emb = self.time_mlp(t)

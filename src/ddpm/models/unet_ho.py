@@ -136,7 +136,9 @@ class HoUNet(nn.Module):
         self.norm_out = norm(dim)
         self.conv_out = nn.Conv2d(dim, channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """eps_theta(x_t, t); ``labels`` is every network's conditioning input (unused here: the model is
+        unconditional), so the step and the samplers call every network alike."""
         temb = self.time_mlp(t)
         h = self.conv_in(x)
         skips = [h]

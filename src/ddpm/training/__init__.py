@@ -1,1 +1,2 @@
-"""Training: the runtime, the step, the loop, the run directory and its writer, resume and stopping."""
+"""Training: the loop and its setup, the step and what it runs as, the cadence of a run, its stopping and
+scoring, what it says; rundir/ holds what it keeps on disk."""

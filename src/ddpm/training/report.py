@@ -3,18 +3,16 @@ interval, and its closing line."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ddpm.progress import ProgressReporter, format_duration
-from ddpm.training.interval import Interval
+from ddpm.training.cadence import MetricsSinceLog
+from ddpm.training.rundir.writer import RunWriter
 from ddpm.training.scores import format_scores
-from ddpm.training.step import lr_factor
-from ddpm.training.writer import RunWriter
-
-if TYPE_CHECKING:
-    from ddpm.training.loop import Run
+from ddpm.training.setup import Run
+from ddpm.training.step import logged_lr
 
 # Above this share of the image left in x_T, the run says that sampling from N(0, I) starts off the
 # training distribution. It only prints a note: the annotated DDPM's own recipe (T=200) is above it.
@@ -42,7 +40,7 @@ def announce(run: Run, reporter: ProgressReporter) -> bool:
         reporter.say(run.eval_note)
     if run.scorer is not None:
         reporter.say(run.scorer.describe(plan.run_dir / "eval"))
-    signal = run.schedule.sqrt_alphas_cumprod[-1].item()
+    signal = run.diffusion.schedule.sqrt_alphas_cumprod[-1].item()
     if signal > SIGNAL_AT_T_NOTE:
         reporter.say(
             f"note: x_T keeps sqrt(abar_T) = {signal:.2f} of the image, while sampling starts from pure "
@@ -94,7 +92,7 @@ def log_progress(
     run: Run,
     writer: RunWriter,
     reporter: ProgressReporter,
-    interval: Interval,
+    since_log: MetricsSinceLog,
     step: int,
     elapsed: float,
     skipped: int,
@@ -102,10 +100,9 @@ def log_progress(
     """The metrics row and the progress line of the interval that ends at ``step`` (a collective: every
     rank calls it); returns the interval's mean loss."""
     cfg = run.cfg
-    means = interval.means(run.runtime)
-    img_per_s = interval.images_per_s(cfg.batch_size)
-    lr = cfg.lr * lr_factor(step - 1, cfg.lr_warmup, cfg.lr_decay, cfg.steps)  # this step's
-    row = {"step": step, "loss": means["loss"], "lr": lr, "img_per_s": img_per_s}
+    means = since_log.means(run.runtime)
+    img_per_s = since_log.images_per_s(cfg.batch_size)
+    row = {"step": step, "loss": means["loss"], "lr": logged_lr(run.optimizer), "img_per_s": img_per_s}
     extra = {"elapsed_s": run.elapsed_before + elapsed, "skipped": skipped}
     peak_gb = run.runtime.peak_memory_gb()
     if peak_gb is not None:
@@ -113,5 +110,5 @@ def log_progress(
     writer.metrics({**row, **extra, **{k: v for k, v in means.items() if k != "loss"}})
     eta = (cfg.steps - step) * elapsed / (step - run.start)
     reporter.log(step, means["loss"], img_per_s, eta, peak_gb)
-    interval.reset()
+    since_log.reset()
     return means["loss"]

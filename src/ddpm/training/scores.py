@@ -19,9 +19,9 @@ from ddpm.diffusion.sampling import SamplingOptions, generate
 from ddpm.evaluation.evaluate import Scorer, classifier_for, real_data_config, write_report
 from ddpm.progress import ProgressReporter
 from ddpm.trained import TrainedModel
-from ddpm.training.plan import shell_override
+from ddpm.training.rundir.plan import shell_override
+from ddpm.training.rundir.writer import RunWriter
 from ddpm.training.stopping import TrainingStopped
-from ddpm.training.writer import RunWriter
 
 
 def labelled(dataset: Dataset) -> bool:
@@ -118,7 +118,7 @@ class RunScorer:
             "step": step,
             "weights": trained.weights,
             "sampler": self.sampling.sampler,
-            "sample_steps": self.sampling.steps(trained.schedule.timesteps),
+            "sample_steps": self.sampling.steps(trained.diffusion.timesteps),
             "seed": self.seed,
         }
         report, warnings = self.scorer.report(fake, source)

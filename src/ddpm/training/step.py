@@ -1,14 +1,15 @@
-"""One optimizer step of Algorithm 1, the random draws of each step, and the learning rate of each step.
+"""One optimizer step of Algorithm 1, whole: its random draws, its learning rate and EMA weight, the loss in
+micro-batches, clipping, Adam and the EMA update. The loop calls it as one line, ``train_step(step, batch)``.
 
-A step never waits for the device: the learning rate is a device tensor (the LR schedule writes it in
-place), and a non-finite step is skipped by fused Adam itself (``found_inf``), not by reading a flag back."""
+A step never waits for the device: the learning rate and the EMA weight are device tensors written before
+each step, a non-finite step is skipped by fused Adam itself (``found_inf``), not by reading a flag back,
+and what it reports is a dict of device tensors that the loop reads only at its cadence. So the part after
+the draws can be captured as one CUDA graph and replayed (capture.py) where the runtime says so."""
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -16,10 +17,22 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.utils import _pytree
 
-from ddpm.diffusion.forward import Loss, Objective, p_losses_per_image
-from ddpm.diffusion.schedules import Schedule
+from ddpm.data.batch import Batch
+from ddpm.data.order import shard
+from ddpm.diffusion.gaussian import Diffusion
+from ddpm.runtime import Runtime
+from ddpm.training.capture import CapturedGraph, RehearsalUndo
+from ddpm.training.ema import EMA
 from ddpm.training.stopping import OnNonFinite
+
+QUARTILES = 4  # the loss is also reported by timestep quartile, as improved-diffusion's loss_q0..q3
+
+# What a step reports, as device tensors: each loss term's batch mean by its name ("loss", ...), and
+# "grad_norm", "finite", "lr", "quartile_loss" / "quartile_count" (the loss summed, and the images
+# counted, by the quarter of [0, T) their t fell in).
+Metrics = dict[str, torch.Tensor]
 
 
 class LRDecay(Enum):
@@ -47,7 +60,7 @@ def build_optimizer(
     return torch.optim.Adam(model.parameters(), lr=lr_t, fused=True, capturable=capturable)
 
 
-def settle_loaded(optimizer: torch.optim.Optimizer, device: torch.device, capturable: bool = False) -> None:
+def lr_to_device(optimizer: torch.optim.Optimizer, device: torch.device, capturable: bool = False) -> None:
     """After load_state_dict, which sets the saved values: the learning rate back into a device tensor (a
     float in checkpoints of earlier versions), and ``capturable`` as this run needs it."""
     for group in optimizer.param_groups:
@@ -55,24 +68,10 @@ def settle_loaded(optimizer: torch.optim.Optimizer, device: torch.device, captur
         group["capturable"] = capturable
 
 
-@dataclass(frozen=True)
-class StepOptions:
-    """The parts of the config that one training step reads."""
-
-    loss: Loss
-    objective: Objective
-    min_snr_gamma: float
-    offset_noise: float
-    grad_accum: int
-    grad_clip: float
-    skip_nonfinite: bool
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> StepOptions:
-        skip = cfg.on_nonfinite is OnNonFinite.skip
-        return cls(
-            cfg.loss, cfg.objective, cfg.min_snr_gamma, cfg.offset_noise, cfg.grad_accum, cfg.grad_clip, skip
-        )
+def logged_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The learning rate the last step took, as the shortest decimal of its float32 value (a host read:
+    for the log line only)."""
+    return float(str(np.float32(float(optimizer.param_groups[0]["lr"]))))
 
 
 def step_seed(*keys: int) -> int:
@@ -82,108 +81,165 @@ def step_seed(*keys: int) -> int:
     return int(words[0]) << 31 | int(words[1]) >> 1
 
 
-def sample_noise(
-    shape: tuple[int, ...], offset: float, generator: torch.Generator, device: torch.device
-) -> torch.Tensor:
-    """eps ~ N(0, I), plus ``offset`` times one N(0, 1) draw per image and channel (offset noise), which
-    lets the model change an image's mean brightness."""
-    noise = torch.randn(shape, generator=generator, device=device)
-    if offset > 0:
-        noise = noise + offset * torch.randn(*shape[:2], 1, 1, generator=generator, device=device)
-    return noise
+@dataclass(frozen=True)
+class StepOptions:
+    """The parts of the config that one training step reads besides the Diffusion's."""
+
+    seed: int
+    batch_size: int  # the global batch, over every rank
+    lr: float
+    lr_warmup: int
+    lr_decay: LRDecay
+    steps: int
+    grad_accum: int
+    grad_clip: float
+    skip_nonfinite: bool
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> StepOptions:
+        skip = cfg.on_nonfinite is OnNonFinite.skip
+        return cls(
+            cfg.seed,
+            cfg.batch_size,
+            cfg.lr,
+            cfg.lr_warmup,
+            cfg.lr_decay,
+            cfg.steps,
+            cfg.grad_accum,
+            cfg.grad_clip,
+            skip,
+        )
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    """What the optimizing part of a step reads: this rank's batch with its t and eps."""
+
+    batch: Batch
+    t: torch.Tensor
+    noise: torch.Tensor
+
+
+_pytree.register_dataclass(StepInputs)  # its tensors are a captured graph's static buffers
 
 
 def step_draws(
-    seed: int, step: int, shape: tuple[int, ...], timesteps: int, offset: float, device: torch.device
+    diffusion: Diffusion, seed: int, step: int, shape: tuple[int, ...], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """t and eps of (1-based) step ``step`` for the whole global batch of ``shape``, from a generator keyed
     on (seed, step): every rank draws the same numbers and keeps its slice, so a step computes the same
-    whatever the number of ranks, and a resumed run draws what an uninterrupted one would have."""
+    whatever the number of ranks, and a resumed run draws what an uninterrupted one would have. A draw
+    added later (a label-drop mask) comes after these, from the same generator, so these stay as they are."""
     generator = torch.Generator(device=device).manual_seed(step_seed(seed, step))
-    t = torch.randint(0, timesteps, (shape[0],), generator=generator, device=device)
-    return t, sample_noise(shape, offset, generator, device)
+    t = torch.randint(0, diffusion.timesteps, (shape[0],), generator=generator, device=device)
+    return t, diffusion.noise(shape, generator, device)
 
 
-QUARTILES = 4  # the loss is also reported by timestep quartile, as improved-diffusion's loss_q0..q3
+class TrainStep:
+    """Algorithm 1's optimizer step on ``net`` (the network as prepare_net runs it) with the EMA update,
+    eager or, where the runtime says so, captured as one CUDA graph at the first call."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        net: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        diffusion: Diffusion,
+        ema: EMA | None,
+        opts: StepOptions,
+        runtime: Runtime,
+    ) -> None:
+        self.model, self.net, self.optimizer, self.diffusion = model, net, optimizer, diffusion
+        self.ema, self.opts, self.runtime = ema, opts, runtime
+        lr = optimizer.param_groups[0]["lr"]
+        self.base_lr = torch.tensor(opts.lr, dtype=lr.dtype, device=lr.device)
+        self.update = None if runtime.cuda_graph else self.optimize
+
+    def __call__(self, step: int, batch: Batch) -> Metrics:
+        """Step ``step`` (1-based) on this rank's ``batch``."""
+        if self.update is None:  # captured before the first step's draws, which seed dropout
+            self.update = self.capture(batch)
+        inputs = self.draws(step, batch)
+        self.set_step(step)
+        return self.update(inputs)
+
+    def draws(self, step: int, batch: Batch) -> StepInputs:
+        """The step's t and eps (this rank's slice of the global batch's), and dropout seeded per (seed,
+        step, rank): the step is the same computation whatever the number of ranks."""
+        rank, world = self.runtime.rank, self.runtime.world_size
+        shape = (self.opts.batch_size, *batch.images.shape[1:])
+        t, noise = step_draws(self.diffusion, self.opts.seed, step, shape, batch.images.device)
+        torch.manual_seed(step_seed(self.opts.seed, step, rank))
+        return StepInputs(batch, shard(t, rank, world), shard(noise, rank, world))
+
+    def set_step(self, step: int) -> None:
+        """Write step ``step``'s learning rate and EMA weight into the device tensors the step reads (the
+        lr as LambdaLR computed it: the float32 lr times the step's factor)."""
+        o = self.opts
+        factor = lr_factor(step - 1, o.lr_warmup, o.lr_decay, o.steps)
+        for group in self.optimizer.param_groups:
+            group["lr"].copy_(self.base_lr * factor)
+        if self.ema is not None:
+            self.ema.at(step)
+
+    def optimize(self, inputs: StepInputs) -> Metrics:
+        """The gradient of the batch's mean loss in grad_accum micro-batches (t and eps come for the whole
+        batch, so grad_accum changes memory use, not the result; DDP's all-reduce waits for the last one),
+        clipped, and one Adam step with the EMA update. With skip_nonfinite, a non-finite step changes
+        nothing: fused Adam leaves the weights, its moments and its step count as they were where
+        ``found_inf`` is set, from a finite flag that every rank agrees on."""
+        opts, optimizer, n = self.opts, self.optimizer, self.opts.grad_accum
+        device = inputs.noise.device
+        optimizer.zero_grad(set_to_none=True)
+        no_sync = getattr(self.net, "no_sync", None)  # DistributedDataParallel's
+        means: Metrics = {}
+        quartile_loss = torch.zeros(QUARTILES, device=device)
+        quartile_count = torch.zeros(QUARTILES, device=device)
+        parts = list(zip(inputs.batch.chunk(n), inputs.t.chunk(n), inputs.noise.chunk(n), strict=True))
+        for i, (part, t, noise) in enumerate(parts):
+            last = i + 1 == len(parts)
+            with contextlib.nullcontext() if last or no_sync is None else no_sync():
+                terms = self.diffusion.training_losses(self.net, part.images, t, noise, part.labels)
+                loss = terms["loss"].mean()
+                (loss / n).backward()
+            for name, per_image in terms.items():
+                mean = loss if name == "loss" else per_image.mean()
+                means[name] = means.get(name, torch.zeros((), device=device)) + mean.detach() / n
+            quartile = t * QUARTILES // self.diffusion.timesteps
+            quartile_loss.index_add_(0, quartile, terms["loss"].detach())
+            quartile_count.index_add_(0, quartile, torch.ones_like(terms["loss"]))
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if opts.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, opts.grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        finite = torch.isfinite(means["loss"]) & torch.isfinite(norm)
+        if opts.skip_nonfinite:
+            finite = self.runtime.all_true(finite)
+            optimizer.found_inf = (~finite).float()  # type: ignore[attr-defined] (read by fused Adam)
+        optimizer.step()
+        if self.ema is not None:
+            self.ema.apply()
+        return {
+            **means,
+            "grad_norm": norm,
+            "finite": finite,
+            "quartile_loss": quartile_loss,
+            "quartile_count": quartile_count,
+        }
+
+    def capture(self, batch: Batch) -> CapturedGraph:
+        """``optimize`` as one CUDA graph on static buffers shaped as this rank's batches, after rehearsals
+        that leave no trace (RehearsalUndo)."""
+        t = torch.zeros(batch.size, dtype=torch.long, device=batch.images.device)
+        example = StepInputs(_pytree.tree_map(torch.zeros_like, batch), t, torch.zeros_like(batch.images))
+        undo = RehearsalUndo.take(step_tensors(self.model, self.ema, self.optimizer), self.optimizer)
+        return CapturedGraph(self.optimize, example, undo)
 
 
-@dataclass
-class BatchLoss:
-    """A batch's loss, as device tensors (read back only at the logging cadence)."""
-
-    loss: torch.Tensor  # the batch's mean loss
-    quartile_loss: torch.Tensor  # (4,) summed loss of the images whose t fell in each quarter of [0, T)
-    quartile_count: torch.Tensor  # (4,) how many images that was
-
-
-@dataclass
-class StepResult(BatchLoss):
-    """What a step reports: its loss, and what became of the gradient."""
-
-    finite: torch.Tensor  # whether the loss and the gradient were finite
-    grad_norm: torch.Tensor  # the gradient's global norm, before clipping
-
-
-def accumulate_gradients(
-    model: nn.Module,
-    schedule: Schedule,
-    x0: torch.Tensor,
-    t: torch.Tensor,
-    noise: torch.Tensor,
-    opts: StepOptions,
-    no_sync: Callable[[], AbstractContextManager] | None = None,
-) -> BatchLoss:
-    """The gradient of the batch's mean loss, into the parameters' .grad, in ``grad_accum`` micro-batches.
-    t and eps come for the whole batch, so grad_accum changes memory use, not the result. ``no_sync``
-    (DistributedDataParallel's) holds the gradients' all-reduce back until the last micro-batch."""
-    device = x0.device
-    total = torch.zeros((), device=device)
-    quartile_loss = torch.zeros(QUARTILES, device=device)
-    quartile_count = torch.zeros(QUARTILES, device=device)
-    parts = list(
-        zip(x0.chunk(opts.grad_accum), t.chunk(opts.grad_accum), noise.chunk(opts.grad_accum), strict=True)
-    )
-    for i, (x, tt, eps) in enumerate(parts):
-        last = i + 1 == len(parts)
-        with contextlib.nullcontext() if last or no_sync is None else no_sync():
-            per_image = p_losses_per_image(
-                model, schedule, x, tt, eps, opts.loss, opts.objective, opts.min_snr_gamma
-            )
-            loss = per_image.mean()
-            (loss / opts.grad_accum).backward()
-        total += loss.detach() / opts.grad_accum
-        quartile = tt * QUARTILES // schedule.timesteps
-        quartile_loss.index_add_(0, quartile, per_image.detach())
-        quartile_count.index_add_(0, quartile, torch.ones_like(per_image))
-    return BatchLoss(total, quartile_loss, quartile_count)
-
-
-def train_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    schedule: Schedule,
-    x0: torch.Tensor,
-    t: torch.Tensor,
-    noise: torch.Tensor,
-    opts: StepOptions,
-    agree: Callable[[torch.Tensor], torch.Tensor] = lambda finite: finite,
-) -> StepResult:
-    """One optimizer step over the batch x0 with the step's t and eps; ``optimizer`` is fused Adam
-    (build_optimizer). Nothing here waits for the device: reading the result's tensors does, so the caller
-    does that only at its cadence. With ``skip_nonfinite``, a non-finite step changes nothing: fused Adam
-    leaves the weights, its moments and its step count as they were where ``found_inf`` is set, from the
-    finite flag that ``agree`` has made the same on every rank."""
-    optimizer.zero_grad(set_to_none=True)
-    no_sync = getattr(model, "no_sync", None)  # DistributedDataParallel's
-    batch = accumulate_gradients(model, schedule, x0, t, noise, opts, no_sync)
-    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    if opts.grad_clip > 0:
-        norm = torch.nn.utils.clip_grad_norm_(params, opts.grad_clip)
-    else:
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    finite = torch.isfinite(batch.loss) & torch.isfinite(norm)
-    if opts.skip_nonfinite:
-        finite = agree(finite)
-        optimizer.found_inf = (~finite).float()  # type: ignore[attr-defined] (read by fused Adam)
-    optimizer.step()
-    return StepResult(batch.loss, batch.quartile_loss, batch.quartile_count, finite, norm)
+def step_tensors(model: nn.Module, ema: EMA | None, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Every tensor a step writes besides the optimizer's state: weights, buffers, the EMA and the lr."""
+    tensors = [*model.parameters(), *model.buffers()]
+    if ema is not None:
+        tensors += [*ema.model.parameters(), ema.weight]
+    return tensors + [g["lr"] for g in optimizer.param_groups if isinstance(g["lr"], torch.Tensor)]

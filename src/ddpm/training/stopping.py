@@ -23,19 +23,20 @@ class OnNonFinite(Enum):
 
 class TrainingStopped(Exception):
     """The run stopped before its last step (a signal, a non-finite step, a file it could not write).
-    ``error`` is False for a requested stop; ``exit_code`` is the command's exit status. ``hand_on``, where
-    set, passes the signal that asked for the stop on to the handler it had before ddpm's; the command
-    calls it after its message (submitit's handler requeues the job, then exits)."""
+    ``error`` is False for a requested stop; ``exit_code`` is the command's exit status.
+    ``pass_notice_on``, where set, passes the signal that asked for the stop on to the handler it had
+    before ddpm's; the command calls it after its message (submitit's handler requeues the job, then
+    exits)."""
 
     def __init__(
         self,
         message: str,
         exit_code: int = 1,
         error: bool = True,
-        hand_on: Callable[[], None] | None = None,
+        pass_notice_on: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(message)
-        self.exit_code, self.error, self.hand_on = exit_code, error, hand_on
+        self.exit_code, self.error, self.pass_notice_on = exit_code, error, pass_notice_on
 
     def line(self, prog: str) -> str:
         """The one line the command ends with, on stderr and in the run's train.log."""
@@ -50,7 +51,7 @@ class StopRequests:
 
     SIGUSR2 is a scheduler's notice that the job's time is nearly up (Slurm's --signal, which submitit asks
     for): it never stops at once, and where a Python handler had it before ddpm's (submitit's, which
-    requeues the job), ``hand_on`` calls that handler once the checkpoint is written, so the job is
+    requeues the job), ``pass_notice_on`` calls that handler once the checkpoint is written, so the job is
     requeued without losing the steps since the previous checkpoint."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
@@ -75,7 +76,7 @@ class StopRequests:
         return next((s for s in self.received if s in self._notice_handlers), None)
 
     @property
-    def hand_on(self) -> Callable[[], None] | None:
+    def pass_notice_on(self) -> Callable[[], None] | None:
         """That notice's previous handler, bound to the signal, for the command to call after its
         message; None where no such notice came."""
         notice = self.notice

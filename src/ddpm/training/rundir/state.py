@@ -1,4 +1,4 @@
-"""The training state a checkpoint carries besides the weights: optimizer moments, LR schedule, the RNG
+"""The training state a checkpoint carries besides the weights: optimizer moments, the RNG
 states (Python, NumPy, torch CPU and CUDA) and the position in the data order. Restored, it makes a resumed
 run's steps the same computations as an uninterrupted run's, so on a CPU the weights end up bit-identical.
 """
@@ -43,7 +43,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------- the whole state
 def training_state(
     optimizer: torch.optim.Optimizer,
-    lr_schedule: torch.optim.lr_scheduler.LRScheduler,
     n_images: int,
     position: tuple[int, int],
     elapsed_s: float,
@@ -51,7 +50,6 @@ def training_state(
     """What a checkpoint carries besides the weights; ``position`` is (epoch, batch) of the next step."""
     return {
         "optimizer": optimizer.state_dict(),
-        "lr_schedule": lr_schedule.state_dict(),
         "rng": rng_state(),
         "data": {"n_images": n_images, "epoch": position[0], "batch": position[1]},
         "elapsed_s": elapsed_s,
@@ -63,15 +61,15 @@ def restore(
     model: torch.nn.Module,
     ema_model: torch.nn.Module | None,
     optimizer: torch.optim.Optimizer,
-    lr_schedule: torch.optim.lr_scheduler.LRScheduler,
 ) -> tuple[int, float]:
     """Load a checkpoint's weights and state into freshly built objects; returns (step, elapsed_s).
-    The RNG states go last: building the objects drew from the generators."""
+    The RNG states go last: building the objects drew from the generators. The learning rate of each step
+    is a function of the step (step.py), so the LR schedule's state that earlier versions saved is not
+    read."""
     model.load_state_dict(saved["model"])
     if ema_model is not None:
         ema_model.load_state_dict(saved["ema"])
     state = saved["state"]
     optimizer.load_state_dict(state["optimizer"])
-    lr_schedule.load_state_dict(state["lr_schedule"])
     set_rng_state(state["rng"])
     return saved["step"], state["elapsed_s"]

@@ -17,13 +17,13 @@ from PIL import Image
 from ddpm.checkpoint import link_checkpoint, save_checkpoint
 from ddpm.images import grid_image, save_png
 from ddpm.plots import save_loss_plot
-from ddpm.training.logger import Logger, TensorBoard
-from ddpm.training.plan import shell_override
-from ddpm.training.rundir import (
+from ddpm.training.rundir.bookkeeping import (
     prune_checkpoints,
     remove_partial_writes,
     rewind_metrics,
 )
+from ddpm.training.rundir.logger import Logger, TensorBoard
+from ddpm.training.rundir.plan import shell_override
 from ddpm.training.stopping import TrainingStopped
 
 

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from ddpm.checkpoint import load_checkpoint, run_dir_of
 from ddpm.config import typed_train_config
 from ddpm.errors import CheckpointError, ConfigError
-from ddpm.training.rundir import refuse_existing_run, same_run
+from ddpm.training.rundir.bookkeeping import refuse_existing_run, same_run
 
 # What a resumed run may change: where and how often it reports, how long it runs, where the images are.
 # Everything else would make it a different run than the one its weights and optimizer come from.

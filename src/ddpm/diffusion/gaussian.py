@@ -1,0 +1,204 @@
+"""The Gaussian diffusion of Ho et al. 2020 as one object: the schedule, what the network predicts, the loss
+and its weighting. It owns the forward process (eq. 4), the reading of a network's output as (x0, eps), the
+posterior q(x_{t-1} | x_t, x_0) (eq. 6-7) and the model's p(x_{t-1} | x_t) built from it, and the training
+loss of Algorithm 1 as per-image terms. The samplers (sampling.py) are pure functions of a denoiser built
+here; a conditioning input (class labels) rides along inside the denoiser, so a sampler never changes when
+the network gains an input."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from enum import Enum
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ddpm.diffusion.schedules import Schedule, build_schedule, extract
+
+
+class Loss(Enum):
+    """The distance between the network's output and its target."""
+
+    l1 = "l1"
+    l2 = "l2"
+    huber = "huber"  # smooth l1: quadratic below 1, linear above
+
+
+class Objective(Enum):
+    """What the network predicts: the noise (Ho et al.), the clean image, or v (Salimans & Ho 2022)."""
+
+    eps = "eps"
+    x0 = "x0"
+    v = "v"
+
+
+class Variance(Enum):
+    """The variance of p(x_{t-1} | x_t) (Ho et al. sec. 3.2: both give similar samples)."""
+
+    small = "small"  # beta~_t, the posterior variance
+    large = "large"  # beta_t
+
+
+# (x_t, t) -> (x0_hat, eps_hat): a network's output read through its objective, its conditioning bound.
+Denoiser = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+# The per-image terms of the training loss by name ("loss" is the one that is minimised), each (B,).
+Terms = dict[str, torch.Tensor]
+
+
+def elementwise_loss(loss: Loss, prediction: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    if loss is Loss.l1:
+        return F.l1_loss(prediction, truth, reduction="none")
+    if loss is Loss.l2:
+        return F.mse_loss(prediction, truth, reduction="none")
+    if loss is Loss.huber:
+        return F.smooth_l1_loss(prediction, truth, reduction="none")
+    raise ValueError(f"unknown loss {loss!r}")
+
+
+@dataclass(frozen=True)
+class Diffusion:
+    """A schedule and how a network is trained on it and read from it."""
+
+    schedule: Schedule
+    objective: Objective = Objective.eps
+    loss: Loss = Loss.l2
+    min_snr_gamma: float = 0.0  # Min-SNR-gamma weighting (Hang et al. 2023); 0: off
+    offset_noise: float = 0.0  # eps gets offset_noise * N(0, 1) per image and channel on top; 0: off
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> Diffusion:
+        """From a training config (composed, or a checkpoint's plain values): its schedule group and
+        timesteps, objective, loss, min_snr_gamma and offset_noise (keys a version 1 file lacks default)."""
+        get = cfg.get
+        return cls(
+            build_schedule(cfg.schedule, cfg.timesteps),
+            Objective[_name(get("objective", "eps"))],
+            Loss[_name(get("loss", "l2"))],
+            float(get("min_snr_gamma", 0.0)),
+            float(get("offset_noise", 0.0)),
+        )
+
+    @property
+    def timesteps(self) -> int:
+        return self.schedule.timesteps
+
+    def to(self, device: torch.device | str) -> Diffusion:
+        return replace(self, schedule=self.schedule.to(device))
+
+    def _scales(self, t: torch.Tensor, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sqrt(abar_t), sqrt(1 - abar_t)) shaped to broadcast against ``ndim``-dimensional images."""
+        s = self.schedule
+        return extract(s.sqrt_alphas_cumprod, t, ndim), extract(s.sqrt_one_minus_alphas_cumprod, t, ndim)
+
+    # ------------------------------------------------------------------------------ the forward process
+    def noise(self, shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        """eps ~ N(0, I), plus offset_noise times one N(0, 1) draw per image and channel (offset noise),
+        which lets the model change an image's mean brightness."""
+        eps = torch.randn(shape, generator=generator, device=device)
+        if self.offset_noise > 0:
+            eps = eps + self.offset_noise * torch.randn(*shape[:2], 1, 1, generator=generator, device=device)
+        return eps
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps: a sample of q(x_t | x_0) in closed form."""
+        a, s = self._scales(t, x0.ndim)
+        return a * x0 + s * noise
+
+    def q_posterior_mean_variance(
+        self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and variance of q(x_{t-1} | x_t, x_0), eq. 7: mean = sqrt(abar_{t-1}) beta_t / (1 - abar_t)
+        x_0 + sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t) x_t, variance beta~_t (0 at t = 0)."""
+        s, n = self.schedule, x_t.ndim
+        mean = extract(s.posterior_mean_coef_x0, t, n) * x0 + extract(s.posterior_mean_coef_xt, t, n) * x_t
+        return mean, extract(s.posterior_variance, t, n)
+
+    # ------------------------------------------------------------------------ what the network predicts
+    def target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """What the network is trained to output: eps, x_0, or v = sqrt(abar) eps - sqrt(1 - abar) x_0
+        (Salimans & Ho 2022)."""
+        if self.objective is Objective.eps:
+            return noise
+        if self.objective is Objective.x0:
+            return x0
+        a, s = self._scales(t, x0.ndim)
+        return a * noise - s * x0
+
+    def predict_x0_eps(
+        self, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Invert x_t = a x_0 + s eps for the pair (x_0, eps), given the network's output ``out``."""
+        a, s = self._scales(t, x_t.ndim)
+        if self.objective is Objective.eps:
+            return (x_t - s * out) / a, out
+        if self.objective is Objective.x0:
+            return out, (x_t - a * out) / s
+        return a * x_t - s * out, s * x_t + a * out  # v: a^2 + s^2 = 1
+
+    def denoiser(self, model: nn.Module, clip_x0: bool, labels: torch.Tensor | None = None) -> Denoiser:
+        """The network as a function (x_t, t) -> (x0_hat, eps_hat), given ``labels`` where it is
+        conditional. With ``clip_x0``, x0_hat is clipped to the data range [-1, 1] and eps_hat recomputed
+        from it, so both stay consistent with x_t."""
+
+        def denoise(x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            x0, eps = self.predict_x0_eps(x_t, t, model(x_t, t, labels))
+            if clip_x0:
+                x0 = x0.clamp(-1.0, 1.0)
+                a, s = self._scales(t, x_t.ndim)
+                eps = (x_t - a * x0) / s  # s = sqrt(1 - abar_t) > 0 at every t
+            return x0, eps
+
+        return denoise
+
+    def p_mean_variance(
+        self, denoise: Denoiser, x_t: torch.Tensor, t: torch.Tensor, variance: Variance
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """p(x_{t-1} | x_t): the posterior mean at the model's x0_hat, the variance that ``variance``
+        names (beta~_t, or beta_t with beta~_1 at t = 0), and x0_hat."""
+        x0, _ = denoise(x_t, t)
+        mean, posterior_var = self.q_posterior_mean_variance(x0, x_t, t)
+        if variance is Variance.small:
+            return mean, posterior_var, x0
+        s = self.schedule
+        large = torch.cat([s.posterior_variance[1:2], s.betas[1:]])
+        return mean, extract(large, t, x_t.ndim), x0
+
+    # ------------------------------------------------------------------------------- the training loss
+    def snr_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """Min-SNR-gamma weighting (Hang et al. 2023), expressed for each objective's own loss:
+        min(SNR, gamma) / SNR for eps, min(SNR, gamma) for x_0, min(SNR, gamma) / (SNR + 1) for v."""
+        abar = self.schedule.alphas_cumprod[t]
+        snr = abar / (1 - abar)
+        clipped = snr.clamp(max=self.min_snr_gamma)
+        if self.objective is Objective.eps:
+            return clipped / snr
+        if self.objective is Objective.x0:
+            return clipped
+        return clipped / (snr + 1)
+
+    def training_losses(
+        self,
+        model: nn.Module,
+        x0: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor,
+        labels: torch.Tensor | None = None,
+    ) -> Terms:
+        """Algorithm 1's objective for each image: noise x_0 to x_t, ask the network for its target, compare
+        with the truth, mean over the pixels; with min_snr_gamma > 0 weighted by the image's SNR. Terms by
+        name, each (B,): "loss" is what the step minimises."""
+        x_t = self.q_sample(x0, t, noise)
+        per_pixel = elementwise_loss(self.loss, model(x_t, t, labels), self.target(x0, t, noise))
+        per_image = per_pixel.flatten(1).mean(dim=1)
+        if self.min_snr_gamma > 0:
+            per_image = per_image * self.snr_weight(t)
+        return {"loss": per_image}
+
+
+def _name(value: Any) -> str:
+    """An enum's name, whether the config holds the enum (composed) or its name (a checkpoint's)."""
+    return value.name if isinstance(value, Enum) else str(value)

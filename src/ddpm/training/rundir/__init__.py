@@ -1,0 +1,1 @@
+"""A run's directory: its plan, what it writes, the state it resumes from, its bookkeeping."""
