@@ -201,6 +201,8 @@ def test_multirun_sweeps_each_job_into_its_own_folder(tmp_path, cli):
     assert len(jobs) == 3
     for i, (job, loss) in enumerate(zip(jobs, ["l1", "l2", "huber"], strict=True)):
         assert job.startswith(f"{i}_") and f"loss={loss}" in job
+        # named after what changes the weights; keys marked resumable(named=False) stay out (keys.py)
+        assert "batch_size=16" in job and "steps=" not in job and "device=" not in job, job
         assert (tmp_path / "sweep" / job / "checkpoints/last.pt").is_file()
         assert (tmp_path / "sweep" / job / "samples/step_000002.png").is_file()
         assert yaml.safe_load((tmp_path / "sweep" / job / ".hydra/config.yaml").read_text())["loss"] == loss

@@ -16,12 +16,14 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ddpm import keys
 from ddpm.data import DATASETS
 from ddpm.data.sets import DataConfig
 from ddpm.diffusion.gaussian import Loss, Objective, Variance
 from ddpm.diffusion.sampling import Spacing
 from ddpm.diffusion.schedules import SCHEDULES, ScheduleConfig
 from ddpm.errors import ConfigError
+from ddpm.keys import resumable
 from ddpm.models import MODELS, ModelConfig
 from ddpm.runtime import Precision
 from ddpm.training.rundir.logger import Logger
@@ -31,14 +33,15 @@ from ddpm.training.stopping import OnNonFinite
 
 @dataclass
 class SamplingKeys:
-    """How images are drawn, for the grids during training, ddpm-sample and ddpm-eval."""
+    """How images are drawn, for the grids during training, ddpm-sample and ddpm-eval (a resumed run may
+    draw its grids otherwise)."""
 
-    sampler: str = MISSING  # one of diffusion.sampling.SAMPLERS
-    sample_steps: int | None = MISSING  # at most T (more: all T); None: every one of the T steps
-    timestep_spacing: Spacing = MISSING
-    eta: float = MISSING  # ddim only
-    ddpm_variance: Variance = MISSING  # ddpm only
-    clip_x0: bool = MISSING
+    sampler: str = resumable()  # one of diffusion.sampling.SAMPLERS
+    sample_steps: int | None = resumable()  # at most T (more: all T); None: every one of the T steps
+    timestep_spacing: Spacing = resumable()
+    eta: float = resumable()  # ddim only
+    ddpm_variance: Variance = resumable()  # ddpm only
+    clip_x0: bool = resumable()
 
 
 @dataclass
@@ -72,11 +75,12 @@ class EMAConfig:
 
 @dataclass
 class TrainConfig(SamplingKeys):
+    # resumable(): a resumed run may change it; named=False: a sweep's folder names leave it out (keys.py)
     schedule: ScheduleConfig = MISSING
     model: ModelConfig = MISSING
     data: DataConfig = MISSING
     ema: EMAConfig = MISSING
-    eval: RunEvalConfig = MISSING
+    eval: RunEvalConfig = resumable(named=False)
     loss: Loss = MISSING
     objective: Objective = MISSING
     min_snr_gamma: float = MISSING
@@ -84,31 +88,31 @@ class TrainConfig(SamplingKeys):
     timesteps: int = MISSING
     batch_size: int = MISSING
     grad_accum: int = MISSING
-    steps: int = MISSING
+    steps: int = resumable(named=False)
     lr: float = MISSING
     lr_warmup: int = MISSING
     lr_decay: LRDecay = MISSING
     grad_clip: float = MISSING
     seed: int = MISSING
-    device: str = MISSING
-    precision: Precision = MISSING
-    compile: bool | None = None  # None: on a CUDA GPU
-    cuda_graph: bool | None = None  # None: on one CUDA GPU
-    dist_timeout: float = MISSING
-    check_every: int = MISSING
-    log_every: int = MISSING
-    sample_every: int = MISSING
-    checkpoint_every: int = MISSING
-    sample_n: int = MISSING
-    sample_batch_size: int = MISSING
-    eval_at_end: bool | None = None  # None: on in multirun jobs
-    eval_every: int = MISSING
-    forward_n: int = MISSING
-    keep_last: int = MISSING
-    on_nonfinite: OnNonFinite = MISSING
-    max_nonfinite: int = MISSING
-    logger: Logger = MISSING
-    resume: str | None = None  # null | auto | PATH
+    device: str = resumable(named=False)
+    precision: Precision = resumable()
+    compile: bool | None = resumable(None)  # None: on a CUDA GPU
+    cuda_graph: bool | None = resumable(None)  # None: on one CUDA GPU
+    dist_timeout: float = resumable(named=False)
+    check_every: int = resumable(named=False)
+    log_every: int = resumable(named=False)
+    sample_every: int = resumable(named=False)
+    checkpoint_every: int = resumable(named=False)
+    sample_n: int = resumable(named=False)
+    sample_batch_size: int = resumable(named=False)
+    eval_at_end: bool | None = resumable(None, named=False)  # None: on in multirun jobs
+    eval_every: int = resumable(named=False)
+    forward_n: int = resumable(named=False)
+    keep_last: int = resumable(named=False)
+    on_nonfinite: OnNonFinite = resumable(named=False)
+    max_nonfinite: int = resumable(named=False)
+    logger: Logger = resumable(named=False)
+    resume: str | None = resumable(None, named=False)  # null | auto | PATH
 
 
 @dataclass
@@ -150,9 +154,30 @@ COMMANDS = {"train": TrainConfig, "sample": SampleConfig, "eval": EvalConfig, "e
 GROUPS = {"schedule": SCHEDULES, "model": MODELS, "data": DATASETS}
 
 
+def train_keys() -> list[tuple[str, bool, bool]]:
+    """(key, resumable, named) for every ddpm-train key, from the schemas' marks (keys.py)."""
+    return list(keys.leaves(TrainConfig, _group_schemas()))
+
+
+def resumable_train_keys() -> tuple[str, ...]:
+    """The keys a resumed run may change."""
+    return keys.resumable_keys(TrainConfig, _group_schemas())
+
+
+def unnamed_train_keys() -> list[str]:
+    """The keys a sweep's folder names leave out (train.yaml's exclude_keys)."""
+    return list(keys.unnamed_keys(TrainConfig, _group_schemas()))
+
+
+def _group_schemas() -> dict[str, list[type]]:
+    return {group: [option.schema for option in registry] for group, registry in GROUPS.items()}
+
+
 def register_configs() -> None:
     """Store the schemas where the YAML files' defaults lists find them: schema/<command> and
-    schema/<group>/<option> (configs/model/unet.yaml extends schema/model/unet, and so may a user's)."""
+    schema/<group>/<option> (configs/model/unet.yaml extends schema/model/unet, and so may a user's);
+    register the resolver that gives train.yaml the keys its sweep folder names leave out."""
+    OmegaConf.register_new_resolver("ddpm.unnamed_keys", unnamed_train_keys, replace=True)
     cs = ConfigStore.instance()
     for name, node in COMMANDS.items():
         cs.store(group="schema", name=name, node=node)

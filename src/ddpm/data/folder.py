@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from ddpm.data.batch import Item
 from ddpm.data.sets import DataConfig, first_line, image_transform, pil_mode
 from ddpm.errors import DataError
+from ddpm.keys import resumable
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -44,8 +45,8 @@ class BadImages(Enum):
 
 @dataclass
 class FolderData(DataConfig):
-    root: str = MISSING
-    bad_images: BadImages = MISSING
+    root: str = resumable()  # the files may move between a run and its resume
+    bad_images: BadImages = resumable()
     background: int = MISSING  # grey level that transparent pixels are composited onto
 
 

@@ -15,6 +15,7 @@ from torchvision.transforms import v2
 
 from ddpm.data.batch import Item
 from ddpm.errors import DataError
+from ddpm.keys import resumable
 
 
 @dataclass
@@ -23,15 +24,16 @@ class DataConfig:
     image_size: int = MISSING
     channels: int = MISSING
     hflip: bool = MISSING
-    num_workers: int = MISSING
-    on_device: Any = MISSING  # auto, true or false (Any: Hydra reads true / false as bools)
-    on_device_max_mb: float = MISSING
+    num_workers: int = resumable(named=False)
+    # auto, true or false (Any: Hydra reads true / false as bools); both paths give the very same batches
+    on_device: Any = resumable(named=False)
+    on_device_max_mb: float = resumable(named=False)
 
 
 @dataclass
 class TorchvisionData(DataConfig):
-    root: str = MISSING
-    download: bool = MISSING
+    root: str = resumable()  # the files may move between a run and its resume
+    download: bool = resumable()
 
 
 class BuildDataset(Protocol):

@@ -15,47 +15,10 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from ddpm.checkpoint import load_checkpoint, run_dir_of
-from ddpm.config import typed_train_config
+from ddpm.config import resumable_train_keys, train_keys, typed_train_config
 from ddpm.errors import CheckpointError, ConfigError
+from ddpm.keys import described
 from ddpm.training.rundir.bookkeeping import refuse_existing_run, same_run
-
-# What a resumed run may change: where and how often it reports, how long it runs, where the images are.
-# Everything else would make it a different run than the one its weights and optimizer come from.
-RESUMABLE = (
-    "resume",
-    "steps",
-    "device",
-    "precision",
-    "compile",
-    "cuda_graph",
-    "dist_timeout",
-    "check_every",
-    "log_every",
-    "sample_every",
-    "checkpoint_every",
-    "keep_last",
-    "sample_n",
-    "sample_batch_size",
-    "forward_n",
-    "eval_at_end",
-    "eval_every",
-    "eval",
-    "on_nonfinite",
-    "max_nonfinite",
-    "logger",
-    "data.root",
-    "data.download",
-    "data.num_workers",
-    "data.on_device",  # the set on the device reads the DataLoader's very batches
-    "data.on_device_max_mb",
-    "data.bad_images",
-    "sampler",
-    "sample_steps",
-    "timestep_spacing",
-    "eta",
-    "ddpm_variance",
-    "clip_x0",
-)
 
 
 # ------------------------------------------------------------------------------------------ the config
@@ -107,6 +70,7 @@ def resumed_config(cfg: DictConfig, saved: dict[str, Any], overrides: Sequence[s
     current = flatten(plain_config(cfg))
     before = flatten(saved)
     asked = override_keys(overrides)
+    resumable = resumable_train_keys()  # from the schema's marks (keys.py)
     merged = dict(before)
     for path in sorted(set(current) | set(before)):
         now, then = current.get(path, "<unset>"), before.get(path, "<unset>")
@@ -116,10 +80,11 @@ def resumed_config(cfg: DictConfig, saved: dict[str, Any], overrides: Sequence[s
             # A key newer than the checkpoint takes its default; one the user did not set keeps its value.
             merged[path] = now if path not in before else then
             continue
-        if not any(path == k or path.startswith(k + ".") for k in RESUMABLE):
+        if path not in resumable:
+            may_change = described([k for k in resumable if k != "resume"], [k for k, *_ in train_keys()])
             raise ConfigError(
                 f"{path}={now} differs from the resumed run's {path}={then}: a resumed run keeps the config "
-                f"its weights were trained with (it may change {', '.join(RESUMABLE[1:])})"
+                f"its weights were trained with (it may change {may_change})"
             )
         merged[path] = now
     nested: dict[str, Any] = {}
