@@ -62,7 +62,7 @@ def test_the_finder_finds_a_cycle_and_only_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
 
 
-def test_imports_are_resolved_to_modules(tmp_path):
+def test_imports_are_resolved_to_modules():
     graph = import_graph()
     assert "ddpm.diffusion.gaussian" in graph["ddpm.trained"]  # from ddpm.diffusion.gaussian import ...
     assert "ddpm.data" in graph["ddpm.training.setup"]  # from ddpm.data import build_dataset
