@@ -59,7 +59,9 @@ def make_step(
     runtime = runtime or Runtime(CPU)
     optimizer = build_optimizer(model, 1e-3, runtime.device, capturable=runtime.cuda_graph)
     diffusion = Diffusion(schedule, loss=Loss.huber).to(runtime.device)
-    return TrainStep(model, net or model, optimizer, diffusion, ema, options or opts(), runtime)
+    return TrainStep(
+        model, net if net is not None else model, optimizer, diffusion, ema, options or opts(), runtime
+    )
 
 
 def batch(step: int) -> Batch:
