@@ -41,15 +41,16 @@ from ddpm.config import register_configs, train_config
 from ddpm.data import build_dataset, load_subset
 from ddpm.data.batch import Batch
 from ddpm.diffusion.gaussian import Diffusion
-from ddpm.diffusion.sampling import SamplingOptions, generate
+from ddpm.diffusion.generate import generate
+from ddpm.diffusion.sampling import SamplingOptions
 from ddpm.evaluation.evaluate import Scorer, real_data_config, score
 from ddpm.images import save_grid
 from ddpm.models import build_model
 from ddpm.runtime import Runtime, seed_everything
-from ddpm.trained import TrainedModel, image_shape
+from ddpm.trained import TrainedModel
 from ddpm.training.accel import prepare_net
 from ddpm.training.ema import EMA
-from ddpm.training.rundir.plan import plain_config
+from ddpm.training.setup import sampling_model
 from ddpm.training.step import LRDecay, StepOptions, TrainStep, build_optimizer
 
 SPACES = ("classifier", "pixels")  # the feature spaces every run is scored in
@@ -89,9 +90,7 @@ def ours_train(cfg: DictConfig, minutes: float, images: torch.Tensor) -> tuple[T
         batch = Batch(images[torch.randint(0, images.shape[0], (cfg.batch_size,), generator=g)])
         nonfinite += ~train_step(step, batch)["finite"]
     train_s = time.perf_counter() - start
-    network, weights = (ema.model, "ema") if ema is not None else (model, "model")
-    data = plain_config(cfg)["data"]
-    trained = TrainedModel(network, diffusion, image_shape(data), None, data, step, weights)
+    trained = sampling_model(cfg, diffusion, model, ema, step)
     info = {
         "steps": step,
         "train_s": train_s,

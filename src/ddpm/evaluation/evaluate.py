@@ -15,7 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 from ddpm.checkpoint import run_dir_of
 from ddpm.data import build_dataset, load_subset
 from ddpm.data.folder import FolderDataset
-from ddpm.diffusion.sampling import SamplingOptions, generate
+from ddpm.diffusion.generate import generate
+from ddpm.diffusion.sampling import SamplingOptions
 from ddpm.errors import ConfigError
 from ddpm.evaluation.features import (
     Extractor,
@@ -27,7 +28,7 @@ from ddpm.evaluation.metrics import fid, kid, precision_recall
 from ddpm.files import write_atomically
 from ddpm.images import save_grid
 from ddpm.runtime import Runtime
-from ddpm.trained import load_trained
+from ddpm.trained import image_shape, load_trained
 from ddpm.validate import validate_eval
 
 
@@ -54,7 +55,7 @@ def generated_images(cfg: Any, device: torch.device) -> tuple[torch.Tensor, Dict
     if cfg.ckpt is not None:
         trained = load_trained(cfg.ckpt, device, ema=cfg.ema)
         data = real_data_config(cfg.data if cfg.data is not None else trained.data)
-        shape = (data.channels, data.image_size, data.image_size)
+        shape = image_shape(data)
         if trained.shape != shape:
             c, size = trained.shape[0], trained.shape[1]
             raise ConfigError(f"data={data.name} is {shape}, but ckpt={cfg.ckpt} makes {c}x{size}^2 images")

@@ -52,9 +52,7 @@ class Run:
         return self.train_step.optimizer
 
     def sampling_model(self, step: int) -> TrainedModel:
-        network, weights = (self.ema.model, "ema") if self.ema is not None else (self.model, "model")
-        data = plain_config(self.cfg)["data"]
-        return TrainedModel(network, self.diffusion, image_shape(data), None, data, step, weights)
+        return sampling_model(self.cfg, self.diffusion, self.model, self.ema, step)
 
     def describe(self) -> str:
         cfg, d = self.cfg, self.cfg.data
@@ -69,6 +67,15 @@ class Run:
             f"{SamplingOptions.from_config(cfg).steps(cfg.timesteps)} steps | "
             f"{self.runtime.describe()} | run dir {self.plan.run_dir}"
         )
+
+
+def sampling_model(
+    cfg: DictConfig, diffusion: Diffusion, model: nn.Module, ema: EMA | None, step: int
+) -> TrainedModel:
+    """What a run's grids and scores draw from at ``step``: the EMA weights where it keeps an EMA."""
+    network, weights = (ema.model, "ema") if ema is not None else (model, "model")
+    data = plain_config(cfg)["data"]
+    return TrainedModel(network, diffusion, image_shape(data), None, data, step, weights)
 
 
 def setup(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = (), sweep_job: int | None = None) -> Run:
