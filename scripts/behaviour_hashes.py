@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+# The tests' tiny U-Net (tests/conftest.py's TINY), written out here: both checkouts under comparison must
+# run the very same configs, whatever each one's tests say.
 TINY = [
     "model.dim=8",
     "model.dim_mults=[1,2]",

@@ -31,7 +31,8 @@ from bench_train import SHAPES, Shape
 
 from ddpm.config import train_config
 from ddpm.diffusion.gaussian import Diffusion
-from ddpm.diffusion.sampling import SAMPLERS, SamplingOptions, generate
+from ddpm.diffusion.generate import generate
+from ddpm.diffusion.sampling import SAMPLERS, SamplingOptions
 from ddpm.diffusion.schedules import Schedule, linear_betas
 from ddpm.models import build_model
 from ddpm.models.unet import UNet

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from ddpm.diffusion.sampling import SamplingOptions, generate
+from ddpm.diffusion.generate import generate
+from ddpm.diffusion.sampling import SamplingOptions
 from ddpm.evaluation.evaluate import Scorer, real_data_config
 from ddpm.trained import load_trained
 

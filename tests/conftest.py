@@ -92,7 +92,8 @@ def train_for_pin(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> 
 
 def pinned_samples(ckpt: Path) -> torch.Tensor:
     """What ddpm-sample draws from ckpt with PIN_SAMPLE's keys."""
-    from ddpm.diffusion.sampling import SamplingOptions, generate
+    from ddpm.diffusion.generate import generate
+    from ddpm.diffusion.sampling import SamplingOptions
     from ddpm.trained import load_trained
 
     cfg = compose("sample", [f"ckpt={ckpt}", *PIN_SAMPLE])

@@ -7,14 +7,12 @@ import pytest
 import torch
 
 from ddpm.diffusion.gaussian import Diffusion, Objective
+from ddpm.diffusion.generate import frame_steps, generate, generate_with_frames
 from ddpm.diffusion.sampling import (
     SamplingOptions,
     Spacing,
     ddim_sample,
     dpm_solver_pp_sample,
-    frame_steps,
-    generate,
-    generate_with_frames,
     p_sample_loop,
     sampling_timesteps,
 )

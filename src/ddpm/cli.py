@@ -23,7 +23,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ddpm.checkpoint import export_safetensors, load_checkpoint, run_dir_of
 from ddpm.config import register_configs
-from ddpm.diffusion.sampling import SamplingOptions, generate, generate_with_frames
+from ddpm.diffusion.generate import generate, generate_with_frames
+from ddpm.diffusion.sampling import SamplingOptions
 from ddpm.errors import ConfigError, DdpmError
 from ddpm.evaluation.evaluate import evaluate, summary_lines
 from ddpm.images import save_gif, save_grid, save_individual

@@ -20,7 +20,8 @@ from ddpm.checkpoint import run_dir_of
 from ddpm.data.batch import Batch
 from ddpm.data.order import BatchSampler, apply_flips, shard
 from ddpm.data.resident import resident_for
-from ddpm.diffusion.sampling import SamplingOptions, generate
+from ddpm.diffusion.generate import generate
+from ddpm.diffusion.sampling import SamplingOptions
 from ddpm.images import forward_figure
 from ddpm.progress import ProgressReporter
 from ddpm.runtime import is_peer_failure

@@ -15,7 +15,8 @@ from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
 from ddpm.data import build_dataset
-from ddpm.diffusion.sampling import SamplingOptions, generate
+from ddpm.diffusion.generate import generate
+from ddpm.diffusion.sampling import SamplingOptions
 from ddpm.evaluation.evaluate import Scorer, classifier_for, real_data_config, write_report
 from ddpm.progress import ProgressReporter
 from ddpm.trained import TrainedModel
