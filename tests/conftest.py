@@ -241,3 +241,27 @@ def signal_at(monkeypatch: pytest.MonkeyPatch, step: int, signum: int = signal.S
         return real(*args, **kwargs)
 
     monkeypatch.setattr(TrainStep, "optimize", step_then_signal)
+
+
+# ------------------------------------------------------------------------------- class-conditional runs
+COND_RUN = PIN_RUN + ["class_cond=true", "sample_n=20"]
+
+
+@pytest.fixture(scope="session")
+def cond_ckpt(tmp_path_factory) -> Path:
+    """A tiny class-conditional checkpoint on the digits (labels dropped with the default 0.1)."""
+    from ddpm.training.loop import train
+
+    run = tmp_path_factory.mktemp("cond") / "run"
+    train(compose("train", COND_RUN), run)
+    return run / "checkpoints" / "last.pt"
+
+
+@pytest.fixture(scope="session")
+def never_dropped_ckpt(tmp_path_factory) -> Path:
+    """A tiny class-conditional checkpoint trained with cond_drop_prob=0: its null label never trained."""
+    from ddpm.training.loop import train
+
+    run = tmp_path_factory.mktemp("never_dropped") / "run"
+    train(compose("train", COND_RUN + ["cond_drop_prob=0", "guidance_scale=1"]), run)
+    return run / "checkpoints" / "last.pt"

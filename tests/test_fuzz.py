@@ -86,6 +86,9 @@ TRAIN_INVALID: dict[str, st.SearchStrategy[str]] = {
     "ema.warmup": floats_outside(0),
     "loss": not_one_of({"l1", "l2", "huber"}),
     "objective": not_one_of({"eps", "x0", "v"}),
+    "class_cond": not_a_value,
+    "cond_drop_prob": floats_outside(0, 1),
+    "guidance_scale": st.one_of(floats_outside(0), st.just("null")),  # null: none for ddpm-train
     "min_snr_gamma": floats_outside(0),
     "offset_noise": floats_outside(0),
     "timesteps": below(1),
@@ -124,6 +127,7 @@ TRAIN_INVALID: dict[str, st.SearchStrategy[str]] = {
     "eval.eta": floats_outside(0),
     "eval.ddpm_variance": not_one_of({"small", "large"}),
     "eval.clip_x0": not_a_value,
+    "eval.guidance_scale": floats_outside(0),
     "eval.n_real": below(2),
     "eval.features": st.one_of(
         not_one_of({"classifier", "inception", "pixels"}).map(lambda w: f"[{w}]"), st.just("[]"), not_a_value
@@ -302,6 +306,9 @@ SAMPLE_INVALID: dict[str, st.SearchStrategy[str]] = {
     "eta": floats_outside(0),
     "ddpm_variance": not_one_of({"small", "large"}),
     "clip_x0": not_a_value,
+    # the checkpoint is unconditional: any labels and any guidance scale are refused
+    "guidance_scale": st.one_of(floats_outside(0), st.floats(0, 10, allow_nan=False).map(repr)),
+    "labels": st.one_of(st.integers(-5, 20).map(str), not_a_value, st.just("[0,1]")),
     "ckpt": words.map(lambda w: f"no_such_dir/{w}.pt"),
     "ema": not_a_value,
     "n": below(1),

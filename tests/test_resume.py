@@ -50,16 +50,21 @@ def assert_same_state(a: dict, b: dict) -> None:
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def test_interrupted_and_resumed_run_ends_bit_identical(compose_cfg, tmp_path, monkeypatch):
-    train(compose_cfg("train", EXACT), tmp_path / "whole")
+# a class-conditional run also draws the label-drop mask at every step
+CONDITIONAL = ["class_cond=true", "cond_drop_prob=0.3"]
+
+
+@pytest.mark.parametrize("extra", [[], CONDITIONAL], ids=["unconditional", "conditional"])
+def test_interrupted_and_resumed_run_ends_bit_identical(compose_cfg, tmp_path, monkeypatch, extra):
+    train(compose_cfg("train", EXACT + extra), tmp_path / "whole")
 
     signal_at(monkeypatch, 5)
     with pytest.raises(TrainingStopped, match=r"stopped by SIGTERM at step 5 of 7.*resume=auto") as stop:
-        train(compose_cfg("train", EXACT), tmp_path / "cut")
+        train(compose_cfg("train", EXACT + extra), tmp_path / "cut")
     assert stop.value.exit_code == 128 + signal.SIGTERM and not stop.value.error
     assert load_checkpoint(tmp_path / "cut/checkpoints/last.pt")["step"] == 5
     monkeypatch.undo()
-    summary = train(compose_cfg("train", EXACT + ["resume=auto"]), tmp_path / "cut", ["resume=auto"])
+    summary = train(compose_cfg("train", EXACT + extra + ["resume=auto"]), tmp_path / "cut", ["resume=auto"])
 
     assert summary["resumed_from"].endswith("last.pt")
     whole, cut = (load_checkpoint(tmp_path / r / "checkpoints/last.pt") for r in ("whole", "cut"))
@@ -223,8 +228,8 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(compose_cfg, tm
 def test_nonfinite_steps_are_skipped_when_asked(compose_cfg, tmp_path, monkeypatch):
     real = ddpm.training.setup.build_dataset
 
-    def with_a_nan_image(data):
-        dataset = real(data)
+    def with_a_nan_image(data, labels=False):
+        dataset = real(data, labels)
         dataset.images = dataset.images.float()
         dataset.images[7] = float("nan")  # one image in 1,797: the batches holding it go non-finite
         return dataset

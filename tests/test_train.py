@@ -165,11 +165,11 @@ def test_each_step_draws_its_own_numbers_whatever_came_before():
 
     diffusion = Diffusion(Schedule.from_betas(torch.linspace(1e-4, 0.02, 200)), offset_noise=0.1)
     shape, cpu = (16, 1, 8, 8), torch.device("cpu")
-    t1, eps1 = step_draws(diffusion, 0, 7, shape, cpu)
+    t1, eps1, _ = step_draws(diffusion, 0, 7, shape, cpu)
     torch.randn(1000)  # other draws in between change nothing
-    t2, eps2 = step_draws(diffusion, 0, 7, shape, cpu)
+    t2, eps2, _ = step_draws(diffusion, 0, 7, shape, cpu)
     assert torch.equal(t1, t2) and torch.equal(eps1, eps2)
-    t3, eps3 = step_draws(diffusion, 0, 8, shape, cpu)
+    t3, eps3, _ = step_draws(diffusion, 0, 8, shape, cpu)
     assert not torch.equal(eps1, eps3) and not torch.equal(step_draws(diffusion, 1, 7, shape, cpu)[1], eps1)
     assert step_seed(0, 7) != step_seed(0, 7, 1) and step_seed(0, 7) == step_seed(0, 7)
 
@@ -259,9 +259,9 @@ def test_grids_are_drawn_in_batches_of_their_own(compose_cfg, tmp_path, monkeypa
     calls = []
     real = ddpm.training.loop.generate
 
-    def spy(trained, sampling, n, seed, batch_size):
+    def spy(trained, sampling, n, seed, batch_size, labels=None):
         calls.append((n, batch_size))
-        return real(trained, sampling, n, seed, batch_size)
+        return real(trained, sampling, n, seed, batch_size, labels)
 
     monkeypatch.setattr(ddpm.training.loop, "generate", spy)
     overrides = ["steps=1", "timesteps=20", "batch_size=4", "sample_n=6", "sample_batch_size=3"]

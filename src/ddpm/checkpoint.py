@@ -13,6 +13,7 @@ import os
 import pickle
 import re
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +36,13 @@ def save_checkpoint(
     config: dict[str, Any],
     ema: dict[str, torch.Tensor] | None = None,
     state: dict[str, Any] | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> None:
-    """Write atomically (files.write_atomically): a failure leaves an earlier file at ``path`` whole."""
+    """Write atomically (files.write_atomically): a failure leaves an earlier file at ``path`` whole.
+    ``class_names``: a class-conditional model's, label i naming class_names[i]."""
     payload = {"format": FORMAT, "version": VERSION, "step": step, "model": model, "config": config}
+    if class_names is not None:
+        payload["class_names"] = list(class_names)
     if ema is not None:
         payload["ema"] = ema
     if state is not None:
@@ -79,6 +84,8 @@ def export_safetensors(payload: dict[str, Any], path: Path, ema: bool = True) ->
         "weights": weights,
         "config": json.dumps(payload["config"]),
     }
+    if payload.get("class_names") is not None:
+        metadata["class_names"] = json.dumps(payload["class_names"])
     # safetensors' own save_file would make the file 0600; written here, it gets the usual permissions
     data = save({k: v.contiguous() for k, v in payload[weights].items()}, metadata=metadata)
     write_atomically(path, lambda f: f.write(data))
@@ -99,13 +106,16 @@ def _load_safetensors(path: Path, key: str) -> dict[str, Any]:
             f"{key}={path} holds weights, but not a ddpm export (no '{WEIGHTS_FORMAT}' marker)"
         )
     weights = metadata.get("weights", "model")
-    return {
+    payload = {
         "format": FORMAT,
         "version": VERSION,
         "step": int(metadata.get("step", 0)),
         "config": json.loads(metadata["config"]),
         weights: tensors,
     }
+    if "class_names" in metadata:
+        payload["class_names"] = json.loads(metadata["class_names"])
+    return payload
 
 
 def load_checkpoint(path: str | Path, key: str = "ckpt", mmap: bool = False) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobStatus
 from hydra.errors import HydraException, MissingConfigException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
@@ -22,11 +23,13 @@ from omegaconf import DictConfig, OmegaConf, read_write
 from omegaconf.errors import OmegaConfBaseException
 
 from ddpm.checkpoint import export_safetensors, load_checkpoint, run_dir_of
+from ddpm.conditioning import check_guidance, sample_labels
 from ddpm.config import register_configs
 from ddpm.diffusion.generate import generate, generate_with_frames
 from ddpm.diffusion.sampling import SamplingOptions
 from ddpm.errors import ConfigError, DdpmError
 from ddpm.evaluation.evaluate import evaluate, summary_lines
+from ddpm.evaluation.tradeoff import write_sweep
 from ddpm.images import save_gif, save_grid, save_individual
 from ddpm.runtime import Runtime, launched_ranks
 from ddpm.summary import write_summary
@@ -72,7 +75,7 @@ def _sample(cfg: DictConfig) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIGS, config_name="eval")
-def _eval(cfg: DictConfig) -> None:
+def _eval(cfg: DictConfig) -> dict[str, Any]:
     with one_line_errors("ddpm-eval"):
         require(cfg)
         report = evaluate(cfg)
@@ -82,6 +85,31 @@ def _eval(cfg: DictConfig) -> None:
             f"ddpm-eval: {report['n_fake']} images against {report['n_real']} real ones "
             f"-> {report['out']}/eval.json"
         )
+        return report
+
+
+class EvalSweep(Callback):
+    """A ``ddpm-eval -m`` sweep ends in one table of its jobs (sweep.csv, sweep.md in hydra.sweep.dir) and,
+    for a conditional model swept over guidance_scale, the FID-against-accuracy plot (guidance.png)."""
+
+    def __init__(self) -> None:
+        self.reports: list[dict[str, Any]] = []
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.reports = []
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        if job_return.status == JobStatus.COMPLETED and isinstance(job_return.return_value, dict):
+            self.reports.append(job_return.return_value)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        with one_line_errors("ddpm-eval"):
+            if not self.reports:
+                return
+            sweep = Path(config.hydra.sweep.dir)
+            sweep.mkdir(parents=True, exist_ok=True)
+            written = write_sweep(sweep, self.reports)
+            print(f"ddpm-eval: sweep of {len(self.reports)} jobs -> {', '.join(str(p) for p in written)}")
 
 
 class RunDirGuard(Callback):
@@ -179,6 +207,8 @@ def sample(cfg: DictConfig) -> None:
     """Draw cfg.n images from the checkpoint cfg.ckpt; every check runs before anything is written."""
     validate_sample(cfg)
     trained = load_trained(cfg.ckpt, Runtime.from_config(cfg).device, ema=cfg.ema)
+    check_guidance(trained, cfg.guidance_scale)
+    labels, ncol = sample_labels(trained, cfg.labels, cfg.n)
     out = Path(cfg.out) if cfg.out is not None else default_out(Path(cfg.ckpt), cfg.seed)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -187,12 +217,12 @@ def sample(cfg: DictConfig) -> None:
     sampling = SamplingOptions.from_config(cfg)
     if cfg.gif:
         images, frames = generate_with_frames(
-            trained, sampling, cfg.n, cfg.seed, cfg.batch_size, cfg.gif_frames
+            trained, sampling, cfg.n, cfg.seed, cfg.batch_size, cfg.gif_frames, labels
         )
     else:
-        images = generate(trained, sampling, cfg.n, cfg.seed, cfg.batch_size)
+        images = generate(trained, sampling, cfg.n, cfg.seed, cfg.batch_size, labels)
     try:
-        save_grid(images, out / "grid.png")
+        save_grid(images, out / "grid.png", ncol)
         if cfg.save_images:
             save_individual(images, out / "images")
         if cfg.gif:
@@ -206,8 +236,13 @@ def sample(cfg: DictConfig) -> None:
     if cfg.ema and trained.weights == "model":
         weights += " (the checkpoint has no EMA)"
     steps = sampling.steps(trained.diffusion.timesteps)
+    asked = ""
+    if labels is not None:
+        names = [trained.class_names[i] for i in labels.unique_consecutive().tolist()]
+        shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+        asked = f"{ncol} each of {shown}, guidance {trained.guidance(cfg.guidance_scale):g}, "
     print(
-        f"ddpm-sample: {cfg.n} samples from {cfg.ckpt} (step {trained.step}, {weights}, "
+        f"ddpm-sample: {cfg.n} samples from {cfg.ckpt} (step {trained.step}, {weights}, {asked}"
         f"{cfg.sampler} with {steps} steps) -> {where}"
     )
 

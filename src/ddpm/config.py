@@ -42,6 +42,9 @@ class SamplingKeys:
     eta: float = resumable()  # ddim only
     ddpm_variance: Variance = resumable()  # ddpm only
     clip_x0: bool = resumable()
+    # class-conditional models: 1 the conditional model, 0 the unconditional one, > 1 guided; None: the
+    # checkpoint's own (ddpm-train's guidance_scale)
+    guidance_scale: float | None = resumable()
 
 
 @dataclass
@@ -83,6 +86,8 @@ class TrainConfig(SamplingKeys):
     eval: RunEvalConfig = resumable(named=False)
     loss: Loss = MISSING
     objective: Objective = MISSING
+    class_cond: bool = MISSING
+    cond_drop_prob: float = MISSING
     min_snr_gamma: float = MISSING
     offset_noise: float = MISSING
     timesteps: int = MISSING
@@ -119,6 +124,7 @@ class TrainConfig(SamplingKeys):
 class SampleConfig(SamplingKeys):
     ckpt: str = MISSING
     ema: bool = MISSING
+    labels: Any = None  # a class index or name, or a list of them (Any: Hydra gives ints and strings)
     n: int = MISSING
     seed: int = MISSING
     out: str | None = None

@@ -47,8 +47,8 @@ def grid_image(images: torch.Tensor, ncol: int | None = None) -> Image.Image:
     return to_pil(grid[:1] if images.shape[1] == 1 else grid)
 
 
-def save_grid(images: torch.Tensor, path: Path) -> None:
-    save_png(grid_image(images), path)
+def save_grid(images: torch.Tensor, path: Path, ncol: int | None = None) -> None:
+    save_png(grid_image(images, ncol), path)
 
 
 def save_gif(frames: torch.Tensor, path: Path, frame_ms: int) -> None:

@@ -29,6 +29,7 @@ FIELDS = (
     "fid",
     "kid",
     "fid_floor",
+    "class_accuracy",
     "wall_s",
     "grid",
 )
@@ -45,6 +46,7 @@ class RunRow:
     fid: float | None  # from the run's newest eval.json, classifier features first
     kid: float | None
     fid_floor: float | None  # real images against the same reals, as many as were scored: the best FID
+    class_accuracy: float | None  # a conditional model's: samples the classifier puts in the class asked for
     wall_s: float | None  # training time, resumes included
     grid: str  # the newest sample grid
 
@@ -87,6 +89,7 @@ def run_row(run: Path, folder: Path) -> RunRow:
         fid=fid,
         kid=kid,
         fid_floor=floor,
+        class_accuracy=score.get("class_accuracy") if score else None,
         wall_s=last.get("elapsed_s"),
         grid=str(grids[-1].relative_to(folder)) if grids else "",
     )

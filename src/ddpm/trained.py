@@ -27,9 +27,28 @@ class TrainedModel:
     data: dict[str, Any] | None = None  # the data config it was trained on, where known (plain values)
     step: int = 0
     weights: str = "model"  # "ema" or "model": which weights ``network`` holds
+    default_guidance: float = 1.0  # a conditional model's guidance scale when none is asked for
+    null_trained: bool = False  # whether training dropped labels (cond_drop_prob > 0): guidance needs it
 
-    def denoiser(self, clip_x0: bool, labels: torch.Tensor | None = None) -> Denoiser:
-        return self.diffusion.denoiser(self.network, clip_x0, labels)
+    @property
+    def conditional(self) -> bool:
+        return self.class_names is not None
+
+    def guidance(self, scale: float | None) -> float:
+        """The guidance scale a request of ``scale`` means (None: the model's default; 1 unconditional)."""
+        if not self.conditional:
+            return 1.0
+        return self.default_guidance if scale is None else float(scale)
+
+    def denoiser(
+        self, clip_x0: bool, labels: torch.Tensor | None = None, guidance_scale: float | None = None
+    ) -> Denoiser:
+        """The network read as (x0_hat, eps_hat) given ``labels``, guided with ``guidance_scale`` (None:
+        the model's default) where it is conditional."""
+        if not self.conditional:
+            return self.diffusion.denoiser(self.network, clip_x0)
+        null = len(self.class_names)
+        return self.diffusion.denoiser(self.network, clip_x0, labels, self.guidance(guidance_scale), null)
 
 
 def image_shape(data: dict[str, Any]) -> tuple[int, int, int]:
@@ -44,15 +63,17 @@ def load_trained(path: str | Path, device: torch.device, ema: bool = True) -> Tr
     config = payload["config"]
     # an export holds one set of weights, whichever was asked for when it was written
     weights = "ema" if (ema and "ema" in payload) or "model" not in payload else "model"
+    names = payload.get("class_names")
     try:
         data = config["data"]
-        network = build_model(OmegaConf.create(config["model"]), data["channels"], data["image_size"])
+        num_classes = len(names) if names is not None else None
+        model_cfg = OmegaConf.create(config["model"])
+        network = build_model(model_cfg, data["channels"], data["image_size"], num_classes)
         network.load_state_dict(payload[weights])
         diffusion = Diffusion.from_config(OmegaConf.create(config))
     except (RuntimeError, KeyError, AttributeError) as e:
         reason = str(e).splitlines()[0]
         raise CheckpointError(f"ckpt={path} does not match this ddpm's U-Net: {reason}") from e
-    names = payload.get("class_names")
     return TrainedModel(
         network.to(device).eval(),
         diffusion.to(device),
@@ -61,4 +82,6 @@ def load_trained(path: str | Path, device: torch.device, ema: bool = True) -> Tr
         data,
         payload["step"],
         weights,
+        float(config.get("guidance_scale", 1.0)) if names is not None else 1.0,
+        float(config.get("cond_drop_prob", 0.0)) > 0,
     )

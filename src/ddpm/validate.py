@@ -33,11 +33,26 @@ def check_objective(cfg: Any) -> None:
         )
 
 
+def check_conditioning(cfg: Any) -> None:
+    checks.within("cond_drop_prob", cfg.cond_drop_prob, 0, 1)
+    if cfg.guidance_scale is None:
+        raise ConfigError(
+            "guidance_scale=null is invalid for ddpm-train: give the guidance the run draws its grids with "
+            "and records as its checkpoints' default (1: none)"
+        )
+    if cfg.class_cond and cfg.cond_drop_prob == 0 and cfg.guidance_scale != 1:
+        raise ConfigError(
+            f"guidance_scale={cfg.guidance_scale} needs the unconditional model, which cond_drop_prob=0 "
+            "never trains: set guidance_scale=1, or cond_drop_prob > 0"
+        )
+
+
 def validate_train(cfg: Any) -> None:
     check_data(cfg.data)
     check_schedule(cfg.schedule, cfg.timesteps)
     check_model(cfg.model, cfg.data.image_size)
     check_objective(cfg)
+    check_conditioning(cfg)
     checks.at_least("batch_size", cfg.batch_size, 1)
     checks.at_least("grad_accum", cfg.grad_accum, 1)
     if cfg.batch_size % cfg.grad_accum:
@@ -88,6 +103,27 @@ def check_data_fits(cfg: Any, dataset: Dataset, saved: dict[str, Any] | None) ->
             f"data.on_device=true is refused: the data set ({len(dataset):,} images) would take "
             f"{mb:,.1f} MiB on the device, over data.on_device_max_mb={limit:g}; raise the limit, or read "
             "it with a DataLoader (data.on_device=false)"
+        )
+
+
+def check_classes_kept(cfg: Any, class_names: tuple[str, ...] | None, saved: dict[str, Any] | None) -> None:
+    """A resumed conditional run's labels must mean what they meant: the same class names in order."""
+    if saved is None or class_names is None:
+        return
+    before = tuple(saved.get("class_names") or ())
+    if before != class_names:
+        gone = [c for c in before if c not in class_names]
+        new = [c for c in class_names if c not in before]
+        what = (
+            f"lacks {gone}"
+            if gone and not new
+            else f"adds {new}"
+            if new and not gone
+            else f"has {list(class_names)}"
+        )
+        raise ConfigError(
+            f"data.root={cfg.data.get('root', cfg.data.name)} now {what}, but the resumed run was trained on "
+            f"the classes {list(before)}: its labels would change meaning"
         )
 
 

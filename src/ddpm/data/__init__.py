@@ -50,9 +50,11 @@ def check_data(data: Any) -> None:
     option.check(data)
 
 
-def build_dataset(data: Any) -> Dataset:
-    """The data set of a ``data`` config entry; raises DataError, before any work, if it cannot be read."""
-    return DATASETS[data.name].build(data)
+def build_dataset(data: Any, labels: bool = False) -> Dataset:
+    """The data set of a ``data`` config entry, its images labelled by class where ``labels`` asks (a
+    class-conditional run; a set that has none says so); raises DataError, before any work, if it cannot
+    be read."""
+    return DATASETS[data.name].build(data, labels)
 
 
 def load_subset(

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from omegaconf import MISSING
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
@@ -55,8 +56,37 @@ def find_images(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
+def folder_classes(root: Path, paths: list[Path], shown: str, key: str) -> tuple[tuple[str, ...], list[int]]:
+    """The class names (the sorted names of root's subfolders: torchvision's ImageFolder convention) and
+    each image's label, the index of the subfolder it lies under (at any depth)."""
+    top = [p.relative_to(root) for p in paths if p.parent == root]
+    if top:
+        named = ", ".join(str(p) for p in top[:3]) + (", ..." if len(top) > 3 else "")
+        raise DataError(
+            f"class_cond=true needs one subfolder per class in {key}={shown}, but it holds images at its "
+            f"top level ({named}): move them into <class>/ folders, or train with class_cond=false"
+        )
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir())
+    kinds = [p.relative_to(root).parts[0] for p in paths]
+    empty = [name for name in folders if name not in set(kinds)]
+    if empty:
+        raise DataError(
+            f"class_cond=true: the class folder {key}={shown}/{empty[0]} holds no images; every "
+            "subfolder of the root is a class and needs images (remove it, or add some)"
+        )
+    if len(folders) < 2:
+        raise DataError(
+            f"class_cond=true needs two or more classes, but {key}={shown} has one subfolder "
+            f"({folders[0]}); give one subfolder per class"
+        )
+    index = {name: i for i, name in enumerate(folders)}
+    return tuple(folders), [index[kind] for kind in kinds]
+
+
 class FolderDataset(Dataset):
-    """Every image under a folder that decodes, upright and in RGB or grayscale by ``data.channels``.
+    """Every image under a folder that decodes, upright and in RGB or grayscale by ``data.channels``;
+    with ``labels``, each labelled by the subfolder of the root it lies in (``classes``: their sorted
+    names).
 
     Files that fail to decode are skipped with one warning (data.bad_images=skip) or stop the run
     (data.bad_images=error); ``skipped`` lists them."""
@@ -69,6 +99,7 @@ class FolderDataset(Dataset):
         bad_images: BadImages = BadImages.skip,
         background: int = 255,
         key: str = "data.root",
+        labels: bool = False,
     ) -> None:
         shown = root  # as the user wrote it, under the config key that gave it
         root = Path(root).expanduser()
@@ -79,6 +110,8 @@ class FolderDataset(Dataset):
             raise DataError(
                 f"{key}={shown} holds no images (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
             )
+        # the classes come from every image file, readable or not, so a bad file cannot drop a class
+        self.classes, file_labels = folder_classes(root, paths, shown, key) if labels else (None, None)
         self.mode = pil_mode(channels)
         self.background = int(background)
         policy = BadImages(bad_images)
@@ -105,14 +138,19 @@ class FolderDataset(Dataset):
             )
         self.paths = [p for p in paths if p not in bad]
         self.skipped: list[Path] = list(bad)
-        self.labels = None
+        self.labels = (
+            torch.tensor([y for p, y in zip(paths, file_labels, strict=True) if p not in bad])
+            if file_labels is not None
+            else None
+        )
         self.transform = image_transform(image_size, channels)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> Item:
-        return self.transform(read_image(self.paths[i], self.mode, self.background)), None
+        image = self.transform(read_image(self.paths[i], self.mode, self.background))
+        return image, int(self.labels[i]) if self.labels is not None else None
 
 
 def read_image(path: Path, mode: str, background: int) -> Image.Image:
@@ -176,5 +214,7 @@ def _first_bad(bad: dict[Path, str], root: Path, n: int = 3) -> str:
     return ", ".join(shown + (["..."] if len(bad) > n else []))
 
 
-def folder_dataset(data: Any) -> FolderDataset:
-    return FolderDataset(data.root, data.image_size, data.channels, data.bad_images, data.background)
+def folder_dataset(data: Any, labels: bool = False) -> FolderDataset:
+    return FolderDataset(
+        data.root, data.image_size, data.channels, data.bad_images, data.background, labels=labels
+    )

@@ -37,9 +37,11 @@ class TorchvisionData(DataConfig):
 
 
 class BuildDataset(Protocol):
-    """A data option's builder: its config entry -> the data set (DataError if it cannot be read)."""
+    """A data option's builder: its config entry -> the data set (DataError if it cannot be read). With
+    ``labels`` the set must give each image its class (a class-conditional run), or say why it cannot.
+    Every set has ``classes``: its class names, label i naming classes[i], or None without labels."""
 
-    def __call__(self, data: Any) -> Dataset: ...
+    def __call__(self, data: Any, labels: bool = False) -> Dataset: ...
 
 
 class CheckData(Protocol):
@@ -85,7 +87,9 @@ def first_line(e: BaseException) -> str:
 class DigitsDataset(Dataset):
     """The 1,797 8x8 handwritten digits that ship with scikit-learn (intensities 0 ... 16)."""
 
-    def __init__(self, data: Any) -> None:
+    classes = tuple(str(i) for i in range(10))
+
+    def __init__(self, data: Any, labels: bool = False) -> None:
         from sklearn.datasets import load_digits
 
         digits = load_digits()
@@ -103,9 +107,10 @@ class DigitsDataset(Dataset):
 
 
 class TorchvisionDataset(Dataset):
-    """MNIST, Fashion-MNIST or CIFAR-10 (training split) through torchvision, kept as PIL images."""
+    """MNIST, Fashion-MNIST or CIFAR-10 (training split) through torchvision, kept as PIL images; the class
+    names are torchvision's (MNIST's "0 - zero", Fashion-MNIST's "T-shirt/top", CIFAR-10's "airplane")."""
 
-    def __init__(self, data: Any) -> None:
+    def __init__(self, data: Any, labels: bool = False) -> None:
         from torchvision import datasets
 
         cls = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST, "cifar10": datasets.CIFAR10}
@@ -123,6 +128,7 @@ class TorchvisionDataset(Dataset):
                 "copy the files there, or train offline with data=folder data.root=DIR or data=digits"
             ) from e
         self.labels = torch.as_tensor(self.base.targets).long()
+        self.classes = tuple(self.base.classes)
         self.mode = pil_mode(data.channels)
         self.transform = image_transform(data.image_size, data.channels)
 

@@ -139,13 +139,22 @@ class Diffusion:
             return out, (x_t - a * out) / s
         return a * x_t - s * out, s * x_t + a * out  # v: a^2 + s^2 = 1
 
-    def denoiser(self, model: nn.Module, clip_x0: bool, labels: torch.Tensor | None = None) -> Denoiser:
+    def denoiser(
+        self,
+        model: nn.Module,
+        clip_x0: bool,
+        labels: torch.Tensor | None = None,
+        guidance_scale: float = 1.0,
+        null_label: int | None = None,
+    ) -> Denoiser:
         """The network as a function (x_t, t) -> (x0_hat, eps_hat), given ``labels`` where it is
-        conditional. With ``clip_x0``, x0_hat is clipped to the data range [-1, 1] and eps_hat recomputed
-        from it, so both stay consistent with x_t."""
+        conditional, with classifier-free guidance where ``guidance_scale`` is not 1 (guided_output). With
+        ``clip_x0``, x0_hat is clipped to the data range [-1, 1] and eps_hat recomputed from it, so both
+        stay consistent with x_t."""
+        output = guided_output(model, labels, guidance_scale, null_label)
 
         def denoise(x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            x0, eps = self.predict_x0_eps(x_t, t, model(x_t, t, labels))
+            x0, eps = self.predict_x0_eps(x_t, t, output(x_t, t))
             if clip_x0:
                 x0 = x0.clamp(-1.0, 1.0)
                 a, s = self._scales(t, x_t.ndim)
@@ -197,6 +206,30 @@ class Diffusion:
         if self.min_snr_gamma > 0:
             per_image = per_image * self.snr_weight(t)
         return {"loss": per_image}
+
+
+def guided_output(
+    model: nn.Module, labels: torch.Tensor | None, scale: float, null_label: int | None
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """(x_t, t) -> the network's output under classifier-free guidance (Ho & Salimans 2021):
+    out = out_uncond + s (out_cond - out_uncond), on whatever the objective predicts (eps, x0 and v are
+    affine in each other at a fixed x_t, so guiding any of them guides the others alike). The two halves
+    come from one forward pass over 2B images. s = 1 is the conditional model alone and s = 0 the null
+    label alone, each one B-sized pass."""
+    if labels is None or scale == 1:
+        return lambda x_t, t: model(x_t, t, labels)
+    if null_label is None:
+        raise ValueError("guidance needs the null label of the model")
+    null = torch.full_like(labels, null_label)
+    if scale == 0:
+        return lambda x_t, t: model(x_t, t, null)
+    both_labels = torch.cat([labels, null])
+
+    def output(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        cond, uncond = model(torch.cat([x_t, x_t]), torch.cat([t, t]), both_labels).chunk(2)
+        return uncond + scale * (cond - uncond)
+
+    return output
 
 
 def _name(value: Any) -> str:

@@ -91,7 +91,7 @@ def _draw(
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
         chunk_labels = labels[start : start + b].to(device) if labels is not None else None
-        denoise = trained.denoiser(sampling.clip_x0, chunk_labels)
+        denoise = trained.denoiser(sampling.clip_x0, chunk_labels, sampling.guidance_scale)
         x_T = torch.randn((b, *trained.shape), generator=generator, device=device)
         kept = [x_T.clamp(-1.0, 1.0).cpu()] if 0 in keep else []
         on_step = _recorder(keep, kept) if keep else None

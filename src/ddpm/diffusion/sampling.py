@@ -233,11 +233,18 @@ class SamplingOptions:
     eta: float = 0.0  # ddim only
     ddpm_variance: Variance = Variance.small  # ddpm only
     clip_x0: bool = True
+    guidance_scale: float | None = None  # conditional models; None: the model's default
 
     @classmethod
     def from_config(cls, cfg: Any) -> SamplingOptions:
         return cls(
-            cfg.sampler, cfg.sample_steps, cfg.timestep_spacing, cfg.eta, cfg.ddpm_variance, cfg.clip_x0
+            cfg.sampler,
+            cfg.sample_steps,
+            cfg.timestep_spacing,
+            cfg.eta,
+            cfg.ddpm_variance,
+            cfg.clip_x0,
+            cfg.get("guidance_scale"),
         )
 
     def steps(self, timesteps: int) -> int:
@@ -270,3 +277,5 @@ def check_sampling(cfg: Any, prefix: str = "") -> None:
             "null: all T)"
         )
     checks.at_least(f"{prefix}eta", cfg.eta, 0)
+    if cfg.guidance_scale is not None:
+        checks.at_least(f"{prefix}guidance_scale", cfg.guidance_scale, 0)

@@ -13,22 +13,26 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ddpm.checkpoint import run_dir_of
+from ddpm.conditioning import check_guidance
 from ddpm.data import build_dataset, load_subset
 from ddpm.data.folder import FolderDataset
 from ddpm.diffusion.generate import generate
 from ddpm.diffusion.sampling import SamplingOptions
 from ddpm.errors import ConfigError
 from ddpm.evaluation.features import (
+    Classifier,
     Extractor,
-    classifier_extractor,
+    classifier_features,
     inception_extractor,
+    load_classifier,
     pixel_extractor,
+    predict_classes,
 )
 from ddpm.evaluation.metrics import fid, kid, precision_recall
 from ddpm.files import write_atomically
 from ddpm.images import save_grid
 from ddpm.runtime import Runtime
-from ddpm.trained import image_shape, load_trained
+from ddpm.trained import TrainedModel, image_shape, load_trained
 from ddpm.validate import validate_eval
 
 
@@ -42,25 +46,32 @@ def real_data_config(data: Any) -> DictConfig:
     return plain
 
 
-def default_out(cfg: Any) -> Path:
+def default_out(cfg: Any, guidance: float | None = None) -> Path:
+    """<run>/eval/<checkpoint>_seed<seed>, with _guidance<s> for a conditional model (so that the jobs of
+    a sweep over guidance_scale write apart), or eval_<folder> beside samples=DIR."""
     if cfg.ckpt is not None:
         ckpt = Path(cfg.ckpt)
-        return run_dir_of(ckpt) / "eval" / f"{ckpt.stem}_seed{cfg.seed}"
+        scale = f"_guidance{guidance:g}" if guidance is not None else ""
+        return run_dir_of(ckpt) / "eval" / f"{ckpt.stem}_seed{cfg.seed}{scale}"
     samples = Path(cfg.samples)
     return samples.parent / f"eval_{samples.name}"
 
 
-def generated_images(cfg: Any, device: torch.device) -> tuple[torch.Tensor, DictConfig, dict[str, Any]]:
-    """The images to score, the data config of the real ones, and a record of where the images came from."""
+def generated_images(
+    cfg: Any, device: torch.device
+) -> tuple[torch.Tensor | None, DictConfig, dict[str, Any], TrainedModel | None]:
+    """The images of a folder to score (None for a checkpoint: its images are drawn once the scorer knows
+    the labels to ask for), the data config of the real ones, a record of where the images come from, and
+    the checkpoint's model."""
     if cfg.ckpt is not None:
         trained = load_trained(cfg.ckpt, device, ema=cfg.ema)
+        check_guidance(trained, cfg.guidance_scale)
         data = real_data_config(cfg.data if cfg.data is not None else trained.data)
         shape = image_shape(data)
         if trained.shape != shape:
             c, size = trained.shape[0], trained.shape[1]
             raise ConfigError(f"data={data.name} is {shape}, but ckpt={cfg.ckpt} makes {c}x{size}^2 images")
         sampling = SamplingOptions.from_config(cfg)
-        images = generate(trained, sampling, cfg.n, cfg.seed, cfg.batch_size)
         source = {
             "ckpt": cfg.ckpt,
             "step": trained.step,
@@ -68,25 +79,28 @@ def generated_images(cfg: Any, device: torch.device) -> tuple[torch.Tensor, Dict
             "sampler": sampling.sampler,
             "sample_steps": sampling.steps(trained.diffusion.timesteps),
         }
-        return images, data, source
+        if trained.conditional:
+            source["guidance_scale"] = trained.guidance(cfg.guidance_scale)
+        return None, data, source, trained
     data = real_data_config(cfg.data)
     folder = FolderDataset(cfg.samples, data.image_size, data.channels, key="samples")
     images, _ = load_subset(folder, cfg.n, cfg.seed)
-    return images, data, {"samples": cfg.samples}
+    return images, data, {"samples": cfg.samples}, None
 
 
 def extractor(
-    name: str, cfg: Any, data: DictConfig, dataset: Any, device: torch.device
+    name: str, cfg: Any, device: torch.device, classifier: tuple[Classifier, float, Path] | None
 ) -> tuple[Extractor, dict]:
     if name == "inception":
         return inception_extractor(cfg.inception_weights, device), {}
     if name == "pixels":
         return pixel_extractor(), {}
-    extract, accuracy, cache = classifier_for(cfg, data, dataset)
-    return extract, {"classifier_accuracy": accuracy, "classifier": str(cache)}
+    assert classifier is not None
+    net, accuracy, cache = classifier
+    return classifier_features(net), {"classifier_accuracy": accuracy, "classifier": str(cache)}
 
 
-def classifier_for(cfg: Any, data: DictConfig, dataset: Any) -> tuple[Extractor, float, Path]:
+def classifier_for(cfg: Any, data: DictConfig, dataset: Any) -> tuple[Classifier, float, Path]:
     """The data set's classifier for this image shape: from its cache file, or trained once and cached."""
     size, c = data.image_size, data.channels
     root = cfg.classifier_cache or data.get("root") or "~/.cache/ddpm"
@@ -94,11 +108,24 @@ def classifier_for(cfg: Any, data: DictConfig, dataset: Any) -> tuple[Extractor,
         Path(root).expanduser() / f"ddpm_classifier_{data.name}_{size}x{size}x{c}_{cfg.classifier_steps}.pt"
     )
     if cache.is_file():  # the training images are not even read
-        extract, accuracy = classifier_extractor(None, None, cache, cfg.classifier_steps, cfg.seed)
-        return extract, accuracy, cache
+        net, accuracy = load_classifier(None, None, cache, cfg.classifier_steps, cfg.seed)
+        return net, accuracy, cache
     images, labels = load_subset(dataset, cfg.classifier_images, cfg.seed + 1)
-    extract, accuracy = classifier_extractor(images, labels, cache, cfg.classifier_steps, cfg.seed)
-    return extract, accuracy, cache
+    net, accuracy = load_classifier(images, labels, cache, cfg.classifier_steps, cfg.seed)
+    return net, accuracy, cache
+
+
+def class_accuracy(
+    net: Classifier, images: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str]
+) -> tuple[float, dict[str, float | None]]:
+    """The share of images the classifier assigns to their label, in all and per class (None for a class
+    with no images)."""
+    hit = (predict_classes(net, images) == labels).double()
+    per_class = {
+        name: float(hit[labels == i].mean()) if bool((labels == i).any()) else None
+        for i, name in enumerate(class_names)
+    }
+    return float(hit.mean()), per_class
 
 
 def score(real: torch.Tensor, fake: torch.Tensor, cfg: Any) -> tuple[dict[str, Any], str | None]:
@@ -132,25 +159,58 @@ class Space:
 
 class Scorer:
     """The real images' features in each feature space, computed once; ``report(fake)`` scores a set of
-    generated images against them. ddpm-eval scores once; a training run at eval_every and at its end."""
+    generated images against them. ddpm-eval scores once; a training run at eval_every and at its end.
+
+    With ``labels`` (a class-conditional model) the data set is read with its labels, the classifier is
+    built whatever ``features`` says, and ``draw_labels`` gives the labels to ask the model for."""
 
     def __init__(
-        self, cfg: Any, data: DictConfig, device: torch.device, features: Sequence[str] | None = None
+        self,
+        cfg: Any,
+        data: DictConfig,
+        device: torch.device,
+        features: Sequence[str] | None = None,
+        labels: bool = False,
     ) -> None:
         self.cfg, self.data = cfg, data
-        dataset = build_dataset(data)
-        real, _ = load_subset(dataset, cfg.n_real, cfg.seed)
+        dataset = build_dataset(data, labels=labels)
+        real, real_labels = load_subset(dataset, cfg.n_real, cfg.seed)
         # as many other real images as will be scored, where the set has them: what a perfect model gets
         other, _ = load_subset(dataset, cfg.n, cfg.seed, skip=real.shape[0])
         self.n_real = real.shape[0]
+        self.labels: torch.Tensor | None = dataset.labels if labels else None
+        self.class_names: tuple[str, ...] | None = tuple(dataset.classes) if labels else None
+        names = list(features if features is not None else cfg.features)
+        wanted = "classifier" in names or (labels and self.labels is not None)
+        self.classifier = classifier_for(cfg, data, dataset) if wanted else None
+        self.real_accuracy = None
+        if labels and self.classifier is not None:
+            self.real_accuracy = class_accuracy(self.classifier[0], real, real_labels, self.class_names)[0]
         floor = other.shape[0] == cfg.n
         self.spaces: dict[str, Space] = {}
-        for name in features if features is not None else cfg.features:
-            extract, about = extractor(name, cfg, data, dataset, device)
+        for name in names:
+            extract, about = extractor(name, cfg, device, self.classifier)
             self.spaces[name] = Space(extract, extract(real), about, extract(other) if floor else None)
 
-    def report(self, fake: torch.Tensor, source: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-        """eval.json's content for these images, and the warnings of the feature spaces."""
+    def draw_labels(self, n: int, seed: int) -> torch.Tensor:
+        """The labels of n real images picked with ``seed`` (all of them in turn where n is more than the
+        set holds): the classes a conditional model is asked for, in the data set's proportions."""
+        assert self.labels is not None
+        order = torch.randperm(self.labels.shape[0], generator=torch.Generator().manual_seed(seed))
+        return self.labels[order.repeat(-(-n // order.shape[0]))[:n]]
+
+    def check_classes(self, trained: TrainedModel, key: str = "ckpt") -> None:
+        if trained.class_names != self.class_names:
+            raise ConfigError(
+                f"{key}'s classes {list(trained.class_names or [])} are not those of data={self.data.name} "
+                f"({list(self.class_names or [])}): the labels would ask for other classes"
+            )
+
+    def report(
+        self, fake: torch.Tensor, source: dict[str, Any], labels: torch.Tensor | None = None
+    ) -> tuple[dict[str, Any], list[str]]:
+        """eval.json's content for these images (drawn given ``labels`` where the model is conditional),
+        and the warnings of the feature spaces."""
         report: dict[str, Any] = {
             "source": source,
             "data": self.data.name,
@@ -158,6 +218,11 @@ class Scorer:
             "n_real": self.n_real,
             "features": {},
         }
+        if labels is not None and self.classifier is not None and self.class_names is not None:
+            accuracy, per_class = class_accuracy(self.classifier[0], fake, labels, self.class_names)
+            report["class_accuracy"] = accuracy
+            report["class_accuracy_per_class"] = per_class
+            report["class_accuracy_real"] = self.real_accuracy
         warnings = []
         for name, space in self.spaces.items():
             result, warning = score(space.real, space.extract(fake), self.cfg)
@@ -180,11 +245,19 @@ def evaluate(cfg: Any) -> dict[str, Any]:
     """Score as cfg says and write eval.json; every check runs before any work."""
     validate_eval(cfg)
     device = Runtime.from_config(cfg).device
-    fake, data, source = generated_images(cfg, device)
-    report, warnings = Scorer(cfg, data, device).report(fake, source)
+    fake, data, source, trained = generated_images(cfg, device)
+    conditional = trained is not None and trained.conditional
+    scorer = Scorer(cfg, data, device, labels=conditional)
+    labels = None
+    if trained is not None:
+        if conditional:
+            scorer.check_classes(trained)
+            labels = scorer.draw_labels(cfg.n, cfg.seed)
+        fake = generate(trained, SamplingOptions.from_config(cfg), cfg.n, cfg.seed, cfg.batch_size, labels)
+    report, warnings = scorer.report(fake, source, labels)
     for warning in warnings:
         print(f"ddpm-eval: warning: {warning}")
-    out = Path(cfg.out) if cfg.out is not None else default_out(cfg)
+    out = Path(cfg.out) if cfg.out is not None else default_out(cfg, source.get("guidance_scale"))
     write_report(report, fake, out)
     report["out"] = str(out)
     return report
@@ -192,6 +265,12 @@ def evaluate(cfg: Any) -> dict[str, Any]:
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
     lines = []
+    if report.get("class_accuracy") is not None:
+        real = report.get("class_accuracy_real")
+        ceiling = f" (real images {real:.1%})" if real is not None else ""
+        guidance = report["source"].get("guidance_scale")
+        at = f" at guidance {guidance:g}" if guidance is not None else ""
+        lines.append(f"class accuracy{at}: {report['class_accuracy']:.1%}{ceiling}")
     for name, r in report["features"].items():
         fid_text = f"{r['fid']:.3f}" if r["fid"] is not None else "n/a"
         if r.get("fid_floor") is not None:

@@ -69,11 +69,11 @@ def train_classifier(
     return net, accuracy
 
 
-def classifier_extractor(
+def load_classifier(
     images: torch.Tensor | None, labels: torch.Tensor | None, cache: Path, steps: int, seed: int
-) -> tuple[Extractor, float]:
-    """The classifier of this data set and image shape: read from ``cache``, or trained once on
-    ``images`` and saved there. Returns the feature function and the classifier's held-out accuracy."""
+) -> tuple[Classifier, float]:
+    """The classifier of this data set and image shape, in eval mode: read from ``cache``, or trained once
+    on ``images`` and saved there; and its held-out accuracy."""
     if cache.is_file():
         saved = torch.load(cache, weights_only=True)
         net = Classifier(saved["channels"], saved["classes"])
@@ -93,13 +93,31 @@ def classifier_extractor(
             "classes": int(labels.max()) + 1,
         }
         write_atomically(cache, lambda f: torch.save(state, f))
-    net.eval()
+    return net.eval(), accuracy
+
+
+def classifier_features(net: Classifier) -> Extractor:
+    """The classifier's pooled features (the vector before its head) as a feature space."""
 
     @torch.no_grad()
     def extract(x: torch.Tensor) -> torch.Tensor:
         return torch.cat([net.features(chunk) for chunk in x.split(512)])
 
-    return extract, accuracy
+    return extract
+
+
+@torch.no_grad()
+def predict_classes(net: Classifier, x: torch.Tensor) -> torch.Tensor:
+    """The class the classifier finds most likely for each image."""
+    return torch.cat([net(chunk).argmax(1) for chunk in x.split(512)])
+
+
+def classifier_extractor(
+    images: torch.Tensor | None, labels: torch.Tensor | None, cache: Path, steps: int, seed: int
+) -> tuple[Extractor, float]:
+    """The feature function of the data set's classifier (load_classifier) and its held-out accuracy."""
+    net, accuracy = load_classifier(images, labels, cache, steps, seed)
+    return classifier_features(net), accuracy
 
 
 # ----------------------------------------------------------------------------------------------- pixels

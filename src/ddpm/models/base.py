@@ -22,10 +22,13 @@ class ModelConfig:
 
 
 class BuildModel(Protocol):
-    """A model option's builder: its config entry, the image channels and size -> the network, called
-    as network(x_t, t, labels) and returning an output shaped as x_t."""
+    """A model option's builder: its config entry, the image channels and size, and the number of classes
+    of a class-conditional model (None: unconditional) -> the network, called as network(x_t, t, labels)
+    and returning an output shaped as x_t."""
 
-    def __call__(self, cfg: Any, channels: int, image_size: int) -> nn.Module: ...
+    def __call__(
+        self, cfg: Any, channels: int, image_size: int, num_classes: int | None = None
+    ) -> nn.Module: ...
 
 
 class CheckModel(Protocol):
@@ -50,6 +53,27 @@ def check_levels(cfg: Any, image_size: int) -> list[int]:
             f"the U-Net halves it {len(cfg.dim_mults) - 1} times, so it must be a multiple of {factor}"
         )
     return sorted({cfg.dim, *(cfg.dim * m for m in cfg.dim_mults)})
+
+
+class LabelEmbedding(nn.Module):
+    """A class label as a vector added to the time embedding after the time MLP (guided-diffusion; diffusers'
+    UNet2DModel ``num_class_embeds``): ``nn.Embedding(num_classes + 1, dim)``, whose last row is the null
+    label that classifier-free guidance trains with the labels it drops and samples as the unconditional
+    model. No labels (None) means the null label for every image."""
+
+    def __init__(self, num_classes: int, dim: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.embed = nn.Embedding(num_classes + 1, dim)
+
+    @property
+    def null_label(self) -> int:
+        return self.num_classes
+
+    def forward(self, emb: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        if labels is None:
+            labels = torch.full(emb.shape[:1], self.null_label, dtype=torch.long, device=emb.device)
+        return emb + self.embed(labels)
 
 
 class SinusoidalPositionEmbeddings(nn.Module):

@@ -12,7 +12,7 @@ from torch import nn
 
 from ddpm import checks
 from ddpm.errors import ConfigError
-from ddpm.models.base import ModelConfig, SinusoidalPositionEmbeddings
+from ddpm.models.base import LabelEmbedding, ModelConfig, SinusoidalPositionEmbeddings
 from ddpm.registry import Option
 
 
@@ -150,6 +150,7 @@ class UNet(nn.Module):
         attn_heads: int = 4,
         attn_dim_head: int = 32,
         dropout: float = 0.0,
+        num_classes: int | None = None,
     ) -> None:
         super().__init__()
         self.channels = channels
@@ -197,13 +198,17 @@ class UNet(nn.Module):
 
         self.final_res_block = resnet(dim * 2, dim)
         self.final_conv = nn.Conv2d(dim, channels, 1)
+        # built last, so the other layers draw the initial weights an unconditional U-Net draws
+        self.label_emb = LabelEmbedding(num_classes, time_dim) if num_classes is not None else None
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """eps_theta(x_t, t); ``labels`` is every network's conditioning input (unused here: the model is
-        unconditional), so the step and the samplers call every network alike."""
+        """eps_theta(x_t, t, labels); an unconditional U-Net ignores ``labels``, so the step and the samplers
+        call every network alike; a conditional one reads None as the null label."""
         x = self.init_conv(x)
         r = x
         emb = self.time_mlp(t)
+        if self.label_emb is not None:
+            emb = self.label_emb(emb, labels)
 
         skips = []
         for block1, block2, attn, down in self.downs:
@@ -235,7 +240,7 @@ def check_unet(cfg: Any, widths: list[int], image_size: int) -> None:
         )
 
 
-def build_unet(cfg: Any, channels: int, image_size: int) -> UNet:
+def build_unet(cfg: Any, channels: int, image_size: int, num_classes: int | None = None) -> UNet:
     return UNet(
         channels=channels,
         dim=cfg.dim,
@@ -244,6 +249,7 @@ def build_unet(cfg: Any, channels: int, image_size: int) -> UNet:
         attn_heads=cfg.attn_heads,
         attn_dim_head=cfg.attn_dim_head,
         dropout=cfg.dropout,
+        num_classes=num_classes,
     )
 
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from ddpm import checks
 from ddpm.errors import ConfigError
-from ddpm.models.base import ModelConfig, SinusoidalPositionEmbeddings
+from ddpm.models.base import LabelEmbedding, ModelConfig, SinusoidalPositionEmbeddings
 from ddpm.registry import Option
 
 GROUPS = 32  # GroupNorm groups, fixed by the architecture
@@ -91,6 +91,7 @@ class HoUNet(nn.Module):
         num_res_blocks: int = 2,
         attn_resolutions: tuple[int, ...] = (16,),
         dropout: float = 0.1,
+        num_classes: int | None = None,
     ) -> None:
         super().__init__()
         self.channels = channels
@@ -135,11 +136,15 @@ class HoUNet(nn.Module):
 
         self.norm_out = norm(dim)
         self.conv_out = nn.Conv2d(dim, channels, 3, padding=1)
+        # built last, so the other layers draw the initial weights an unconditional U-Net draws
+        self.label_emb = LabelEmbedding(num_classes, temb_dim) if num_classes is not None else None
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """eps_theta(x_t, t); ``labels`` is every network's conditioning input (unused here: the model is
-        unconditional), so the step and the samplers call every network alike."""
+        """eps_theta(x_t, t, labels); an unconditional U-Net ignores ``labels``, so the step and the samplers
+        call every network alike; a conditional one reads None as the null label."""
         temb = self.time_mlp(t)
+        if self.label_emb is not None:
+            temb = self.label_emb(temb, labels)
         h = self.conv_in(x)
         skips = [h]
         for i, level in enumerate(self.down):
@@ -177,7 +182,7 @@ def check_ho_unet(cfg: Any, widths: list[int], image_size: int) -> None:
         )
 
 
-def build_ho_unet(cfg: Any, channels: int, image_size: int) -> HoUNet:
+def build_ho_unet(cfg: Any, channels: int, image_size: int, num_classes: int | None = None) -> HoUNet:
     return HoUNet(
         channels=channels,
         image_size=image_size,
@@ -186,6 +191,7 @@ def build_ho_unet(cfg: Any, channels: int, image_size: int) -> HoUNet:
         num_res_blocks=cfg.num_res_blocks,
         attn_resolutions=tuple(cfg.attn_resolutions),
         dropout=cfg.dropout,
+        num_classes=num_classes,
     )
 
 

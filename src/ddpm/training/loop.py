@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from ddpm.checkpoint import run_dir_of
+from ddpm.conditioning import grid_rows
 from ddpm.data.batch import Batch
 from ddpm.data.order import BatchSampler, apply_flips, shard
 from ddpm.data.resident import resident_for
@@ -205,6 +206,7 @@ def save_checkpoint(run: Run, writer: RunWriter, step: int, elapsed_s: float) ->
         ema=on_cpu(run.ema.state_dict()) if run.ema is not None else None,
         config=plain_config(run.cfg),
         state=state,
+        class_names=run.class_names,
     )
 
 
@@ -214,12 +216,16 @@ def draw_grid(run: Run, writer: RunWriter, reporter: ProgressReporter, step: int
     it like any other."""
     cfg = run.cfg
     sampling = SamplingOptions.from_config(cfg)
+    n, labels, ncol = cfg.sample_n, None, None
+    if run.class_names is not None:  # one row per class
+        labels, ncol = grid_rows(len(run.class_names), cfg.sample_n)
+        n = labels.numel()
     try:
-        images = generate(run.sampling_model(step), sampling, cfg.sample_n, cfg.seed, cfg.sample_batch_size)
+        images = generate(run.sampling_model(step), sampling, n, cfg.seed, cfg.sample_batch_size, labels)
     except Exception as e:  # noqa: BLE001 (any sampler fault: the weights are saved, the picture can wait)
         reporter.say(
             f"warning: step {step}: the sample grid could not be drawn ({type(e).__name__}: {e}); training "
             f"goes on; draw it later with: ddpm-sample {shell_override('ckpt', writer.ckpt_dir / 'last.pt')}"
         )
         return
-    reporter.say(f"step {step}: samples -> {writer.grid(step, images)}")
+    reporter.say(f"step {step}: samples -> {writer.grid(step, images, ncol)}")

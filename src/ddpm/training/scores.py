@@ -81,7 +81,7 @@ class RunScorer:
         features, note = eval_features(cfg, dataset)
         if not features:
             return None, note
-        scorer = Scorer(cfg.eval, real_data_config(cfg.data), device, features)
+        scorer = Scorer(cfg.eval, real_data_config(cfg.data), device, features, labels=cfg.class_cond)
         sampling = SamplingOptions.from_config(cfg.eval)
         sampling = dataclasses.replace(sampling, sample_steps=sampling.steps(cfg.timesteps))  # as drawn
         run_scorer = cls(
@@ -114,7 +114,8 @@ class RunScorer:
         """Draw the fixed set of samples (the same x_T every time), score them, write eval.json and
         samples.png into ``out``; return the metrics row: fid_<space> and kid_<space> at this step."""
         began = time.perf_counter()
-        fake = generate(trained, self.sampling, self.n, self.seed, self.batch_size)
+        labels = self.scorer.draw_labels(self.n, self.seed) if trained.conditional else None
+        fake = generate(trained, self.sampling, self.n, self.seed, self.batch_size, labels)
         source = {
             "step": step,
             "weights": trained.weights,
@@ -122,7 +123,9 @@ class RunScorer:
             "sample_steps": self.sampling.steps(trained.diffusion.timesteps),
             "seed": self.seed,
         }
-        report, warnings = self.scorer.report(fake, source)
+        if trained.conditional:
+            source["guidance_scale"] = trained.guidance(self.sampling.guidance_scale)
+        report, warnings = self.scorer.report(fake, source, labels)
         report["warnings"] = warnings
         write_report(report, fake, out)
         row: dict[str, Any] = {"step": step}
@@ -130,6 +133,8 @@ class RunScorer:
             row[f"fid_{name}"], row[f"kid_{name}"] = result["fid"], result["kid"]
             if "fid_floor" in result:
                 row[f"fid_floor_{name}"] = result["fid_floor"]
+        if "class_accuracy" in report:
+            row["class_accuracy"] = report["class_accuracy"]
         row["eval_s"] = time.perf_counter() - began
         return row
 
@@ -167,6 +172,8 @@ def format_scores(row: dict[str, Any]) -> str:
         if floor is not None:
             parts[-1] += f" (real vs real {floor:.3f})"
         parts.append(f"KID {row[f'kid_{name}']:.5f}")
+    if row.get("class_accuracy") is not None:
+        parts.append(f"class accuracy {row['class_accuracy']:.1%}")
     return " | ".join(parts) + f" ({row['eval_s']:.1f} s)"
 
 
@@ -179,7 +186,7 @@ def prepare_classifier(cfg: DictConfig) -> Path | None:
     of a sweep before the launcher starts them, so that parallel jobs read one finished cache file
     instead of each training its own. Returns the cache file; None for a data set without labels."""
     data = real_data_config(cfg.data)
-    dataset = build_dataset(data)
+    dataset = build_dataset(data, labels=cfg.class_cond)
     if not labelled(dataset):
         return None
     _, _, cache = classifier_for(cfg.eval, data, dataset)

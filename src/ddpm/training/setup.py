@@ -26,7 +26,7 @@ from ddpm.training.rundir.plan import RunPlan, plain_config, plan_run
 from ddpm.training.rundir.state import restore
 from ddpm.training.scores import RunScorer
 from ddpm.training.step import StepOptions, TrainStep, build_optimizer, lr_to_device
-from ddpm.validate import check_data_fits, check_ranks_fit, validate_train
+from ddpm.validate import check_classes_kept, check_data_fits, check_ranks_fit, validate_train
 
 
 @dataclass
@@ -46,13 +46,14 @@ class Run:
     elapsed_before: float = 0.0  # training time of the steps taken before a resume
     scorer: RunScorer | None = None  # on the main rank of a run that scores itself
     eval_note: str | None = None  # how the data set changed the run's scoring, for its header
+    class_names: tuple[str, ...] | None = None  # a class-conditional run's classes
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
         return self.train_step.optimizer
 
     def sampling_model(self, step: int) -> TrainedModel:
-        return sampling_model(self.cfg, self.diffusion, self.model, self.ema, step)
+        return sampling_model(self.cfg, self.diffusion, self.model, self.ema, step, self.class_names)
 
     def describe(self) -> str:
         cfg, d = self.cfg, self.cfg.data
@@ -62,20 +63,38 @@ class Run:
             f"ddpm-train | data {d.name} {d.image_size}x{d.image_size}x{d.channels} ({len(self.dataset):,} "
             f"images, {source}) | U-Net {n_params / 1e6:.2f}M params | "
             f"{cfg.schedule.name} schedule, T={cfg.timesteps} | "
-            f"{cfg.objective.name}-prediction, {cfg.loss.name} loss | batch {cfg.batch_size} | "
+            f"{cfg.objective.name}-prediction, {cfg.loss.name} loss | {self.conditioning()}"
+            f"batch {cfg.batch_size} | "
             f"{cfg.steps} steps | EMA {cfg.ema.decay or 'off'} | sampler {cfg.sampler}, "
             f"{SamplingOptions.from_config(cfg).steps(cfg.timesteps)} steps | "
             f"{self.runtime.describe()} | run dir {self.plan.run_dir}"
         )
 
+    def conditioning(self) -> str:
+        if self.class_names is None:
+            return ""
+        cfg = self.cfg
+        return (
+            f"class-conditional on {len(self.class_names)} classes, labels dropped with p="
+            f"{cfg.cond_drop_prob:g}, grids at guidance {cfg.guidance_scale:g} | "
+        )
+
 
 def sampling_model(
-    cfg: DictConfig, diffusion: Diffusion, model: nn.Module, ema: EMA | None, step: int
+    cfg: DictConfig,
+    diffusion: Diffusion,
+    model: nn.Module,
+    ema: EMA | None,
+    step: int,
+    class_names: tuple[str, ...] | None = None,
 ) -> TrainedModel:
     """What a run's grids and scores draw from at ``step``: the EMA weights where it keeps an EMA."""
     network, weights = (ema.model, "ema") if ema is not None else (model, "model")
     data = plain_config(cfg)["data"]
-    return TrainedModel(network, diffusion, image_shape(data), None, data, step, weights)
+    guidance, null_trained = (cfg.guidance_scale, cfg.cond_drop_prob > 0) if class_names else (1.0, False)
+    return TrainedModel(
+        network, diffusion, image_shape(data), class_names, data, step, weights, guidance, null_trained
+    )
 
 
 def setup(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = (), sweep_job: int | None = None) -> Run:
@@ -88,8 +107,10 @@ def setup(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = (), sweep_j
     validate_train(cfg)
     runtime = Runtime.for_training(cfg, sweep_job)
     check_ranks_fit(cfg, runtime)
-    dataset = build_dataset(cfg.data)
+    dataset = build_dataset(cfg.data, labels=cfg.class_cond)
     check_data_fits(cfg, dataset, plan.saved)
+    class_names = tuple(dataset.classes) if cfg.class_cond else None
+    check_classes_kept(cfg, class_names, plan.saved)
     # the main rank alone scores, with no collective inside; built now, so a bad setting fails first
     scorer, eval_note = (
         RunScorer.for_run(cfg, dataset, runtime.device, sweep_job is not None)
@@ -100,7 +121,8 @@ def setup(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = (), sweep_j
 
     seed_everything(cfg.seed)
     diffusion = Diffusion.from_config(cfg).to(runtime.device)
-    model = build_model(cfg.model, cfg.data.channels, cfg.data.image_size).to(runtime.device)
+    num_classes = len(class_names) if class_names is not None else None
+    model = build_model(cfg.model, cfg.data.channels, cfg.data.image_size, num_classes).to(runtime.device)
     optimizer = build_optimizer(model, cfg.lr, runtime.device, capturable=runtime.cuda_graph)
     ema = EMA(model, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.decay > 0 else None
     order = DataOrder(len(dataset), cfg.batch_size, cfg.seed, cfg.data.hflip)
@@ -111,7 +133,8 @@ def setup(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = (), sweep_j
         lr_to_device(optimizer, runtime.device, capturable=runtime.cuda_graph)
     # wrapped after the EMA copy and the restore: the EMA averages the plain module's weights
     net = prepare_net(model, runtime)
-    train_step = TrainStep(model, net, optimizer, diffusion, ema, StepOptions.from_config(cfg), runtime)
+    opts = StepOptions.from_config(cfg, num_classes)
+    train_step = TrainStep(model, net, optimizer, diffusion, ema, opts, runtime)
     return Run(
         cfg,
         plan,
@@ -126,4 +149,5 @@ def setup(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = (), sweep_j
         elapsed_before,
         scorer,
         eval_note,
+        class_names,
     )

@@ -94,9 +94,11 @@ class StepOptions:
     grad_accum: int
     grad_clip: float
     skip_nonfinite: bool
+    num_classes: int | None = None  # a class-conditional run's; its null label is num_classes
+    cond_drop_prob: float = 0.0  # the chance that a label is replaced by the null label
 
     @classmethod
-    def from_config(cls, cfg: Any) -> StepOptions:
+    def from_config(cls, cfg: Any, num_classes: int | None = None) -> StepOptions:
         skip = cfg.on_nonfinite is OnNonFinite.skip
         return cls(
             cfg.seed,
@@ -108,6 +110,8 @@ class StepOptions:
             cfg.grad_accum,
             cfg.grad_clip,
             skip,
+            num_classes,
+            cfg.cond_drop_prob if num_classes is not None else 0.0,
         )
 
 
@@ -124,15 +128,25 @@ _pytree.register_dataclass(StepInputs)  # its tensors are a captured graph's sta
 
 
 def step_draws(
-    diffusion: Diffusion, seed: int, step: int, shape: tuple[int, ...], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """t and eps of (1-based) step ``step`` for the whole global batch of ``shape``, from a generator keyed
-    on (seed, step): every rank draws the same numbers and keeps its slice, so a step computes the same
-    whatever the number of ranks, and a resumed run draws what an uninterrupted one would have. A draw
-    added later (a label-drop mask) comes after these, from the same generator, so these stay as they are."""
+    diffusion: Diffusion,
+    seed: int,
+    step: int,
+    shape: tuple[int, ...],
+    device: torch.device,
+    cond_drop_prob: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """t, eps and, for a conditional run (``cond_drop_prob`` given), the mask of the labels to drop, of
+    (1-based) step ``step`` for the whole global batch of ``shape``, from a generator keyed on (seed,
+    step): every rank draws the same numbers and keeps its slice, so a step computes the same whatever the
+    number of ranks, and a resumed run draws what an uninterrupted one would have. The mask comes after t
+    and eps, so an unconditional run draws what it drew before conditioning existed."""
     generator = torch.Generator(device=device).manual_seed(step_seed(seed, step))
     t = torch.randint(0, diffusion.timesteps, (shape[0],), generator=generator, device=device)
-    return t, diffusion.noise(shape, generator, device)
+    noise = diffusion.noise(shape, generator, device)
+    if cond_drop_prob is None:
+        return t, noise, None
+    drop = torch.rand(shape[0], generator=generator, device=device) < cond_drop_prob
+    return t, noise, drop
 
 
 class TrainStep:
@@ -164,12 +178,18 @@ class TrainStep:
         return self.update(inputs)
 
     def draws(self, step: int, batch: Batch) -> StepInputs:
-        """The step's t and eps (this rank's slice of the global batch's), and dropout seeded per (seed,
-        step, rank): the step is the same computation whatever the number of ranks."""
-        rank, world = self.runtime.rank, self.runtime.world_size
-        shape = (self.opts.batch_size, *batch.images.shape[1:])
-        t, noise = step_draws(self.diffusion, self.opts.seed, step, shape, batch.images.device)
-        torch.manual_seed(step_seed(self.opts.seed, step, rank))
+        """The step's t and eps (this rank's slice of the global batch's), a conditional run's labels with
+        the dropped ones replaced by the null label, and dropout seeded per (seed, step, rank): the step
+        is the same computation whatever the number of ranks."""
+        o, rank, world = self.opts, self.runtime.rank, self.runtime.world_size
+        shape = (o.batch_size, *batch.images.shape[1:])
+        drop_prob = o.cond_drop_prob if o.num_classes is not None else None
+        t, noise, drop = step_draws(self.diffusion, o.seed, step, shape, batch.images.device, drop_prob)
+        if drop is not None:
+            if batch.labels is None:
+                raise ValueError("a class-conditional step needs the batch's labels")
+            batch = Batch(batch.images, batch.labels.masked_fill(shard(drop, rank, world), o.num_classes))
+        torch.manual_seed(step_seed(o.seed, step, rank))
         return StepInputs(batch, shard(t, rank, world), shard(noise, rank, world))
 
     def set_step(self, step: int) -> None:

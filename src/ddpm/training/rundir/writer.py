@@ -130,12 +130,13 @@ class RunWriter:
         with self.writing(path):
             save_png(figure, path)
 
-    def grid(self, step: int, images: torch.Tensor) -> Path:
+    def grid(self, step: int, images: torch.Tensor, ncol: int | None = None) -> Path:
+        """samples/step_<step>.png, ``ncol`` images a row (None: a square grid)."""
         path = self.sample_dir / f"step_{step:06d}.png"
         if not self.active:
             return path
         with self.writing(path):
-            image = grid_image(images)
+            image = grid_image(images, ncol)
             save_png(image, path)
             if self._board is not None:
                 self._board.grid(step, image)
