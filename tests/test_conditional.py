@@ -189,6 +189,8 @@ def test_labels_in_rows_and_the_training_grid():
     assert labels_in_rows([3, 1], 6).tolist() == [3, 3, 3, 1, 1, 1]
     with pytest.raises(ConfigError, match=r"n=7 is not a multiple of the 2 labels.*give n=6 or n=8"):
         labels_in_rows([3, 1], 7)
+    with pytest.raises(ConfigError, match=r"n=3 is not a multiple of the 5 labels.*give n=5$"):
+        labels_in_rows([0, 1, 2, 3, 4], 3)
     labels, ncol = grid_rows(10, 64)  # every class, 6 each
     assert ncol == 6 and labels.tolist() == [c for c in range(10) for _ in range(6)]
     labels, ncol = grid_rows(100, 8)  # more classes than images: the first 8, one each
@@ -503,3 +505,17 @@ def test_a_guidance_sweep_ends_in_the_tradeoff_table_and_plot(cond_ckpt, tmp_pat
     assert f"{reports[1]['features']['classifier']['fid']:.4g}" in cells[1.0]
     assert Image.open(tmp_path / "sweep" / "guidance.png").size[0] > 600
     assert "sweep of 2 jobs" in output
+
+
+def test_an_export_keeps_the_class_names(cond_ckpt, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, _, output = run_entry(cli.export_main, [f"ckpt={cond_ckpt}", "out=cond.safetensors"], capsys)
+    assert code == 0, output
+    exported = load_trained(tmp_path / "cond.safetensors", torch.device("cpu"))
+    original = load_trained(cond_ckpt, torch.device("cpu"))
+    assert exported.class_names == original.class_names and exported.default_guidance == 2.0
+    labels = torch.tensor([1, 1, 8, 8])
+    sampling = SamplingOptions(sample_steps=5)
+    assert torch.equal(
+        generate(exported, sampling, 4, 0, 4, labels), generate(original, sampling, 4, 0, 4, labels)
+    )

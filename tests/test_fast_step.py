@@ -385,8 +385,10 @@ def test_a_captured_step_computes_what_the_eager_step_computes(compiled):
 
 
 @cuda
-def test_ddpm_train_picks_the_fast_path_on_a_gpu_and_it_matches_the_eager_losses(tmp_path, cli):
-    args = [a for a in TINY if a != "device=cpu"] + ["device=cuda", "steps=20", "forward_n=0"]
+@pytest.mark.parametrize("extra", [[], ["class_cond=true"]], ids=["unconditional", "conditional"])
+def test_ddpm_train_picks_the_fast_path_on_a_gpu_and_it_matches_the_eager_losses(tmp_path, cli, extra):
+    # conditional: the labels, with the dropped ones replaced before the graph, ride in its static buffers
+    args = [a for a in TINY if a != "device=cpu"] + ["device=cuda", "steps=20", "forward_n=0", *extra]
     fast = cli("ddpm-train", *args, "hydra.run.dir=fast", cwd=tmp_path)
     assert fast.returncode == 0, fast.stderr
     bf16 = "bf16" if torch.cuda.is_bf16_supported() else "fp32"

@@ -53,10 +53,11 @@ def labels_in_rows(classes: Sequence[int], n: int, why: str = "labels") -> torch
     """n labels, n / k of each of the k ``classes`` in order: one grid row per class."""
     k = len(classes)
     if n % k:
-        low, high = max(k, n // k * k), (n // k + 1) * k
+        low, high = n // k * k, (n // k + 1) * k
+        fix = f"n={low} or n={high}" if low else f"n={high}"
         raise ConfigError(
             f"n={n} is not a multiple of the {k} {why}, which get n / {k} images each (one grid row each): "
-            f"give n={low} or n={high}"
+            f"give {fix}"
         )
     return torch.tensor(classes, dtype=torch.long).repeat_interleave(n // k)
 
