@@ -120,7 +120,8 @@ def summarise(folder: Path) -> tuple[list[RunRow], list[str]]:
     return rows, notes
 
 
-def _cell(value: object) -> str:
+def cell(value: object) -> str:
+    """A table cell: blank for None, four significant digits for a float."""
     if value is None:
         return ""
     if isinstance(value, float):
@@ -137,7 +138,7 @@ def write_summary(folder: Path) -> list[str]:
     writer.writerows(asdict(r) for r in rows)
     write_atomically(folder / "summary.csv", lambda f: f.write(table.getvalue().encode()))
     lines = ["| " + " | ".join(FIELDS) + " |", "|" + " --- |" * len(FIELDS)]
-    lines += ["| " + " | ".join(_cell(getattr(r, k)) for k in FIELDS) + " |" for r in rows]
+    lines += ["| " + " | ".join(cell(getattr(r, k)) for k in FIELDS) + " |" for r in rows]
     text = "\n".join([f"# {folder}", "", *lines, "", *(f"- {n}" for n in notes)]) + "\n"
     write_atomically(folder / "summary.md", lambda f: f.write(text.encode()))
     save_summary_plot(folder, rows)
@@ -171,8 +172,8 @@ def save_summary_plot(folder: Path, rows: list[RunRow]) -> None:
     axes[0].legend(fontsize=7)
     for ax, r in zip(axes[1:], grids, strict=True):
         ax.imshow(Image.open(folder / r.grid), cmap="gray")
-        floor = f" (real {_cell(r.fid_floor)})" if r.fid_floor is not None else ""
-        ax.set_title(f"{textwrap.fill(label(r, 90), 30)}\nFID {_cell(r.fid) or 'n/a'}{floor}", fontsize=7)
+        floor = f" (real {cell(r.fid_floor)})" if r.fid_floor is not None else ""
+        ax.set_title(f"{textwrap.fill(label(r, 90), 30)}\nFID {cell(r.fid) or 'n/a'}{floor}", fontsize=7)
         ax.axis("off")
     write_atomically(folder / "summary.png", lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ddpm.files import write_atomically
+from ddpm.summary import cell
 
 
 def sweep_rows(reports: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
@@ -41,14 +41,6 @@ def _space_order(name: str) -> tuple[int, str]:
     return ({"classifier": 0, "inception": 1, "pixels": 2}.get(name, 3), name)
 
 
-def _cell(value: object) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.4g}" if math.isfinite(value) else str(value)
-    return str(value)
-
-
 def write_sweep(folder: Path, reports: Sequence[dict[str, Any]]) -> list[Path]:
     """sweep.csv and sweep.md in ``folder`` and, where the jobs report class accuracy at more than one
     guidance scale, guidance.png; returns the files written."""
@@ -60,7 +52,7 @@ def write_sweep(folder: Path, reports: Sequence[dict[str, Any]]) -> list[Path]:
     writer.writerows(rows)
     write_atomically(folder / "sweep.csv", lambda f: f.write(table.getvalue().encode()))
     lines = ["| " + " | ".join(fields) + " |", "|" + " --- |" * len(fields)]
-    lines += ["| " + " | ".join(_cell(row[k]) for k in fields) + " |" for row in rows]
+    lines += ["| " + " | ".join(cell(row[k]) for k in fields) + " |" for row in rows]
     write_atomically(folder / "sweep.md", lambda f: f.write(("\n".join(lines) + "\n").encode()))
     written = [folder / "sweep.csv", folder / "sweep.md"]
     guided = [r for r in rows if r["class_accuracy"] is not None and r["guidance_scale"] is not None]
