@@ -1,22 +1,44 @@
 """Time to quality on the embedded digits: train for a fixed wall-clock time, draw --n samples and score
 them as ddpm-eval does, in the digit classifier's features and in raw pixels, for ddpm's recipe (one or more
 settings) and for denoising-diffusion-pytorch's GaussianDiffusion (the bench extra, one or more U-Nets,
-each trained model sampled with each of its sampling_timesteps), every setting once per seed.
+each trained model sampled with each of its sampling_timesteps), every setting once per seed; and the same
+for class-conditional models with classifier-free guidance: ddpm's (a setting with class_cond=true) against
+the package's classifier_free_guidance module (--reference-cfg), each conditional row also scored by its
+class accuracy.
 
     python scripts/quality_digits.py --ours default precision=bf16 --ours-minutes 5 \\
         --reference mults=1-2-4 mults=1-2 --reference-minutes 10 --reference-sampling-steps 100,250 \\
         --seeds 0,1,2
 
+    python scripts/quality_digits.py --ours default class_cond=true --guidance 1,1.5,2,3 --ours-minutes 5 \\
+        --reference --reference-cfg mults=1-2 --reference-cfg-minutes 5 --reference-cond-scales 6,3,1.5 \\
+        --seeds 0,1,2
+
 ddpm trains as ddpm-train does (fused Adam with the lr in a device tensor, the EMA written by at/apply,
 the U-Net under the config's precision and compile as the Runtime resolves them on the CPU), on random
-batches of all 1,797 digits. A seed changes the initial weights, the batches, t and eps, and the sampling
-noise. Budgets count training only; sampling and scoring are timed separately.
+batches of all 1,797 digits. A setting with class_cond=true trains on their labels (cond_drop_prob of them
+replaced by the null label) and is sampled at each --guidance scale, one row each of the same trained
+model. A seed changes the initial weights, the batches, t and eps, and the sampling noise. Budgets count
+training only; sampling and scoring are timed separately.
+
+The conditional reference is classifier_free_guidance's Unet(dim, dim_mults, num_classes=10) and its
+GaussianDiffusion at their defaults (labels dropped with p=0.5, T=1000, cosine schedule, eps-prediction),
+trained with the unconditional reference's Adam and EMA for --reference-cfg-minutes, and sampled with
+DDIM (its eta of 1) in --reference-cfg-sampling-steps at each --reference-cond-scales scale (rescaled_phi
+0.7, its sample's default), one row each. A scale at which its sampler raises (cond_scale=1 in 2.3.4) is
+a failed row: no scores, and the error.
 
 Scoring is ddpm-eval's (its Scorer, its cached classifier): --n generated images against --n-real real
 digits (default: 1,797 - n), and the floor, --n other real digits against the same reals (what a perfect
-model scores at this many images). The table gives the median over seeds and the [min, max] range;
-"beats ... by more than the spread" means ddpm's worst seed scores below every reference row's best seed.
-Results go to <out>/quality.json and <out>/quality.md, and a grid of each run's first 64 samples to <out>.
+model scores at this many images). At each seed the conditional models, ddpm's and the reference's alike,
+are asked for the labels of --n real digits drawn with that seed; class accuracy is the share of samples
+the classifier assigns to the asked-for class, and the real digits' own accuracy is its ceiling. The table
+gives the median over seeds and the [min, max] range. "beats ... by more than the spread" means ddpm's
+worst seed scores better than every reference row's best seed (a lower FID; for conditional rows against
+the conditional reference, also a higher class accuracy); each conditional ddpm row is also set against
+the unconditional ddpm rows at its budget: does its median class accuracy reach 0.98 with median FIDs no
+worse? Results go to <out>/quality.json and <out>/quality.md, and a grid of each run's first 64 samples to
+<out>.
 """
 
 from __future__ import annotations
@@ -25,11 +47,13 @@ import argparse
 import contextlib
 import io
 import json
+import math
 import re
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +67,7 @@ from ddpm.data.batch import Batch
 from ddpm.diffusion.gaussian import Diffusion
 from ddpm.diffusion.generate import generate
 from ddpm.diffusion.sampling import SamplingOptions
-from ddpm.evaluation.evaluate import Scorer, real_data_config, score
+from ddpm.evaluation.evaluate import Scorer, class_accuracy, real_data_config, score
 from ddpm.images import save_grid
 from ddpm.models import build_model
 from ddpm.runtime import Runtime, seed_everything
@@ -55,7 +79,9 @@ from ddpm.training.step import LRDecay, StepOptions, TrainStep, build_optimizer
 
 SPACES = ("classifier", "pixels")  # the feature spaces every run is scored in
 SAMPLE_BATCH = 250
-REFERENCE_T = 1000  # GaussianDiffusion's training timesteps (its default)
+REFERENCE_T = 1000  # GaussianDiffusion's training timesteps (its default, in both modules)
+REFERENCE_CFG_PHI = 0.7  # classifier_free_guidance's sample(rescaled_phi=...) default
+ACCURACY_TARGET = 0.98  # the class accuracy a conditional ddpm row should reach
 WARNED: set[tuple[str, str]] = set()  # the scoring warnings printed so far
 
 
@@ -69,28 +95,49 @@ def ours_config(setting: str, common: list[str], seed: int) -> DictConfig:
     return cfg
 
 
-def ours_train(cfg: DictConfig, minutes: float, images: torch.Tensor) -> tuple[TrainedModel, dict]:
-    """ddpm-train's step (TrainStep, eager) on random batches of ``images`` for ``minutes``. Its learning
-    rate warms up as lr_warmup says; lr_decay=none, since a time budget has no step count to decay over."""
+def check_guidance(setting: str, cfg: DictConfig, scales: list[float]) -> None:
+    """A conditional setting's --guidance scales: guidance other than 1 needs the null label trained."""
+    if not scales:
+        raise SystemExit(f"{setting!r} is class-conditional: --guidance names no scale")
+    if cfg.cond_drop_prob == 0 and any(s != 1 for s in scales):
+        raise SystemExit(
+            f"{setting!r}: cond_drop_prob=0 trains no null label, so only --guidance 1 works: {scales}"
+        )
+
+
+def ours_train(
+    cfg: DictConfig,
+    minutes: float,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    class_names: tuple[str, ...],
+) -> tuple[TrainedModel, dict]:
+    """ddpm-train's step (TrainStep, eager) on random batches of ``images`` for ``minutes``, with their
+    ``labels`` where cfg.class_cond. Its learning rate warms up as lr_warmup says; lr_decay=none, since a
+    time budget has no step count to decay over."""
     dev = torch.device("cpu")
     runtime = Runtime.resolved(dev, cfg.precision, cfg.compile, cuda_graph=False)
     seed_everything(cfg.seed)
+    names = class_names if cfg.class_cond else None
+    num_classes = len(names) if names is not None else None
     diffusion = Diffusion.from_config(cfg)
-    model = build_model(cfg.model, cfg.data.channels, cfg.data.image_size)
+    model = build_model(cfg.model, cfg.data.channels, cfg.data.image_size, num_classes)
     optimizer = build_optimizer(model, cfg.lr, dev)
     ema = EMA(model, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.decay > 0 else None
     net = prepare_net(model, runtime)  # after the EMA copy: the EMA averages the plain module's weights
-    train_step = TrainStep(model, net, optimizer, diffusion, ema, StepOptions.from_config(cfg), runtime)
+    opts = StepOptions.from_config(cfg, num_classes)
+    train_step = TrainStep(model, net, optimizer, diffusion, ema, opts, runtime)
     g = torch.Generator().manual_seed(cfg.seed)
     nonfinite = torch.zeros((), dtype=torch.int64)
     model.train()
     start, step = time.perf_counter(), 0
     while time.perf_counter() - start < minutes * 60:
         step += 1
-        batch = Batch(images[torch.randint(0, images.shape[0], (cfg.batch_size,), generator=g)])
+        index = torch.randint(0, images.shape[0], (cfg.batch_size,), generator=g)
+        batch = Batch(images[index], labels[index] if names is not None else None)
         nonfinite += ~train_step(step, batch)["finite"]
     train_s = time.perf_counter() - start
-    trained = sampling_model(cfg, diffusion, model, ema, step)
+    trained = sampling_model(cfg, diffusion, model, ema, step, names)
     info = {
         "steps": step,
         "train_s": train_s,
@@ -101,9 +148,20 @@ def ours_train(cfg: DictConfig, minutes: float, images: torch.Tensor) -> tuple[T
     return trained, info
 
 
-def ours_sample(cfg: DictConfig, trained: TrainedModel, n: int, seed: int) -> tuple[torch.Tensor, float]:
+def ours_sample(
+    cfg: DictConfig,
+    trained: TrainedModel,
+    n: int,
+    seed: int,
+    labels: torch.Tensor | None = None,
+    guidance: float | None = None,
+) -> tuple[torch.Tensor, float]:
+    """n samples, given ``labels`` at ``guidance`` where the model is conditional."""
+    sampling = SamplingOptions.from_config(cfg)
+    if guidance is not None:
+        sampling = replace(sampling, guidance_scale=guidance)
     start = time.perf_counter()
-    samples = generate(trained, SamplingOptions.from_config(cfg), n, seed, SAMPLE_BATCH)
+    samples = generate(trained, sampling, n, seed, SAMPLE_BATCH, labels)
     return samples, time.perf_counter() - start
 
 
@@ -118,13 +176,13 @@ class ReferenceSetting:
     batch: int = 128
 
     @classmethod
-    def parse(cls, text: str) -> ReferenceSetting:
+    def parse(cls, text: str, option: str = "--reference") -> ReferenceSetting:
         """ "dim=32,mults=1-2,lr=1e-3,batch=128"; keys left out keep their defaults."""
         values: dict[str, Any] = {}
         for item in filter(None, text.split(",")):
             key, sep, value = item.partition("=")
             if not sep or key not in ("dim", "mults", "lr", "batch"):
-                raise SystemExit(f"--reference {text!r}: {item!r} is not dim=, mults=, lr= or batch=")
+                raise SystemExit(f"{option} {text!r}: {item!r} is not dim=, mults=, lr= or batch=")
             if key == "mults":
                 values[key] = tuple(int(m) for m in value.split("-"))
             else:
@@ -137,25 +195,31 @@ class ReferenceSetting:
             f", batch {self.batch}" if self.batch != 128 else ""
         )
 
+    def record(self) -> dict[str, Any]:
+        return {"dim": self.dim, "mults": list(self.mults), "lr": self.lr, "batch": self.batch}
 
-def reference_train(
-    setting: ReferenceSetting, minutes: float, images: torch.Tensor, seed: int
+
+def reference_fit(
+    diffusion: torch.nn.Module,
+    setting: ReferenceSetting,
+    minutes: float,
+    images: torch.Tensor,
+    seed: int,
+    labels: torch.Tensor | None = None,
 ) -> tuple[torch.nn.Module, dict]:
-    """GaussianDiffusion with its own defaults (T=1000, sigmoid schedule, v-prediction) and the EMA its
-    Trainer keeps (0.995 every 10 steps), trained for ``minutes``; returns the EMA copy."""
-    from denoising_diffusion_pytorch import GaussianDiffusion, Unet
+    """Adam(lr) on random batches of ``images`` (with their ``labels``, for the conditional module) for
+    ``minutes``, with the EMA the package's Trainer keeps (0.995 every 10 steps); returns the EMA copy."""
     from ema_pytorch import EMA as RefEMA
 
-    torch.manual_seed(seed)  # its init, and the t and noise it draws from the global generator
-    unet = Unet(dim=setting.dim, dim_mults=setting.mults, channels=images.shape[1], flash_attn=False)
-    diffusion = GaussianDiffusion(unet, image_size=images.shape[-1], timesteps=REFERENCE_T)
     ema = RefEMA(diffusion, beta=0.995, update_every=10)
     opt = torch.optim.Adam(diffusion.parameters(), lr=setting.lr)
     data = (images + 1) / 2  # it takes [0, 1] and normalises itself
     g = torch.Generator().manual_seed(seed)
     start, step = time.perf_counter(), 0
     while time.perf_counter() - start < minutes * 60:
-        loss = diffusion(data[torch.randint(0, data.shape[0], (setting.batch,), generator=g)])
+        index = torch.randint(0, data.shape[0], (setting.batch,), generator=g)
+        cond = {"classes": labels[index]} if labels is not None else {}
+        loss = diffusion(data[index], **cond)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -164,18 +228,74 @@ def reference_train(
     return ema.ema_model.eval(), {"steps": step, "train_s": time.perf_counter() - start}
 
 
-def reference_sample(diffusion: Any, steps: int, n: int, seed: int) -> tuple[torch.Tensor, float]:
-    """n samples of the trained model with ``steps`` sampling_timesteps: DDIM below T, its ancestral
-    sampler at T (as GaussianDiffusion chooses from its constructor's sampling_timesteps)."""
+def reference_train(
+    setting: ReferenceSetting, minutes: float, images: torch.Tensor, seed: int
+) -> tuple[torch.nn.Module, dict]:
+    """GaussianDiffusion with its own defaults (T=1000, sigmoid schedule, v-prediction), trained for
+    ``minutes``; returns the EMA copy."""
+    from denoising_diffusion_pytorch import GaussianDiffusion, Unet
+
+    torch.manual_seed(seed)  # its init, and the t and noise it draws from the global generator
+    unet = Unet(dim=setting.dim, dim_mults=setting.mults, channels=images.shape[1], flash_attn=False)
+    diffusion = GaussianDiffusion(unet, image_size=images.shape[-1], timesteps=REFERENCE_T)
+    return reference_fit(diffusion, setting, minutes, images, seed)
+
+
+def reference_cfg_train(
+    setting: ReferenceSetting,
+    minutes: float,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    seed: int,
+) -> tuple[torch.nn.Module, dict]:
+    """classifier_free_guidance's Unet and GaussianDiffusion at their defaults (cond_drop_prob 0.5, T=1000,
+    cosine schedule, eps-prediction), trained on the labelled digits for ``minutes``; returns the EMA copy."""
+    from denoising_diffusion_pytorch.classifier_free_guidance import GaussianDiffusion, Unet
+
+    torch.manual_seed(seed)  # its init, and the t, noise and dropped labels it draws globally
+    unet = Unet(dim=setting.dim, dim_mults=setting.mults, num_classes=num_classes, channels=images.shape[1])
+    diffusion = GaussianDiffusion(unet, image_size=images.shape[-1], timesteps=REFERENCE_T)
+    ema_model, info = reference_fit(diffusion, setting, minutes, images, seed, labels)
+    defaults = {"cond_drop_prob": unet.cond_drop_prob, "objective": diffusion.objective}
+    return ema_model, {**info, **defaults, "ddim_eta": diffusion.ddim_sampling_eta}
+
+
+def reference_draw(
+    diffusion: Any, steps: int, n: int, seed: int, draw: Callable[[int, int], torch.Tensor]
+) -> tuple[torch.Tensor, float]:
+    """n samples in [-1, 1], ``draw(start, size)`` a batch at a time, with ``steps`` sampling_timesteps:
+    DDIM below T, its ancestral sampler at T (as GaussianDiffusion chooses from its constructor's
+    sampling_timesteps)."""
     diffusion.sampling_timesteps = steps
     diffusion.is_ddim_sampling = steps < diffusion.num_timesteps
     torch.manual_seed(seed)
     start = time.perf_counter()
     with contextlib.redirect_stderr(io.StringIO()):  # its tqdm bar per sampling batch
-        samples = torch.cat(
-            [diffusion.sample(batch_size=min(SAMPLE_BATCH, n - i)) for i in range(0, n, SAMPLE_BATCH)]
-        )
+        samples = torch.cat([draw(i, min(SAMPLE_BATCH, n - i)) for i in range(0, n, SAMPLE_BATCH)])
     return samples.clone() * 2 - 1, time.perf_counter() - start
+
+
+def reference_sample(diffusion: Any, steps: int, n: int, seed: int) -> tuple[torch.Tensor, float]:
+    return reference_draw(diffusion, steps, n, seed, lambda i, b: diffusion.sample(batch_size=b))
+
+
+def reference_cfg_sample(
+    diffusion: Any, steps: int, scale: float, labels: torch.Tensor, seed: int
+) -> tuple[torch.Tensor | None, float, str | None]:
+    """Samples of the conditional reference given ``labels`` at cond_scale ``scale``, the seconds taken,
+    and the error where its sampler raised (samples None)."""
+
+    def draw(i: int, b: int) -> torch.Tensor:
+        classes = labels[i : i + b]
+        return diffusion.sample(classes=classes, cond_scale=scale, rescaled_phi=REFERENCE_CFG_PHI)
+
+    start = time.perf_counter()
+    try:
+        samples, sample_s = reference_draw(diffusion, steps, labels.shape[0], seed, draw)
+    except Exception as e:  # its own failure at this scale (cond_scale=1 in 2.3.4): a row, not the end
+        return None, time.perf_counter() - start, f"{type(e).__name__}: {e}"
+    return samples, sample_s, None
 
 
 def reference_sampler(steps: int) -> str:
@@ -184,8 +304,9 @@ def reference_sampler(steps: int) -> str:
 
 # ------------------------------------------------------------------------------------------------ scores
 def eval_scorer(n: int, n_real: int | None, overrides: list[str]) -> tuple[Scorer, int]:
-    """ddpm-eval's Scorer for the digits, in SPACES; n_real defaults to the digits not needed for the
-    floor (the --n other real digits scored the same way)."""
+    """ddpm-eval's Scorer for the digits, in SPACES, read with the labels (the same images, and the class
+    accuracy of conditional rows); n_real defaults to the digits not needed for the floor (the --n other
+    real digits scored the same way)."""
     with initialize_config_module(config_module="ddpm.configs", version_base="1.3"):
         data = compose(config_name="eval", overrides=["data=digits"]).data
     size = len(build_dataset(real_data_config(data)))
@@ -206,7 +327,7 @@ def eval_scorer(n: int, n_real: int | None, overrides: list[str]) -> tuple[Score
                 *overrides,
             ],
         )
-    return Scorer(cfg, real_data_config(cfg.data), torch.device("cpu")), size
+    return Scorer(cfg, real_data_config(cfg.data), torch.device("cpu"), labels=True), size
 
 
 def scores_of(scorer: Scorer, fake: torch.Tensor) -> dict[str, dict]:
@@ -221,12 +342,24 @@ def scores_of(scorer: Scorer, fake: torch.Tensor) -> dict[str, dict]:
     return out
 
 
+def accuracy_of(scorer: Scorer, fake: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+    """The share of ``fake`` the classifier assigns to the asked-for ``labels``, in all and per class."""
+    assert scorer.classifier is not None and scorer.class_names is not None
+    accuracy, per_class = class_accuracy(scorer.classifier[0], fake.clamp(-1, 1), labels, scorer.class_names)
+    return {"class_accuracy": accuracy, "class_accuracy_per_class": per_class}
+
+
 def floor_of(scorer: Scorer) -> dict[str, dict] | None:
     """The real-vs-real scores: the Scorer's other real digits against its reals (None if the set has too
     few digits for both)."""
     if any(space.other is None for space in scorer.spaces.values()):
         return None
     return {name: score(space.real, space.other, scorer.cfg)[0] for name, space in scorer.spaces.items()}
+
+
+def ceiling_text(real_accuracy: float | None) -> str:
+    """The real digits' class accuracy, the most a conditional model's can be expected to reach."""
+    return f"class accuracy of the real digits (the ceiling) {real_accuracy:.3f}" if real_accuracy else ""
 
 
 # ----------------------------------------------------------------------------------------------- summary
@@ -241,33 +374,52 @@ def spread(values: list[float | None]) -> dict[str, float | None]:
     return {"median": statistics.median(known), "min": min(known), "max": max(known)}
 
 
+def median(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
 def summarise(rows: list[dict]) -> list[dict]:
-    """One entry per (run, minutes): medians over the seeds and the range of each FID."""
+    """One entry per (run, minutes): medians over the seeds and the range of each FID (and of the class
+    accuracy of a conditional run), over the seeds that did not fail."""
     groups: dict[tuple[str, float], list[dict]] = {}
     for row in rows:
         groups.setdefault((row["run"], row["minutes"]), []).append(row)
     summary = []
     for (run, minutes), group in groups.items():
+        scored = [r for r in group if r["scores"] is not None]
         entry: dict[str, Any] = {
             "run": run,
             "impl": group[0]["impl"],
+            "conditional": group[0]["conditional"],
             "minutes": minutes,
             "seeds": [r["seed"] for r in group],
             "steps": statistics.median(r["steps"] for r in group),
             "sample_s": statistics.median(r["sample_s"] for r in group),
             "sampler": group[0]["sampler"],
         }
+        for key in ("guidance_scale", "cond_scale"):
+            if key in group[0]:
+                entry[key] = group[0][key]
         for space in SPACES:
             entry[space] = {
-                "fid": spread([r["scores"][space]["fid"] for r in group]),
-                "precision": statistics.median(r["scores"][space]["precision"] for r in group),
-                "recall": statistics.median(r["scores"][space]["recall"] for r in group),
+                "fid": spread([r["scores"][space]["fid"] for r in scored]),
+                "precision": median([r["scores"][space]["precision"] for r in scored]),
+                "recall": median([r["scores"][space]["recall"] for r in scored]),
+            }
+        if entry["conditional"]:
+            entry["class_accuracy"] = spread([r["class_accuracy"] for r in group])
+        failed = [r for r in group if r.get("error")]
+        if failed:
+            entry["failed"] = {
+                "seeds": [r["seed"] for r in failed],
+                "errors": sorted({r["error"] for r in failed}),
             }
         summary.append(entry)
     return summary
 
 
-def fid_text(s: dict[str, float | None], seeds: int) -> str:
+def spread_text(s: dict[str, float | None], seeds: int) -> str:
     if s["median"] is None:
         return "n/a"
     if seeds == 1:
@@ -275,83 +427,363 @@ def fid_text(s: dict[str, float | None], seeds: int) -> str:
     return f"{s['median']:.3f} [{s['min']:.3f}, {s['max']:.3f}]"
 
 
-def table(summary: list[dict], floor: dict | None, n: int, n_real: int) -> list[str]:
+def sampling_text(e: dict) -> str:
+    text = f"{e['sample_s']:.0f} s ({e['sampler']})"
+    if "failed" in e:
+        seeds = ", ".join(map(str, e["failed"]["seeds"]))
+        text += f"; failed at seed {seeds}: {'; '.join(e['failed']['errors'])}"
+    return text
+
+
+def table(
+    summary: list[dict], floor: dict | None, n: int, n_real: int, real_accuracy: float | None
+) -> list[str]:
     lines = [
-        "| run | training | steps (median) | FID classifier | FID pixels | precision / recall (classifier) "
-        f"| sampling {n:,} |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| run | training | steps (median) | FID classifier | FID pixels | class accuracy "
+        f"| precision / recall (classifier) | sampling {n:,} |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for e in summary:
         c, p = e["classifier"], e["pixels"]
         k = len(e["seeds"])
+        accuracy = spread_text(e["class_accuracy"], k) if e["conditional"] else ""
+        pr = "n/a" if c["precision"] is None else f"{c['precision']:.3f} / {c['recall']:.3f}"
         lines.append(
-            f"| {e['run']} | {e['minutes']:g} min | {e['steps']:,.0f} | {fid_text(c['fid'], k)} | "
-            f"{fid_text(p['fid'], k)} | {c['precision']:.3f} / {c['recall']:.3f} | "
-            f"{e['sample_s']:.0f} s ({e['sampler']}) |"
+            f"| {e['run']} | {e['minutes']:g} min | {e['steps']:,.0f} | {spread_text(c['fid'], k)} | "
+            f"{spread_text(p['fid'], k)} | {accuracy} | {pr} | {sampling_text(e)} |"
         )
+    conditional = any(e["conditional"] for e in summary)
     if floor is not None:
         fids = ", ".join(
             f"{space} {floor[space]['fid']:.3f}" if floor[space]["fid"] is not None else f"{space} n/a"
             for space in SPACES
         )
+        ceiling = f"; {ceiling_text(real_accuracy)}" if conditional and real_accuracy else ""
         lines.append("")
-        lines.append(f"Real vs real ({n:,} other real digits against the same {n_real:,}): FID {fids}.")
+        lines.append(
+            f"Real vs real ({n:,} other real digits against the same {n_real:,}): FID {fids}{ceiling}."
+        )
+    elif conditional and real_accuracy:
+        lines += ["", f"The {n_real:,} real digits' {ceiling_text(real_accuracy)}."]
     return lines
+
+
+# ---------------------------------------------------------------------------------------------- verdicts
+def seeds_text(e: dict) -> str:
+    return f"{len(e['seeds'])} seed{'s' if len(e['seeds']) > 1 else ''}"
+
+
+def fid_beats(e: dict, refs: list[dict], space: str) -> str:
+    """Is e's worst FID in ``space`` below every reference row's best? It is set against the reference row
+    whose best seed scores lowest."""
+    mine = e[space]["fid"]
+    known = [r for r in refs if r[space]["fid"]["min"] is not None]
+    if mine["max"] is None or not known:
+        return f"{space}: n/a"
+    best = min(known, key=lambda r: r[space]["fid"]["min"])
+    theirs = best[space]["fid"]
+    beats = mine["max"] < theirs["min"]
+    return (
+        f"{space}: {'yes' if beats else 'no'} (max {mine['max']:.3f} vs min {theirs['min']:.3f} of "
+        f"{best['run']}, {best['minutes']:g} min)"
+    )
+
+
+def accuracy_beats(e: dict, refs: list[dict]) -> str:
+    """Is e's worst class accuracy above every conditional reference row's best?"""
+    mine = e["class_accuracy"]
+    known = [r for r in refs if r["class_accuracy"]["max"] is not None]
+    if mine["min"] is None or not known:
+        return "class accuracy: n/a"
+    best = max(known, key=lambda r: r["class_accuracy"]["max"])
+    theirs = best["class_accuracy"]
+    beats = mine["min"] > theirs["max"]
+    return (
+        f"class accuracy: {'yes' if beats else 'no'} (min {mine['min']:.3f} vs max {theirs['max']:.3f} of "
+        f"{best['run']}, {best['minutes']:g} min)"
+    )
+
+
+def within_noise(e: dict, base: dict) -> str:
+    """Do the FID ranges of two ddpm settings at one budget overlap?"""
+    parts = []
+    for space in SPACES:
+        a, b = e[space]["fid"], base[space]["fid"]
+        if a["max"] is None or b["max"] is None:
+            parts.append(f"{space}: n/a")
+            continue
+        overlap = a["min"] <= b["max"] and b["min"] <= a["max"]
+        parts.append(
+            f"{space}: {'within noise' if overlap else 'apart'} ([{a['min']:.3f}, {a['max']:.3f}] vs "
+            f"[{b['min']:.3f}, {b['max']:.3f}])"
+        )
+    return f"{e['run']} against {base['run']}, {e['minutes']:g} min: " + "; ".join(parts)
+
+
+def against_unconditional(e: dict, base: dict) -> str:
+    """Does a conditional ddpm row reach ACCURACY_TARGET at median FIDs no worse than an unconditional ddpm
+    row's at the same budget?"""
+    accuracy = e["class_accuracy"]["median"]
+    reached = accuracy is not None and accuracy >= ACCURACY_TARGET
+    parts = [
+        f"class accuracy {'n/a' if accuracy is None else f'{accuracy:.3f}'} >= {ACCURACY_TARGET:g}: "
+        f"{'yes' if reached else 'no'}"
+    ]
+    no_worse = True
+    for space in SPACES:
+        a, b = e[space]["fid"]["median"], base[space]["fid"]["median"]
+        if a is None or b is None:
+            parts.append(f"FID {space} no worse: n/a")
+            no_worse = False
+            continue
+        no_worse &= a <= b
+        parts.append(f"FID {space} {a:.3f} <= {b:.3f}: {'yes' if a <= b else 'no'}")
+    both = "yes" if reached and no_worse else "no"
+    return (
+        f"{e['run']} against {base['run']}, {e['minutes']:g} min (medians): reaches class accuracy "
+        f">= {ACCURACY_TARGET:g} at an FID no worse: {both} (" + "; ".join(parts) + ")"
+    )
 
 
 def verdicts(summary: list[dict]) -> list[str]:
-    """Per ddpm row and feature space: does it beat every reference row (each U-Net, budget and sampling
-    steps) by more than the spread over seeds, i.e. is its worst seed below every reference seed? It is
-    set against the reference row whose best seed scores lowest. And each further ddpm setting against the
-    first at the same budget: do their ranges overlap (within noise)?"""
+    """Per ddpm row: does it beat every unconditional reference row (each U-Net, budget and sampling steps)
+    by more than the spread over seeds, in each feature space? Per conditional ddpm row, the same against
+    the conditional reference rows, in class accuracy too. Each further unconditional ddpm setting against
+    the first at the same budget: do their ranges overlap (within noise)? And each conditional ddpm row
+    against each unconditional one at its budget: class accuracy >= ACCURACY_TARGET at an FID no worse?"""
     ours = [e for e in summary if e["impl"] == "ddpm"]
-    refs = [e for e in summary if e["impl"] == "lucidrains"]
-    lines = []
-    for e in ours:
-        parts = []
-        for space in SPACES:
-            mine = e[space]["fid"]
-            known = [r for r in refs if r[space]["fid"]["min"] is not None]
-            if mine["max"] is None or not known:
-                parts.append(f"{space}: n/a")
-                continue
-            best = min(known, key=lambda r: r[space]["fid"]["min"])
-            theirs = best[space]["fid"]
-            beats = mine["max"] < theirs["min"]
-            parts.append(
-                f"{space}: {'yes' if beats else 'no'} (max {mine['max']:.3f} vs min {theirs['min']:.3f} of "
-                f"{best['run']}, {best['minutes']:g} min)"
-            )
-        seeds = f"{len(e['seeds'])} seed{'s' if len(e['seeds']) > 1 else ''}"
+    plain = [e for e in ours if not e["conditional"]]
+    guided = [e for e in ours if e["conditional"]]
+    refs = [e for e in summary if e["impl"] == "lucidrains" and not e["conditional"]]
+    cfg_refs = [e for e in summary if e["impl"] == "lucidrains" and e["conditional"]]
+    lines = [
+        f"{e['run']}, {e['minutes']:g} min ({seeds_text(e)}) beats every reference row by more than the "
+        "spread: " + "; ".join(fid_beats(e, refs, space) for space in SPACES)
+        for e in ours
+    ]
+    for e in guided:
+        parts = [accuracy_beats(e, cfg_refs), *(fid_beats(e, cfg_refs, space) for space in SPACES)]
         lines.append(
-            f"{e['run']}, {e['minutes']:g} min ({seeds}) beats every reference row by more than the spread: "
-            + "; ".join(parts)
+            f"{e['run']}, {e['minutes']:g} min ({seeds_text(e)}) beats every conditional reference row by "
+            "more than the spread: " + "; ".join(parts)
         )
-    for e in ours:
-        base = next((b for b in ours if b["minutes"] == e["minutes"]), None)
-        if base is None or base is e:
-            continue
-        parts = []
-        for space in SPACES:
-            a, b = e[space]["fid"], base[space]["fid"]
-            if a["max"] is None or b["max"] is None:
-                parts.append(f"{space}: n/a")
-                continue
-            overlap = a["min"] <= b["max"] and b["min"] <= a["max"]
-            parts.append(
-                f"{space}: {'within noise' if overlap else 'apart'} ([{a['min']:.3f}, {a['max']:.3f}] vs "
-                f"[{b['min']:.3f}, {b['max']:.3f}])"
-            )
-        lines.append(f"{e['run']} against {base['run']}, {e['minutes']:g} min: " + "; ".join(parts))
+    for e in plain:
+        base = next(b for b in plain if b["minutes"] == e["minutes"])
+        if base is not e:
+            lines.append(within_noise(e, base))
+    for e in guided:
+        lines += [against_unconditional(e, base) for base in plain if base["minutes"] == e["minutes"]]
     return lines
 
 
-# -------------------------------------------------------------------------------------------------- main
+# -------------------------------------------------------------------------------------------------- plan
 def minutes_list(text: str) -> list[float]:
     return [float(m) for m in text.split(",") if m.strip()]
 
 
-def main() -> None:
+def scales_list(text: str, option: str) -> list[float]:
+    scales = [float(s) for s in text.split(",") if s.strip()]
+    if any(not math.isfinite(s) or s < 0 for s in scales):
+        raise SystemExit(f"{option} must be finite numbers >= 0: {scales}")
+    return scales
+
+
+def steps_list(text: str, option: str) -> list[int]:
+    steps = [int(s) for s in text.split(",") if s.strip()]
+    if any(not 1 <= s <= REFERENCE_T for s in steps):
+        raise SystemExit(f"{option} must lie in [1, {REFERENCE_T}]: {steps}")
+    return steps
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The command line, parsed and checked before any training."""
+
+    seeds: list[int]
+    ours_minutes: list[float]
+    guidance: list[float]
+    references: list[ReferenceSetting]
+    ref_minutes: list[float]
+    ref_steps: list[int]
+    cfg_references: list[ReferenceSetting]
+    cfg_minutes: list[float]
+    cfg_steps: list[int]
+    cond_scales: list[float]
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Plan:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        if not seeds:
+            raise SystemExit("--seeds names no seed")
+        plan = cls(
+            seeds,
+            minutes_list(args.ours_minutes),
+            scales_list(args.guidance, "--guidance"),
+            [ReferenceSetting.parse(text) for text in args.reference],
+            minutes_list(args.reference_minutes),
+            steps_list(args.reference_sampling_steps, "--reference-sampling-steps"),
+            [ReferenceSetting.parse(text, "--reference-cfg") for text in args.reference_cfg],
+            minutes_list(args.reference_cfg_minutes),
+            steps_list(args.reference_cfg_sampling_steps, "--reference-cfg-sampling-steps"),
+            scales_list(args.reference_cond_scales, "--reference-cond-scales"),
+        )
+        if plan.cfg_references and plan.cfg_minutes and not plan.cond_scales:
+            raise SystemExit("--reference-cfg is given but --reference-cond-scales names no scale")
+        return plan
+
+    def trainings(self, ours: int) -> tuple[int, float]:
+        """How many trainings per seed all settings make, and their minutes, for ``ours`` ddpm settings."""
+        jobs = (
+            ours * len(self.ours_minutes)
+            + len(self.references) * len(self.ref_minutes)
+            + len(self.cfg_references) * len(self.cfg_minutes)
+        )
+        minutes = (
+            ours * sum(self.ours_minutes)
+            + len(self.references) * sum(self.ref_minutes)
+            + len(self.cfg_references) * sum(self.cfg_minutes)
+        )
+        return jobs, minutes
+
+
+# ------------------------------------------------------------------------------------------------ record
+@dataclass
+class Recorder:
+    """Scores each run as it ends, prints its line, saves the first seed's grid and rewrites the report, so
+    an interrupted measurement keeps every run so far."""
+
+    scorer: Scorer
+    out: Path
+    args: argparse.Namespace
+    protocol: dict
+    floor: dict | None
+    first_seed: int
+    rows: list[dict] = field(default_factory=list)
+
+    def __call__(self, row: dict, samples: torch.Tensor | None, labels: torch.Tensor | None = None) -> None:
+        """``samples`` None: a failed run (its row holds the error)."""
+        row["scores"] = scores_of(self.scorer, samples) if samples is not None else None
+        if row["conditional"]:
+            row.update(
+                accuracy_of(self.scorer, samples, labels)
+                if samples is not None and labels is not None
+                else {"class_accuracy": None, "class_accuracy_per_class": None}
+            )
+        self.rows.append(row)
+        if samples is not None and row["seed"] == self.first_seed:
+            grid = f"{slug(row['run'])}_{row['minutes']:g}min_seed{row['seed']}.png"
+            save_grid(samples[:64], self.out / grid)
+        print(f"{row['run']:>44} {row['minutes']:4g} min seed {row['seed']}: {row_text(row)}", flush=True)
+        self.write()
+
+    def write(self) -> dict:
+        return write_report(self.out, self.args, self.protocol, self.floor, self.rows)
+
+
+def row_text(row: dict) -> str:
+    text = f"{row['steps']:6d} steps | "
+    if row["scores"] is None:
+        return text + f"failed: {row['error']} | sampling {row['sample_s']:.0f} s"
+    c, p = row["scores"]["classifier"], row["scores"]["pixels"]
+    fids = " | ".join(
+        f"FID {name} {s['fid']:.3f}" if s["fid"] is not None else f"FID {name} n/a"
+        for name, s in (("classifier", c), ("pixels", p))
+    )
+    accuracy = f" | class accuracy {row['class_accuracy']:.3f}" if row["conditional"] else ""
+    return (
+        f"{text}{fids}{accuracy} | precision {c['precision']:.3f} | recall {c['recall']:.3f} | "
+        f"sampling {row['sample_s']:.0f} s"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- runs
+@dataclass(frozen=True)
+class Data:
+    """The training digits (all of them) with their labels, and the class names."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    class_names: tuple[str, ...]
+
+
+def run_ours(record: Recorder, args: argparse.Namespace, plan: Plan, data: Data, seed: int) -> None:
+    """Every ddpm setting at every budget: one row, or one per --guidance scale for a conditional one."""
+    for setting in args.ours:
+        cfg = ours_config(setting, args.ours_overrides, seed)
+        row = {"run": f"ddpm {setting}", "impl": "ddpm", "setting": setting, "conditional": cfg.class_cond}
+        for minutes in plan.ours_minutes:
+            trained, info = ours_train(cfg, minutes, data.images, data.labels, data.class_names)
+            if not cfg.class_cond:
+                samples, sample_s = ours_sample(cfg, trained, args.n, seed)
+                record({**row, "minutes": minutes, "seed": seed, **info, "sample_s": sample_s}, samples)
+                continue
+            asked = record.scorer.draw_labels(args.n, seed)  # the same labels for every model at this seed
+            for scale in plan.guidance:
+                samples, sample_s = ours_sample(cfg, trained, args.n, seed, asked, scale)
+                guided = {
+                    **row,
+                    "run": f"{row['run']}, guidance {scale:g}",
+                    "minutes": minutes,
+                    "seed": seed,
+                    "guidance_scale": scale,
+                    "cond_drop_prob": cfg.cond_drop_prob,
+                }
+                record({**guided, **info, "sample_s": sample_s}, samples, asked)
+
+
+def run_references(record: Recorder, args: argparse.Namespace, plan: Plan, data: Data, seed: int) -> None:
+    """Every unconditional reference at every budget, one row per sampling_timesteps."""
+    for ref in plan.references:
+        for minutes in plan.ref_minutes:
+            diffusion, info = reference_train(ref, minutes, data.images, seed)
+            for steps in plan.ref_steps:
+                samples, sample_s = reference_sample(diffusion, steps, args.n, seed)
+                sampler = reference_sampler(steps)
+                row = {
+                    "run": f"lucidrains {ref.describe()}, {sampler}",
+                    "impl": "lucidrains",
+                    "setting": ref.record(),
+                    "conditional": False,
+                    "minutes": minutes,
+                    "seed": seed,
+                    "sampling_timesteps": steps,
+                    "sampler": sampler,
+                }
+                record({**row, **info, "sample_s": sample_s}, samples)
+
+
+def run_cfg_references(record: Recorder, args: argparse.Namespace, plan: Plan, data: Data, seed: int) -> None:
+    """Every conditional reference at every budget, one row per (sampling_timesteps, cond_scale)."""
+    if not plan.cfg_references:
+        return
+    asked = record.scorer.draw_labels(args.n, seed)  # the same labels for every model at this seed
+    for ref in plan.cfg_references:
+        for minutes in plan.cfg_minutes:
+            diffusion, info = reference_cfg_train(
+                ref, minutes, data.images, data.labels, len(data.class_names), seed
+            )
+            for steps in plan.cfg_steps:
+                sampler = reference_sampler(steps)
+                for scale in plan.cond_scales:
+                    samples, sample_s, error = reference_cfg_sample(diffusion, steps, scale, asked, seed)
+                    row = {
+                        "run": f"lucidrains cfg {ref.describe()}, {sampler}, cond_scale {scale:g}",
+                        "impl": "lucidrains",
+                        "setting": ref.record(),
+                        "conditional": True,
+                        "minutes": minutes,
+                        "seed": seed,
+                        "sampling_timesteps": steps,
+                        "sampler": sampler,
+                        "cond_scale": scale,
+                        "rescaled_phi": REFERENCE_CFG_PHI,
+                    }
+                    failed = {"error": error} if error is not None else {}
+                    record({**row, **info, "sample_s": sample_s, **failed}, samples, asked)
+
+
+# -------------------------------------------------------------------------------------------------- main
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -359,7 +791,8 @@ def main() -> None:
         "--ours",
         nargs="*",
         default=["precision=fp32", "precision=bf16"],
-        help='ddpm settings, each "default" or space-separated ddpm-train overrides, e.g. "precision=bf16"',
+        help='ddpm settings, each "default" or space-separated ddpm-train overrides, e.g. "precision=bf16" '
+        'or "class_cond=true"',
     )
     parser.add_argument("--ours-minutes", default="5", help="comma-separated training budgets of ddpm")
     parser.add_argument(
@@ -369,6 +802,12 @@ def main() -> None:
         action="extend",
         default=[],
         help="ddpm-train overrides applied to every ddpm setting",
+    )
+    parser.add_argument(
+        "--guidance",
+        default="1,1.5,2,3",
+        help="comma-separated guidance scales, each a row of every class_cond=true setting's trained model "
+        "(1: the conditional model alone)",
     )
     parser.add_argument(
         "--reference",
@@ -384,6 +823,24 @@ def main() -> None:
         f"{REFERENCE_T}, ancestral at {REFERENCE_T})",
     )
     parser.add_argument(
+        "--reference-cfg",
+        nargs="*",
+        default=[],
+        help="classifier_free_guidance settings, as --reference's (Unet(dim, dim_mults, num_classes=10)); "
+        "default none",
+    )
+    parser.add_argument("--reference-cfg-minutes", default="10", help="comma-separated training budgets")
+    parser.add_argument(
+        "--reference-cfg-sampling-steps",
+        default="100",
+        help="comma-separated sampling_timesteps of the conditional reference, as --reference-sampling-steps",
+    )
+    parser.add_argument(
+        "--reference-cond-scales",
+        default="6,3,1.5",
+        help="comma-separated cond_scale values, each a row of every trained conditional reference",
+    )
+    parser.add_argument(
         "--seeds", default="0,1,2", help="comma-separated seeds: every setting runs once per seed"
     )
     parser.add_argument("--n", type=int, default=1000, help="samples scored per run")
@@ -394,21 +851,27 @@ def main() -> None:
         "--eval-overrides", nargs="+", default=[], help="ddpm-eval scoring keys, e.g. knn_k=5"
     )
     parser.add_argument("--out", default="runs/quality_digits")
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    ours_minutes, ref_minutes = minutes_list(args.ours_minutes), minutes_list(args.reference_minutes)
-    references = [ReferenceSetting.parse(text) for text in args.reference]
-    ref_steps = [int(s) for s in args.reference_sampling_steps.split(",") if s.strip()]
-    if any(not 1 <= s <= REFERENCE_T for s in ref_steps):
-        raise SystemExit(f"--reference-sampling-steps must lie in [1, {REFERENCE_T}]: {ref_steps}")
-    if not seeds:
-        raise SystemExit("--seeds names no seed")
+
+def check_settings(args: argparse.Namespace, plan: Plan) -> None:
+    """Every ddpm config (and a conditional one's guidance scales), and the reference package, before any
+    training."""
     register_configs()
-    for setting in args.ours:  # every config is checked before any training
-        ours_config(setting, args.ours_overrides, seeds[0])
-    if references and ref_minutes:
-        import denoising_diffusion_pytorch  # noqa: F401 (pip install -e '.[bench]'), before any training
+    for setting in args.ours:
+        cfg = ours_config(setting, args.ours_overrides, plan.seeds[0])
+        if cfg.class_cond:
+            check_guidance(setting, cfg, plan.guidance)
+    if plan.references and plan.ref_minutes:
+        import denoising_diffusion_pytorch  # noqa: F401 (pip install -e '.[bench]')
+    if plan.cfg_references and plan.cfg_minutes:
+        import denoising_diffusion_pytorch.classifier_free_guidance  # noqa: F401
+
+
+def main() -> None:
+    args = parse_args()
+    plan = Plan.from_args(args)
+    check_settings(args, plan)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -416,76 +879,43 @@ def main() -> None:
     n_real = scorer.n_real
     floor = floor_of(scorer)
     accuracy = scorer.spaces["classifier"].about["classifier_accuracy"]
-    dataset = build_dataset(real_data_config(scorer.data))
-    images, _ = load_subset(dataset, size, seed=0)  # the training data: all the digits
-    jobs = len(seeds) * (len(args.ours) * len(ours_minutes) + len(references) * len(ref_minutes))
-    budget = len(seeds) * (len(args.ours) * sum(ours_minutes) + len(references) * sum(ref_minutes))
+    dataset = build_dataset(real_data_config(scorer.data), labels=True)
+    images, labels = load_subset(dataset, size, seed=0)  # the training data: all the digits
+    assert labels is not None and scorer.class_names is not None
+    data = Data(images, labels, scorer.class_names)
+    jobs, budget = plan.trainings(len(args.ours))
     print(
         f"classifier held-out accuracy {accuracy:.1%}; {args.n:,} samples per run against {n_real:,} of the "
-        f"{size:,} digits (8x8); CPU threads {torch.get_num_threads()}; {jobs} trainings, {budget:g} min of "
-        "training in all, plus sampling",
+        f"{size:,} digits (8x8); CPU threads {torch.get_num_threads()}; {jobs * len(plan.seeds)} trainings, "
+        f"{budget * len(plan.seeds):g} min of training in all, plus sampling",
         flush=True,
     )
+    ceiling = ceiling_text(scorer.real_accuracy)
     if floor is not None:
         text = ", ".join(
             f"{s} {floor[s]['fid']:.3f}" if floor[s]["fid"] is not None else f"{s} n/a" for s in SPACES
         )
-        print(f"real vs real ({args.n:,} other digits): FID {text}", flush=True)
+        print(f"real vs real ({args.n:,} other digits): FID {text}; {ceiling}", flush=True)
     else:
-        print(f"no real-vs-real floor: {n_real:,} + {args.n:,} is more than the {size:,} digits", flush=True)
+        print(f"no real-vs-real floor: {n_real:,} + {args.n:,} is more than the {size:,} digits; {ceiling}")
 
-    rows: list[dict] = []
+    protocol = {
+        "n": args.n,
+        "n_real": n_real,
+        "features": list(SPACES),
+        "classifier_accuracy": accuracy,
+        "real_class_accuracy": scorer.real_accuracy,
+        "class_accuracy_target": ACCURACY_TARGET,
+        "threads": torch.get_num_threads(),
+        "seeds": plan.seeds,
+    }
+    record = Recorder(scorer, out, args, protocol, floor, plan.seeds[0])
+    for seed in plan.seeds:  # seed outermost: an interrupted run still has every setting at the first seeds
+        run_ours(record, args, plan, data, seed)
+        run_references(record, args, plan, data, seed)
+        run_cfg_references(record, args, plan, data, seed)
 
-    def record(row: dict, samples: torch.Tensor) -> None:
-        row["scores"] = scores_of(scorer, samples)
-        rows.append(row)
-        if row["seed"] == seeds[0]:
-            save_grid(samples[:64], out / f"{slug(row['run'])}_{row['minutes']:g}min_seed{row['seed']}.png")
-        c, p = row["scores"]["classifier"], row["scores"]["pixels"]
-        fids = " | ".join(
-            f"FID {name} {s['fid']:.3f}" if s["fid"] is not None else f"FID {name} n/a"
-            for name, s in (("classifier", c), ("pixels", p))
-        )
-        print(
-            f"{row['run']:>44} {row['minutes']:4g} min seed {row['seed']}: {row['steps']:6d} steps | "
-            f"{fids} | precision {c['precision']:.3f} | recall {c['recall']:.3f} | "
-            f"sampling {row['sample_s']:.0f} s",
-            flush=True,
-        )
-        write_report(out, args, accuracy, n_real, floor, rows)
-
-    for seed in seeds:  # seed outermost: an interrupted run still has every setting at the first seeds
-        for setting in args.ours:
-            cfg = ours_config(setting, args.ours_overrides, seed)
-            label = f"ddpm {setting}"
-            for minutes in ours_minutes:
-                trained, info = ours_train(cfg, minutes, images)
-                samples, sample_s = ours_sample(cfg, trained, args.n, seed)
-                row = {"run": label, "impl": "ddpm", "setting": setting, "minutes": minutes, "seed": seed}
-                record({**row, **info, "sample_s": sample_s}, samples)
-        for ref in references:
-            for minutes in ref_minutes:
-                diffusion, info = reference_train(ref, minutes, images, seed)
-                for steps in ref_steps:
-                    samples, sample_s = reference_sample(diffusion, steps, args.n, seed)
-                    sampler = reference_sampler(steps)
-                    row = {
-                        "run": f"lucidrains {ref.describe()}, {sampler}",
-                        "impl": "lucidrains",
-                        "setting": {
-                            "dim": ref.dim,
-                            "mults": list(ref.mults),
-                            "lr": ref.lr,
-                            "batch": ref.batch,
-                        },
-                        "minutes": minutes,
-                        "seed": seed,
-                        "sampling_timesteps": steps,
-                        "sampler": sampler,
-                    }
-                    record({**row, **info, "sample_s": sample_s}, samples)
-
-    report = write_report(out, args, accuracy, n_real, floor, rows)
+    report = record.write()
     print()
     print("\n".join(report["table"]))
     print()
@@ -493,22 +923,15 @@ def main() -> None:
 
 
 def write_report(
-    out: Path, args: argparse.Namespace, accuracy: float, n_real: int, floor: dict | None, rows: list[dict]
+    out: Path, args: argparse.Namespace, protocol: dict, floor: dict | None, rows: list[dict]
 ) -> dict:
     """<out>/quality.json (every run, the summary, the table and the verdicts) and <out>/quality.md."""
     summary = summarise(rows)
-    lines = table(summary, floor, args.n, n_real)
+    lines = table(summary, floor, args.n, protocol["n_real"], protocol["real_class_accuracy"])
     verdict = verdicts(summary)
     report = {
         "command": " ".join(sys.argv),
-        "protocol": {
-            "n": args.n,
-            "n_real": n_real,
-            "features": list(SPACES),
-            "classifier_accuracy": accuracy,
-            "threads": torch.get_num_threads(),
-            "seeds": [int(s) for s in args.seeds.split(",") if s.strip()],
-        },
+        "protocol": protocol,
         "floor": floor,
         "summary": summary,
         "table": lines,

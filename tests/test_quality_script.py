@@ -1,5 +1,6 @@
 """scripts/quality_digits.py end to end at the tiniest budget: every setting and seed trains, samples and
-is scored in both feature spaces, and the report holds the medians, the floor and the verdicts."""
+is scored in both feature spaces, and the report holds the medians, the floor and the verdicts; for the
+class-conditional comparison, also each conditional row's class accuracy and the ceiling."""
 
 from __future__ import annotations
 
@@ -48,3 +49,60 @@ def test_quality_digits_end_to_end(tmp_path: Path) -> None:
     )  # each ddpm setting against the reference, the second against the first
     assert (out / "quality.md").read_text().startswith("| run |")
     assert "beats every reference row" in result.stdout
+
+
+def test_quality_digits_conditional(tmp_path: Path) -> None:
+    """ddpm's class_cond=true at two guidance scales beside its unconditional default, and the reference's
+    classifier_free_guidance at two cond_scales (1 raises inside 2.3.4's sampler: a failed row, not a
+    crash), with small U-Nets so that the whole comparison stays cheap."""
+    pytest.importorskip("denoising_diffusion_pytorch.classifier_free_guidance")  # the bench extra
+    out = tmp_path / "out"
+    command = [
+        sys.executable,
+        str(SCRIPT),
+        *("--ours", "default", "class_cond=true", "--guidance", "1,2", "--ours-minutes", "0.005"),
+        *("--ours-overrides", "sample_steps=5", "model.dim=8", "model.dim_mults=[1,2]", "--reference"),
+        *("--reference-cfg", "dim=8,mults=1-2", "--reference-cfg-minutes", "0.005"),
+        *("--reference-cfg-sampling-steps", "5", "--reference-cond-scales", "2,1"),
+        *("--seeds", "0,1", "--n", "150", "--out", str(out)),
+        *("--eval-overrides", "classifier_steps=20", f"classifier_cache={tmp_path}", "kid_subsets=2"),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "quality.json").read_text())
+    assert len(report["runs"]) == 2 * (1 + 2 + 2)  # seeds x (default + guidance scales + cond_scales)
+    reference = "lucidrains cfg dim 8, mults 1-2, lr 0.001, ddim, 5 steps"
+    assert [e["run"] for e in report["summary"]] == [
+        "ddpm default",
+        "ddpm class_cond=true, guidance 1",
+        "ddpm class_cond=true, guidance 2",
+        f"{reference}, cond_scale 2",
+        f"{reference}, cond_scale 1",
+    ]
+    for row in report["runs"]:
+        if not row["conditional"]:
+            assert "class_accuracy" not in row and row["scores"] is not None
+        elif row["scores"] is None:  # the reference's sampler raised at this scale
+            assert row.get("cond_scale") == 1 and row["class_accuracy"] is None and row["error"]
+        else:
+            assert 0 <= row["class_accuracy"] <= 1
+            assert set(row["class_accuracy_per_class"]) == {str(i) for i in range(10)}
+    for entry in report["summary"]:
+        assert ("class_accuracy" in entry) == entry["conditional"]
+        if entry["run"].endswith("cond_scale 1") and "failed" in entry:
+            assert entry["class_accuracy"]["median"] is None and entry["classifier"]["fid"]["median"] is None
+        elif entry["conditional"]:
+            accuracy = entry["class_accuracy"]
+            assert 0 <= accuracy["min"] <= accuracy["median"] <= accuracy["max"] <= 1
+    assert 0 < report["protocol"]["real_class_accuracy"] <= 1
+    verdicts = report["verdicts"]
+    assert len(verdicts) == 3 + 2 + 2  # every ddpm row; the conditional ones' two further lines each
+    assert sum("beats every reference row" in v for v in verdicts) == 3
+    conditional = [v for v in verdicts if "beats every conditional reference row" in v]
+    assert len(conditional) == 2 and all("class accuracy: " in v for v in conditional)
+    against = [v for v in verdicts if " against ddpm default, 0.005 min (medians)" in v]
+    assert len(against) == 2 and all(
+        "reaches class accuracy >= 0.98 at an FID no worse" in v for v in against
+    )
+    markdown = (out / "quality.md").read_text()
+    assert "| class accuracy |" in markdown.splitlines()[0] and "(the ceiling)" in markdown
