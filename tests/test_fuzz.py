@@ -139,6 +139,9 @@ TRAIN_INVALID: dict[str, st.SearchStrategy[str]] = {
     "eval.kid_subsets": below(2),
     "eval.kid_subset_size": below(1),
     "eval.knn_k": below(1),
+    "eval.nll": not_a_value,
+    "eval.nll_split": not_one_of({"auto", "train", "test"}),
+    "eval.nll_n": below(1),
 }
 
 # Whole overrides that are wrong in shape rather than in value.

@@ -78,14 +78,22 @@ def _sample(cfg: DictConfig) -> None:
 def _eval(cfg: DictConfig) -> dict[str, Any]:
     with one_line_errors("ddpm-eval"):
         require(cfg)
-        report = evaluate(cfg)
+        report = evaluate(cfg, shape_from_ckpt=shape_left_out())
         for line in summary_lines(report):
             print(f"ddpm-eval: {line}")
-        print(
-            f"ddpm-eval: {report['n_fake']} images against {report['n_real']} real ones "
-            f"-> {report['out']}/eval.json"
+        scored = (
+            f"{report['n_fake']} images against {report['n_real']} real ones" if "n_fake" in report else ""
         )
+        bound = f"the bound on {report['nll']['n']} real images" if "nll" in report else ""
+        print(f"ddpm-eval: {' and '.join(filter(None, [scored, bound]))} -> {report['out']}/eval.json")
         return report
+
+
+def shape_left_out() -> list[str]:
+    """The data shape keys (image_size, channels) this command line does not set: a ckpt's folder of real
+    images takes them from the checkpoint."""
+    given = {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
+    return [key for key in ("image_size", "channels") if f"data.{key}" not in given]
 
 
 class EvalSweep(Callback):

@@ -17,7 +17,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ddpm import keys
-from ddpm.data import DATASETS
+from ddpm.data import DATASETS, Split
 from ddpm.data.sets import DataConfig
 from ddpm.diffusion.gaussian import Loss, Objective, Variance
 from ddpm.diffusion.sampling import Spacing
@@ -60,6 +60,10 @@ class ScoringKeys:
     kid_subsets: int = MISSING
     kid_subset_size: int = MISSING
     knn_k: int = MISSING
+    # the likelihood bound in bits/dim (evaluation/nll.py), on nll_n real images of nll_split
+    nll: bool = MISSING
+    nll_split: Split = MISSING
+    nll_n: int = MISSING
 
 
 @dataclass

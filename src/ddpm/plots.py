@@ -33,8 +33,8 @@ def smoothed(values: list[float], weight: float = SMOOTHING) -> list[float]:
 
 def save_loss_plot(metrics: Path, path: Path, title: str = "") -> None:
     """loss.png: the loss per logged interval and its smoothed curve (log scale), the learning rate on a
-    second axis, the loss by timestep quartile when the rows have it, and the run's own FID scores
-    (eval_every) when it has any."""
+    second axis, the loss by timestep quartile when the rows have it, and the run's own FID scores and
+    likelihood bounds (eval_every, eval.nll) when it has any."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed, none looked for
@@ -43,9 +43,9 @@ def save_loss_plot(metrics: Path, path: Path, title: str = "") -> None:
     every = read_metrics(metrics)
     rows = [r for r in every if r.get("loss") is not None]
     scores = {k for r in every for k in r if k.startswith("fid_")}
-    fig, axes = plt.subplots(
-        1, 2 + bool(scores), figsize=(10 + 4 * bool(scores), 3.6), layout="constrained", dpi=80
-    )
+    bounds = [(r["step"], r["bpd"]) for r in every if r.get("bpd") is not None]
+    panels = 2 + bool(scores) + bool(bounds)
+    fig, axes = plt.subplots(1, panels, figsize=(2 + 4 * panels, 3.6), layout="constrained", dpi=80)
     ax, aq = axes[:2]
     steps, losses = [r["step"] for r in rows], [r["loss"] for r in rows]
     ax.plot(steps, losses, color="tab:blue", alpha=0.35, lw=1, label="loss")
@@ -74,5 +74,9 @@ def save_loss_plot(metrics: Path, path: Path, title: str = "") -> None:
     if scores:
         axes[2].set(xlabel="step", ylabel="FID (lower is better)", ylim=(0, None))
         axes[2].legend(fontsize=8)
+    if bounds:  # eval.nll: the likelihood bound of the same real images at each score
+        axes[-1].plot(*zip(*bounds, strict=True), lw=1, marker="o", color="tab:green", label="bound")
+        axes[-1].set(xlabel="step", ylabel="NLL bound, bits/dim (lower is better)")
+        axes[-1].legend(fontsize=8)
     write_atomically(path, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)

@@ -30,6 +30,7 @@ FIELDS = (
     "kid",
     "fid_floor",
     "class_accuracy",
+    "bpd",
     "wall_s",
     "grid",
 )
@@ -47,6 +48,7 @@ class RunRow:
     kid: float | None
     fid_floor: float | None  # real images against the same reals, as many as were scored: the best FID
     class_accuracy: float | None  # a conditional model's: samples the classifier puts in the class asked for
+    bpd: float | None  # the likelihood bound in bits/dim, where the newest eval.json has one (nll=true)
     wall_s: float | None  # training time, resumes included
     grid: str  # the newest sample grid
 
@@ -73,7 +75,7 @@ def run_row(run: Path, folder: Path) -> RunRow:
     grids = sorted((run / "samples").glob("step_*.png"))
     score = newest_eval(run)
     fid = kid = floor = None
-    if score:
+    if score and score.get("features"):
         features = score["features"].get("classifier") or next(iter(score["features"].values()))
         fid, kid, floor = features.get("fid"), features.get("kid"), features.get("fid_floor")
     losses = [r for r in rows if "loss" in r]  # the rows of a run's own scores have none
@@ -90,6 +92,7 @@ def run_row(run: Path, folder: Path) -> RunRow:
         kid=kid,
         fid_floor=floor,
         class_accuracy=score.get("class_accuracy") if score else None,
+        bpd=score["nll"]["bpd"] if score and "nll" in score else None,
         wall_s=last.get("elapsed_s"),
         grid=str(grids[-1].relative_to(folder)) if grids else "",
     )

@@ -10,13 +10,14 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from ddpm import checks
-from ddpm.data import DATASETS, check_data
+from ddpm.data import DATASETS, Split, check_data
 from ddpm.data.resident import resident_mb
 from ddpm.diffusion.gaussian import Objective
 from ddpm.diffusion.sampling import check_sampling
 from ddpm.diffusion.schedules import check_schedule
 from ddpm.errors import ConfigError
 from ddpm.evaluation.features import FEATURES
+from ddpm.evaluation.nll import resolve_split
 from ddpm.models import check_model
 from ddpm.runtime import Runtime, check_device
 from ddpm.training.rundir.logger import check_logger
@@ -77,6 +78,8 @@ def validate_train(cfg: Any) -> None:
     checks.at_least("sample_batch_size", cfg.sample_batch_size, 1)
     checks.at_least("eval_every", cfg.eval_every, 0)
     check_scoring(cfg.eval, "eval.")
+    if cfg.eval.nll:
+        resolve_split(Split(cfg.eval.nll_split), cfg.data, key="eval.nll_split")
     check_sampling(cfg.eval, "eval.")
     checks.at_least("forward_n", cfg.forward_n, 0)
     checks.at_least("keep_last", cfg.keep_last, 0)
@@ -150,10 +153,16 @@ def validate_sample(cfg: Any) -> None:
 def check_scoring(cfg: Any, prefix: str = "") -> None:
     """The keys of scoring/default.yaml and the number of images scored (ddpm-eval's, or ddpm-train's
     eval.* with prefix "eval.")."""
-    if not cfg.features or any(f not in FEATURES for f in cfg.features):
+    if any(f not in FEATURES for f in cfg.features):
         raise ConfigError(
             f"{prefix}features={list(cfg.features)} is invalid: choose from {', '.join(FEATURES)}"
         )
+    if not cfg.features and not cfg.nll:
+        raise ConfigError(
+            f"{prefix}features=[] scores nothing: choose from {', '.join(FEATURES)}, or give "
+            f"{prefix}nll=true for the likelihood alone"
+        )
+    checks.at_least(prefix + "nll_n", cfg.nll_n, 1)
     for key in ("n", "n_real", "kid_subsets"):
         checks.at_least(prefix + key, cfg[key], 2)
     for key in ("classifier_steps", "classifier_images", "kid_subset_size", "knn_k"):
@@ -175,6 +184,10 @@ def validate_eval(cfg: Any) -> None:
         raise ConfigError("give exactly one of ckpt=PATH (score its samples) or samples=DIR (score a folder)")
     if cfg.samples is not None and cfg.data is None:
         raise ConfigError(f"samples=DIR needs data=... ({', '.join(DATASETS.names)}) for the real images")
+    if cfg.samples is not None and cfg.nll:
+        raise ConfigError(
+            f"nll=true needs ckpt=PATH: the likelihood is a model's, and samples={cfg.samples} has none"
+        )
     check_scoring(cfg)
     checks.at_least("batch_size", cfg.batch_size, 1)
     check_sampling(cfg)

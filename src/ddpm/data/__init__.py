@@ -3,6 +3,7 @@ label where the set has labels (an ``Item``): the ``data`` config group, one reg
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Any
 
 import torch
@@ -50,10 +51,30 @@ def check_data(data: Any) -> None:
     option.check(data)
 
 
-def build_dataset(data: Any, labels: bool = False) -> Dataset:
+class Split(Enum):
+    """Which images of a set the likelihood is measured on."""
+
+    auto = "auto"  # the test split where the set has one, else the training images
+    train = "train"
+    test = "test"
+
+
+# The sets with a test split of their own (torchvision's train=False); the others are training images only.
+TEST_SPLITS = ("mnist", "fashion_mnist", "cifar10")
+
+
+def has_test_split(data: Any) -> bool:
+    return data.name in TEST_SPLITS
+
+
+def build_dataset(data: Any, labels: bool = False, split: str = "train") -> Dataset:
     """The data set of a ``data`` config entry, its images labelled by class where ``labels`` asks (a
-    class-conditional run; a set that has none says so); raises DataError, before any work, if it cannot
-    be read."""
+    class-conditional run; a set that has none says so); ``split="test"`` the set's test split (only where
+    ``has_test_split``). Raises DataError, before any work, if it cannot be read."""
+    if split == "test":
+        if not has_test_split(data):
+            raise ValueError(f"data={data.name} has no test split")
+        return TorchvisionDataset(data, labels, train=False)
     return DATASETS[data.name].build(data, labels)
 
 

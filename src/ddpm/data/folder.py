@@ -29,6 +29,8 @@ IMAGE_EXTENSIONS = frozenset(
 # Grayscale modes wider than 8 bits: I;16* from 16-bit PNG and TIFF, I from 16-bit PGM and 32-bit TIFF.
 WIDE_GRAY_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+# Modes with more than 8 bits a channel: the wide grayscale ones, and 32-bit float.
+WIDE_MODES = WIDE_GRAY_MODES | {"I;16S", "I;32", "I;32S", "F"}
 
 # What PIL raises on a file it cannot decode (found by corrupting files of each format): OSError for
 # truncated data and UnidentifiedImageError (an OSError) for no known format, SyntaxError for a broken
@@ -151,6 +153,18 @@ class FolderDataset(Dataset):
     def __getitem__(self, i: int) -> Item:
         image = self.transform(read_image(self.paths[i], self.mode, self.background))
         return image, int(self.labels[i]) if self.labels is not None else None
+
+
+def check_eight_bit(paths: list[Path], root: str, key: str = "data.root") -> None:
+    """Every image has 8 bits per channel, as the likelihood's decoder term needs (256 levels); a wider
+    one is refused, not converted, since its bound would be of other data."""
+    for path in paths:
+        with Image.open(path) as img:  # the header only
+            if img.mode in WIDE_MODES:
+                raise DataError(
+                    f"{key}={root}: {path.name} has more than 8 bits per channel (PIL mode {img.mode}); "
+                    "the bound in bits/dim assumes 256 levels per channel: convert the images to 8 bits"
+                )
 
 
 def read_image(path: Path, mode: str, background: int) -> Image.Image:

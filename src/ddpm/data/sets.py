@@ -107,16 +107,17 @@ class DigitsDataset(Dataset):
 
 
 class TorchvisionDataset(Dataset):
-    """MNIST, Fashion-MNIST or CIFAR-10 (training split) through torchvision, kept as PIL images; the class
+    """MNIST, Fashion-MNIST or CIFAR-10 (the training split, or with ``train=False`` the test split) through
+    torchvision, kept as PIL images; the class
     names are torchvision's (MNIST's "0 - zero", Fashion-MNIST's "T-shirt/top", CIFAR-10's "airplane")."""
 
-    def __init__(self, data: Any, labels: bool = False) -> None:
+    def __init__(self, data: Any, labels: bool = False, train: bool = True) -> None:
         from torchvision import datasets
 
         cls = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST, "cifar10": datasets.CIFAR10}
         root = Path(data.root).expanduser()
         try:
-            self.base = cls[data.name](str(root), train=True, download=data.download)
+            self.base = cls[data.name](str(root), train=train, download=data.download)
         except (RuntimeError, OSError) as e:  # torchvision: "Dataset not found"; urllib: no network
             how = (
                 "could not be downloaded (no network?)"

@@ -172,9 +172,14 @@ class Diffusion:
         mean, posterior_var = self.q_posterior_mean_variance(x0, x_t, t)
         if variance is Variance.small:
             return mean, posterior_var, x0
+        return mean, extract(self.schedule.large_variance, t, x_t.ndim), x0
+
+    def model_log_variance(self, t: torch.Tensor, variance: Variance, ndim: int) -> torch.Tensor:
+        """log of p(x_{t-1} | x_t)'s fixed variance for the likelihood: log beta~_t or log beta_t, each
+        with beta~_1 at t = 0, where the decoder needs a variance above 0."""
         s = self.schedule
-        large = torch.cat([s.posterior_variance[1:2], s.betas[1:]])
-        return mean, extract(large, t, x_t.ndim), x0
+        log_var = s.posterior_log_variance_clipped if variance is Variance.small else s.large_log_variance
+        return extract(log_var, t, ndim)
 
     # ------------------------------------------------------------------------------- the training loss
     def snr_weight(self, t: torch.Tensor) -> torch.Tensor:

@@ -170,6 +170,12 @@ class Schedule:
     posterior_variance: torch.Tensor
     posterior_mean_coef_x0: torch.Tensor  # eq. 7's mean = coef_x0 x_0 + coef_xt x_t
     posterior_mean_coef_xt: torch.Tensor
+    # The fixed variances of p(x_{t-1} | x_t) for the likelihood, whose t = 0 term needs a variance > 0:
+    # log beta~_t with beta~_1 at t = 0 (beta~_0 = 0), and beta_t with beta~_1 at t = 0 (Ho et al.'s
+    # "large" choice), and its log.
+    posterior_log_variance_clipped: torch.Tensor
+    large_variance: torch.Tensor
+    large_log_variance: torch.Tensor
 
     @classmethod
     def from_betas(cls, betas: torch.Tensor) -> Schedule:
@@ -178,6 +184,10 @@ class Schedule:
         alphas = 1.0 - betas
         alphas_cumprod = torch.cumprod(alphas, dim=0)
         alphas_cumprod_prev = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
+        posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+        # beta~_1 stands in for beta~_0 = 0; a one-step chain has no beta~_1, and takes beta_0
+        first = posterior_variance[1:2] if betas.shape[0] > 1 else betas[:1]
+        large_variance = torch.cat([first, betas[1:]])
         buffers = dict(
             betas=betas,
             alphas=alphas,
@@ -187,9 +197,12 @@ class Schedule:
             sqrt_one_minus_alphas_cumprod=(1.0 - alphas_cumprod).sqrt(),
             sqrt_recip_alphas=alphas.rsqrt(),
             # beta~_t of eq. 7: the variance of q(x_{t-1} | x_t, x_0)
-            posterior_variance=betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod),
+            posterior_variance=posterior_variance,
             posterior_mean_coef_x0=alphas_cumprod_prev.sqrt() * betas / (1.0 - alphas_cumprod),
             posterior_mean_coef_xt=alphas.sqrt() * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod),
+            posterior_log_variance_clipped=torch.cat([first, posterior_variance[1:]]).log(),
+            large_variance=large_variance,
+            large_log_variance=large_variance.log(),
         )
         return cls(**{k: v.to(torch.float32) for k, v in buffers.items()})
 

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ddpm.checkpoint import run_dir_of
 from ddpm.conditioning import check_guidance
-from ddpm.data import build_dataset, load_subset
+from ddpm.data import Split, build_dataset, load_subset
 from ddpm.data.folder import FolderDataset
 from ddpm.diffusion.generate import generate
 from ddpm.diffusion.sampling import SamplingOptions
@@ -29,6 +29,7 @@ from ddpm.evaluation.features import (
     predict_classes,
 )
 from ddpm.evaluation.metrics import fid, kid, precision_recall
+from ddpm.evaluation.nll import nll_images, nll_report, nll_text, resolve_split
 from ddpm.files import write_atomically
 from ddpm.images import save_grid
 from ddpm.runtime import Runtime
@@ -58,15 +59,20 @@ def default_out(cfg: Any, guidance: float | None = None) -> Path:
 
 
 def generated_images(
-    cfg: Any, device: torch.device
+    cfg: Any, device: torch.device, shape_from_ckpt: Sequence[str] = ()
 ) -> tuple[torch.Tensor | None, DictConfig, dict[str, Any], TrainedModel | None]:
     """The images of a folder to score (None for a checkpoint: its images are drawn once the scorer knows
     the labels to ask for), the data config of the real ones, a record of where the images come from, and
-    the checkpoint's model."""
+    the checkpoint's model. The keys of ``shape_from_ckpt`` (image_size, channels) of a data=folder set
+    are the checkpoint's: a folder of real images is read at the model's shape unless told otherwise."""
     if cfg.ckpt is not None:
         trained = load_trained(cfg.ckpt, device, ema=cfg.ema)
         check_guidance(trained, cfg.guidance_scale)
         data = real_data_config(cfg.data if cfg.data is not None else trained.data)
+        if cfg.data is not None and data.name == "folder":
+            own = {"channels": trained.shape[0], "image_size": trained.shape[1]}
+            for key in shape_from_ckpt:
+                data[key] = own[key]
         shape = image_shape(data)
         if trained.shape != shape:
             c, size = trained.shape[0], trained.shape[1]
@@ -235,43 +241,64 @@ class Scorer:
         return report, warnings
 
 
-def write_report(report: dict[str, Any], fake: torch.Tensor, out: Path) -> None:
-    """<out>/samples.png (the first 64 images) and <out>/eval.json."""
-    save_grid(fake[:64], out / "samples.png")
+def write_report(report: dict[str, Any], fake: torch.Tensor | None, out: Path) -> None:
+    """<out>/samples.png (the first 64 images, where images were drawn) and <out>/eval.json."""
+    if fake is not None:
+        save_grid(fake[:64], out / "samples.png")
     write_atomically(out / "eval.json", lambda f: f.write((json.dumps(report, indent=2) + "\n").encode()))
 
 
-def evaluate(cfg: Any) -> dict[str, Any]:
-    """Score as cfg says and write eval.json; every check runs before any work."""
+def bound_of(cfg: Any, trained: TrainedModel, data: DictConfig) -> dict[str, Any]:
+    """eval.json's "nll": the bound on cfg.nll_n real images of cfg.nll_split, with the variance that
+    ddpm_variance names, each image given its own label where the model is conditional."""
+    split = resolve_split(Split(cfg.nll_split), data)
+    images, labels = nll_images(data, split, cfg.nll_n, cfg.seed, labels=trained.conditional)
+    variance = SamplingOptions.from_config(cfg).ddpm_variance
+    return nll_report(trained, images, labels, variance, cfg.batch_size, cfg.seed, split)
+
+
+def evaluate(cfg: Any, shape_from_ckpt: Sequence[str] = ()) -> dict[str, Any]:
+    """Score as cfg says and write eval.json; every check runs before any work. ``shape_from_ckpt``: the
+    data=folder shape keys the command line left out, which the checkpoint gives (generated_images)."""
     validate_eval(cfg)
     device = Runtime.from_config(cfg).device
-    fake, data, source, trained = generated_images(cfg, device)
-    conditional = trained is not None and trained.conditional
-    scorer = Scorer(cfg, data, device, labels=conditional)
-    labels = None
-    if trained is not None:
-        if conditional:
-            scorer.check_classes(trained)
-            labels = scorer.draw_labels(cfg.n, cfg.seed)
-        fake = generate(trained, SamplingOptions.from_config(cfg), cfg.n, cfg.seed, cfg.batch_size, labels)
-    report, warnings = scorer.report(fake, source, labels)
+    fake, data, source, trained = generated_images(cfg, device, shape_from_ckpt)
+    if cfg.nll:  # the split is checked before any image is drawn
+        assert trained is not None
+        resolve_split(Split(cfg.nll_split), data)
+    report: dict[str, Any] = {"source": source, "data": data.name}
+    warnings: list[str] = []
+    if cfg.features:
+        conditional = trained is not None and trained.conditional
+        scorer = Scorer(cfg, data, device, labels=conditional)
+        labels = None
+        if trained is not None:
+            if conditional:
+                scorer.check_classes(trained)
+                labels = scorer.draw_labels(cfg.n, cfg.seed)
+            sampling = SamplingOptions.from_config(cfg)
+            fake = generate(trained, sampling, cfg.n, cfg.seed, cfg.batch_size, labels)
+        report, warnings = scorer.report(fake, source, labels)
+    if cfg.nll:
+        assert trained is not None
+        report["nll"] = bound_of(cfg, trained, data)
     for warning in warnings:
         print(f"ddpm-eval: warning: {warning}")
     out = Path(cfg.out) if cfg.out is not None else default_out(cfg, source.get("guidance_scale"))
-    write_report(report, fake, out)
+    write_report(report, fake if cfg.features else None, out)
     report["out"] = str(out)
     return report
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
-    lines = []
+    lines = [nll_text(report["nll"])] if "nll" in report else []
     if report.get("class_accuracy") is not None:
         real = report.get("class_accuracy_real")
         ceiling = f" (real images {real:.1%})" if real is not None else ""
         guidance = report["source"].get("guidance_scale")
         at = f" at guidance {guidance:g}" if guidance is not None else ""
         lines.append(f"class accuracy{at}: {report['class_accuracy']:.1%}{ceiling}")
-    for name, r in report["features"].items():
+    for name, r in report.get("features", {}).items():
         fid_text = f"{r['fid']:.3f}" if r["fid"] is not None else "n/a"
         if r.get("fid_floor") is not None:
             fid_text += f" (real vs real {r['fid_floor']:.3f})"

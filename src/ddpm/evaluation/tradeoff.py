@@ -15,8 +15,10 @@ from ddpm.summary import cell
 
 
 def sweep_rows(reports: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
-    """A row per report, by guidance scale where the jobs have one; and the feature spaces scored."""
-    spaces = sorted({name for r in reports for name in r["features"]}, key=_space_order)
+    """A row per report, by guidance scale where the jobs have one; and the feature spaces scored. With
+    nll=true the row has the bound in bits/dim too."""
+    spaces = sorted({name for r in reports for name in r.get("features", {})}, key=_space_order)
+    bounds = any("nll" in r for r in reports)
     rows = []
     for r in reports:
         source = r.get("source", {})
@@ -29,8 +31,15 @@ def sweep_rows(reports: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]],
             "class_accuracy_real": r.get("class_accuracy_real"),
         }
         for name in spaces:
-            result = r["features"].get(name, {})
+            result = r.get("features", {}).get(name, {})
             row[f"fid_{name}"], row[f"fid_floor_{name}"] = result.get("fid"), result.get("fid_floor")
+        if bounds:  # nll=true: the bound, and the variance it was computed with
+            nll = r.get("nll", {})
+            row["bpd"], row["bpd_se"], row["variance"] = (
+                nll.get("bpd"),
+                nll.get("bpd_se"),
+                nll.get("variance"),
+            )
         row["out"] = r.get("out", "")
         rows.append(row)
     rows.sort(key=lambda row: (str(row["ckpt"]), row["guidance_scale"] is None, row["guidance_scale"] or 0))

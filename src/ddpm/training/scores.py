@@ -1,6 +1,7 @@
 """A run that scores itself: FID / KID of a fixed set of samples against its data, through ddpm-eval's
-``Scorer``, every ``eval_every`` steps and at the end (``eval_at_end``: on by default in multirun jobs, so
-that a sweep ends in an answer). The scores go to ``<run>/eval/step_<N>/eval.json`` and to metrics.jsonl."""
+``Scorer``, and with eval.nll the likelihood bound of fixed real images, every ``eval_every`` steps and at
+the end (``eval_at_end``: on by default in multirun jobs, so that a sweep ends in an answer). The scores go
+to ``<run>/eval/step_<N>/eval.json`` and to metrics.jsonl."""
 
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
-from ddpm.data import build_dataset
+from ddpm.data import Split, build_dataset
+from ddpm.diffusion.gaussian import Variance
 from ddpm.diffusion.generate import generate
 from ddpm.diffusion.sampling import SamplingOptions
 from ddpm.evaluation.evaluate import Scorer, classifier_for, real_data_config, write_report
+from ddpm.evaluation.nll import nll_images, nll_report, resolve_split
 from ddpm.progress import ProgressReporter
 from ddpm.trained import TrainedModel
 from ddpm.training.rundir.plan import shell_override
@@ -58,18 +61,37 @@ def eval_features(cfg: DictConfig, dataset: Dataset) -> tuple[list[str], str | N
     )
 
 
+@dataclass(frozen=True)
+class RunBound:
+    """What a run's likelihood bound is measured on (eval.nll): real images, their labels, the variance."""
+
+    images: torch.Tensor
+    labels: torch.Tensor | None
+    variance: Variance
+    split: str
+
+    @classmethod
+    def for_run(cls, cfg: DictConfig) -> RunBound:
+        data = real_data_config(cfg.data)
+        split = resolve_split(Split(cfg.eval.nll_split), data, key="eval.nll_split")
+        images, labels = nll_images(data, split, cfg.eval.nll_n, cfg.eval.seed, labels=cfg.class_cond)
+        return cls(images, labels, SamplingOptions.from_config(cfg.eval).ddpm_variance, split)
+
+
 @dataclass
 class RunScorer:
     """The run's scorer, built before the first step (the classifier trained or read from its cache, the
-    real images' features computed) so that a bad setting fails before any work, not at the end."""
+    real images' features computed, the bound's images read) so that a bad setting fails before any work,
+    not at the end. ``scorer`` None: the bound alone (eval.features=[]); ``bound`` None: no eval.nll."""
 
-    scorer: Scorer
+    scorer: Scorer | None
     every: int
     at_end: bool
     sampling: SamplingOptions
     n: int
     seed: int
     batch_size: int
+    bound: RunBound | None = None
 
     @classmethod
     def for_run(
@@ -79,9 +101,13 @@ class RunScorer:
         if not scores_at_all(cfg, multirun):
             return None, None
         features, note = eval_features(cfg, dataset)
-        if not features:
+        if not features and not cfg.eval.nll:
             return None, note
-        scorer = Scorer(cfg.eval, real_data_config(cfg.data), device, features, labels=cfg.class_cond)
+        scorer = (
+            Scorer(cfg.eval, real_data_config(cfg.data), device, features, labels=cfg.class_cond)
+            if features
+            else None
+        )
         sampling = SamplingOptions.from_config(cfg.eval)
         sampling = dataclasses.replace(sampling, sample_steps=sampling.steps(cfg.timesteps))  # as drawn
         run_scorer = cls(
@@ -92,17 +118,24 @@ class RunScorer:
             n=cfg.eval.n,
             seed=cfg.eval.seed,
             batch_size=cfg.sample_batch_size,
+            bound=RunBound.for_run(cfg) if cfg.eval.nll else None,
         )
         return run_scorer, note
 
     def describe(self, folder: Path) -> str:
         when = [f"every {self.every} steps"] if self.every else []
         when += ["at the end"] if self.at_end else []
-        drawn = f"{self.sampling.sampler}, {self.sampling.sample_steps} steps"
-        return (
-            f"eval: FID / KID in {list(self.scorer.spaces)} features of {self.n} samples ({drawn}) against "
-            f"{self.scorer.n_real} real images, {' and '.join(when)} -> {folder}"
-        )
+        what = []
+        if self.scorer is not None:
+            drawn = f"{self.sampling.sampler}, {self.sampling.sample_steps} steps"
+            what.append(
+                f"FID / KID in {list(self.scorer.spaces)} features of {self.n} samples ({drawn}) against "
+                f"{self.scorer.n_real} real images"
+            )
+        if self.bound is not None:
+            b = self.bound
+            what.append(f"the bound in bits/dim on {b.images.shape[0]} {b.split} images ({b.variance.name})")
+        return f"eval: {' and '.join(what)}, {' and '.join(when)} -> {folder}"
 
     def due(self, step: int, last: bool, stopping: bool) -> bool:
         """At every eval_every steps and, with eval_at_end, at the last step; not when stopped early."""
@@ -111,11 +144,10 @@ class RunScorer:
         return bool(self.every and step % self.every == 0) or (last and self.at_end)
 
     def score(self, trained: TrainedModel, step: int, out: Path) -> dict[str, Any]:
-        """Draw the fixed set of samples (the same x_T every time), score them, write eval.json and
-        samples.png into ``out``; return the metrics row: fid_<space> and kid_<space> at this step."""
+        """Draw the fixed set of samples (the same x_T every time), score them, and bound the likelihood
+        of the fixed real images; write eval.json (and samples.png) into ``out``; return the metrics row:
+        fid_<space> and kid_<space>, and bpd, at this step."""
         began = time.perf_counter()
-        labels = self.scorer.draw_labels(self.n, self.seed) if trained.conditional else None
-        fake = generate(trained, self.sampling, self.n, self.seed, self.batch_size, labels)
         source = {
             "step": step,
             "weights": trained.weights,
@@ -123,18 +155,30 @@ class RunScorer:
             "sample_steps": self.sampling.steps(trained.diffusion.timesteps),
             "seed": self.seed,
         }
-        if trained.conditional:
-            source["guidance_scale"] = trained.guidance(self.sampling.guidance_scale)
-        report, warnings = self.scorer.report(fake, source, labels)
-        report["warnings"] = warnings
+        report: dict[str, Any] = {"source": source}
+        fake = None
+        if self.scorer is not None:
+            labels = self.scorer.draw_labels(self.n, self.seed) if trained.conditional else None
+            fake = generate(trained, self.sampling, self.n, self.seed, self.batch_size, labels)
+            if trained.conditional:
+                source["guidance_scale"] = trained.guidance(self.sampling.guidance_scale)
+            report, warnings = self.scorer.report(fake, source, labels)
+            report["warnings"] = warnings
+        if self.bound is not None:
+            b = self.bound
+            report["nll"] = nll_report(
+                trained, b.images, b.labels, b.variance, self.batch_size, self.seed, b.split
+            )
         write_report(report, fake, out)
         row: dict[str, Any] = {"step": step}
-        for name, result in report["features"].items():
+        for name, result in report.get("features", {}).items():
             row[f"fid_{name}"], row[f"kid_{name}"] = result["fid"], result["kid"]
             if "fid_floor" in result:
                 row[f"fid_floor_{name}"] = result["fid_floor"]
         if "class_accuracy" in report:
             row["class_accuracy"] = report["class_accuracy"]
+        if "nll" in report:
+            row["bpd"], row["bpd_se"] = report["nll"]["bpd"], report["nll"]["bpd_se"]
         row["eval_s"] = time.perf_counter() - began
         return row
 
@@ -174,6 +218,8 @@ def format_scores(row: dict[str, Any]) -> str:
         parts.append(f"KID {row[f'kid_{name}']:.5f}")
     if row.get("class_accuracy") is not None:
         parts.append(f"class accuracy {row['class_accuracy']:.1%}")
+    if row.get("bpd") is not None:
+        parts.append(f"NLL <= {row['bpd']:.4f} bits/dim")
     return " | ".join(parts) + f" ({row['eval_s']:.1f} s)"
 
 
