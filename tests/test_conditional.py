@@ -375,7 +375,10 @@ BAD_CONDITIONAL_TRAIN = [
     (["class_cond=true", "data=folder", "data.root=flat"], "holds images at its top level"),
     (["class_cond=true", "cond_drop_prob=1"], "cond_drop_prob=1.0 is invalid: it must lie in [0, 1)"),
     (["class_cond=true", "cond_drop_prob=-0.1"], "cond_drop_prob=-0.1 is invalid"),
-    (["class_cond=true", "cond_drop_prob=0"], "guidance_scale=2.0 needs the unconditional model"),
+    (
+        ["class_cond=true", "cond_drop_prob=0", "guidance_scale=2"],
+        "guidance_scale=2.0 needs the unconditional model",
+    ),
     (["guidance_scale=null"], "guidance_scale=null is invalid for ddpm-train"),
     (["guidance_scale=-2"], "guidance_scale=-2.0 is invalid: it must be >= 0"),
     (["eval.guidance_scale=nan"], "eval.guidance_scale=nan is invalid"),
