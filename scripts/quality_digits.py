@@ -121,7 +121,7 @@ def ours_train(
     names = class_names if cfg.class_cond else None
     num_classes = len(names) if names is not None else None
     diffusion = Diffusion.from_config(cfg)
-    model = build_model(cfg.model, cfg.data.channels, cfg.data.image_size, num_classes)
+    model = build_model(cfg.model, cfg.data.channels, cfg.data.image_size, num_classes, cfg.learn_sigma)
     optimizer = build_optimizer(model, cfg.lr, dev)
     ema = EMA(model, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.decay > 0 else None
     net = prepare_net(model, runtime)  # after the EMA copy: the EMA averages the plain module's weights

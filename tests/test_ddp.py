@@ -51,16 +51,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+VARIANTS = {
+    "unconditional": [],
+    "conditional": ["class_cond=true", "cond_drop_prob=0.5"],  # labels dropped by the (seed, step) mask
+    "learned": ["learn_sigma=true"],  # the hybrid loss, its L_vlb term through the variance channels
+}
+
+
 def one_step(
-    overrides: list[str], rank: int = 0, world: int = 1, ddp: bool = False, conditional: bool = False
+    overrides: list[str], rank: int = 0, world: int = 1, ddp: bool = False, variant: str = "unconditional"
 ) -> torch.nn.Module:
-    """Step 1's gradient on this rank's slice of a fixed global batch, into the model's .grad; a
-    conditional model's labels are dropped by the (seed, step) mask."""
-    cond = ["class_cond=true", "cond_drop_prob=0.5"] if conditional else []
-    cfg = compose("train", TINY + ["timesteps=50", *cond, *overrides])
-    num_classes = 10 if conditional else None
+    """Step 1's gradient on this rank's slice of a fixed global batch, into the model's .grad."""
+    cfg = compose("train", TINY + ["timesteps=50", *VARIANTS[variant], *overrides])
+    num_classes = 10 if cfg.class_cond else None
     torch.manual_seed(0)
-    model = build_model(cfg.model, 1, 8, num_classes)
+    model = build_model(cfg.model, 1, 8, num_classes, cfg.learn_sigma)
     net = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
     runtime = Runtime(torch.device("cpu"), rank=rank, world_size=world)
     optimizer = build_optimizer(model, cfg.lr, runtime.device)
@@ -71,22 +76,22 @@ def one_step(
     return model
 
 
-def rank_gradients(rank: int, world: int, port: int, out: str, conditional: bool) -> None:
+def rank_gradients(rank: int, world: int, port: int, out: str, variant: str) -> None:
     """One rank's share of one step under DistributedDataParallel; rank 0 saves the averaged gradient."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    model = one_step(["grad_accum=2"], rank, world, ddp=True, conditional=conditional)
+    model = one_step(["grad_accum=2"], rank, world, ddp=True, variant=variant)
     if rank == 0:
         torch.save([p.grad for p in model.parameters()], out)
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("conditional", [False, True], ids=["unconditional", "conditional"])
-def test_two_ranks_average_the_gradient_that_one_process_computes(tmp_path, conditional):
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_two_ranks_average_the_gradient_that_one_process_computes(tmp_path, variant):
     out = tmp_path / "grads.pt"
-    mp.spawn(rank_gradients, args=(2, free_port(), str(out), conditional), nprocs=2)
-    alone = [p.grad for p in one_step([], conditional=conditional).parameters()]
+    mp.spawn(rank_gradients, args=(2, free_port(), str(out), variant), nprocs=2)
+    alone = [p.grad for p in one_step([], variant=variant).parameters()]
     scale = max(g.abs().max().item() for g in alone)
     # the same sums in another order (per rank, then averaged): equal to float32 rounding of the sums
     for a, b in zip(torch.load(out), alone, strict=True):

@@ -56,7 +56,7 @@ TRAIN_INVALID: dict[str, st.SearchStrategy[str]] = {
     "sample_steps": st.one_of(below(1), not_a_value),  # at most T: larger is not an error
     "timestep_spacing": not_one_of({"linspace", "leading", "trailing"}),
     "eta": floats_outside(0),
-    "ddpm_variance": not_one_of({"small", "large"}),
+    "ddpm_variance": not_one_of({"auto", "small", "large"}),  # learned: refused without learn_sigma
     "clip_x0": not_a_value,
     "schedule.name": not_one_of({"linear", "quadratic", "sigmoid", "cosine"}),
     "schedule.zero_terminal_snr": not_a_value,  # (true is refused with eps-prediction: see below)
@@ -86,6 +86,8 @@ TRAIN_INVALID: dict[str, st.SearchStrategy[str]] = {
     "ema.warmup": floats_outside(0),
     "loss": not_one_of({"l1", "l2", "huber"}),
     "objective": not_one_of({"eps", "x0", "v"}),
+    "learn_sigma": not_a_value,
+    "vlb_weight": floats_outside(0),
     "class_cond": not_a_value,
     "cond_drop_prob": floats_outside(0, 1),
     "guidance_scale": st.one_of(floats_outside(0), st.just("null")),  # null: none for ddpm-train
@@ -125,7 +127,7 @@ TRAIN_INVALID: dict[str, st.SearchStrategy[str]] = {
     "eval.sample_steps": st.one_of(below(1), not_a_value),  # at most T: larger is not an error
     "eval.timestep_spacing": not_one_of({"linspace", "leading", "trailing"}),
     "eval.eta": floats_outside(0),
-    "eval.ddpm_variance": not_one_of({"small", "large"}),
+    "eval.ddpm_variance": not_one_of({"auto", "small", "large"}),
     "eval.clip_x0": not_a_value,
     "eval.guidance_scale": floats_outside(0),
     "eval.n_real": below(2),
@@ -307,7 +309,7 @@ SAMPLE_INVALID: dict[str, st.SearchStrategy[str]] = {
     "sample_steps": st.one_of(below(1), not_a_value),  # at most T: larger is not an error
     "timestep_spacing": not_one_of({"linspace", "leading", "trailing"}),
     "eta": floats_outside(0),
-    "ddpm_variance": not_one_of({"small", "large"}),
+    "ddpm_variance": not_one_of({"auto", "small", "large"}),  # learned: the fuzzed checkpoint's are fixed
     "clip_x0": not_a_value,
     # the checkpoint is unconditional: any labels and any guidance scale are refused
     "guidance_scale": st.one_of(floats_outside(0), st.floats(0, 10, allow_nan=False).map(repr)),

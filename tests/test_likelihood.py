@@ -11,14 +11,9 @@ import torch
 from torch import nn
 from torch.distributions import Normal, kl_divergence
 
+from ddpm.diffusion.distributions import LN2, discretized_gaussian_log_likelihood, normal_kl
 from ddpm.diffusion.gaussian import Diffusion, Objective, Variance
-from ddpm.diffusion.likelihood import (
-    LN2,
-    calc_bpd,
-    discretized_gaussian_log_likelihood,
-    normal_kl,
-    prior_bpd,
-)
+from ddpm.diffusion.likelihood import calc_bpd, prior_bpd
 from ddpm.diffusion.schedules import Schedule, linear_betas
 
 LEVELS = torch.arange(256, dtype=torch.float64) / 255 * 2 - 1  # the 8-bit grid in [-1, 1]

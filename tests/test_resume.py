@@ -54,7 +54,9 @@ def assert_same_state(a: dict, b: dict) -> None:
 CONDITIONAL = ["class_cond=true", "cond_drop_prob=0.3"]
 
 
-@pytest.mark.parametrize("extra", [[], CONDITIONAL], ids=["unconditional", "conditional"])
+@pytest.mark.parametrize(
+    "extra", [[], CONDITIONAL, ["learn_sigma=true"]], ids=["unconditional", "conditional", "learned"]
+)
 def test_interrupted_and_resumed_run_ends_bit_identical(compose_cfg, tmp_path, monkeypatch, extra):
     train(compose_cfg("train", EXACT + extra), tmp_path / "whole")
 

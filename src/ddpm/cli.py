@@ -216,6 +216,7 @@ def sample(cfg: DictConfig) -> None:
     validate_sample(cfg)
     trained = load_trained(cfg.ckpt, Runtime.from_config(cfg).device, ema=cfg.ema)
     check_guidance(trained, cfg.guidance_scale)
+    trained.diffusion.resolve_variance(cfg.ddpm_variance)  # learned on a fixed-variance model: refused
     labels, ncol = sample_labels(trained, cfg.labels, cfg.n)
     out = Path(cfg.out) if cfg.out is not None else default_out(Path(cfg.ckpt), cfg.seed)
     try:

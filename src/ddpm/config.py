@@ -90,6 +90,8 @@ class TrainConfig(SamplingKeys):
     eval: RunEvalConfig = resumable(named=False)
     loss: Loss = MISSING
     objective: Objective = MISSING
+    learn_sigma: bool = MISSING
+    vlb_weight: float = MISSING
     class_cond: bool = MISSING
     cond_drop_prob: float = MISSING
     min_snr_gamma: float = MISSING

@@ -68,7 +68,8 @@ def load_trained(path: str | Path, device: torch.device, ema: bool = True) -> Tr
         data = config["data"]
         num_classes = len(names) if names is not None else None
         model_cfg = OmegaConf.create(config["model"])
-        network = build_model(model_cfg, data["channels"], data["image_size"], num_classes)
+        learn_sigma = bool(config.get("learn_sigma", False))  # an older file's models all had fixed variances
+        network = build_model(model_cfg, data["channels"], data["image_size"], num_classes, learn_sigma)
         network.load_state_dict(payload[weights])
         diffusion = Diffusion.from_config(OmegaConf.create(config))
     except (RuntimeError, KeyError, AttributeError) as e:

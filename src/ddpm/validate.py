@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 from ddpm import checks
 from ddpm.data import DATASETS, Split, check_data
 from ddpm.data.resident import resident_mb
-from ddpm.diffusion.gaussian import Objective
+from ddpm.diffusion.gaussian import Objective, Variance
 from ddpm.diffusion.sampling import check_sampling
 from ddpm.diffusion.schedules import check_schedule
 from ddpm.errors import ConfigError
@@ -26,6 +26,16 @@ from ddpm.training.rundir.logger import check_logger
 def check_objective(cfg: Any) -> None:
     checks.at_least("min_snr_gamma", cfg.min_snr_gamma, 0)
     checks.at_least("offset_noise", cfg.offset_noise, 0)
+    checks.at_least("vlb_weight", cfg.vlb_weight, 0)
+    for key, variance in (
+        ("ddpm_variance", cfg.ddpm_variance),
+        ("eval.ddpm_variance", cfg.eval.ddpm_variance),
+    ):
+        if Variance(variance) is Variance.learned and not cfg.learn_sigma:
+            raise ConfigError(
+                f"{key}=learned needs learn_sigma=true (a model that learns its variance); choose "
+                f"{key}=auto, small or large, or train with learn_sigma=true"
+            )
     if cfg.schedule.zero_terminal_snr and cfg.objective is Objective.eps:
         # At abar_T = 0, x_T carries no image: x_0 = (x_T - sqrt(1 - abar_T) eps) / sqrt(abar_T) is 0 / 0.
         raise ConfigError(

@@ -10,13 +10,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import Enum
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ddpm.diffusion.distributions import discretized_gaussian_log_likelihood, mean_bits, normal_kl
 from ddpm.diffusion.schedules import Schedule, build_schedule, extract
+from ddpm.errors import ConfigError
 
 
 class Loss(Enum):
@@ -36,14 +38,25 @@ class Objective(Enum):
 
 
 class Variance(Enum):
-    """The variance of p(x_{t-1} | x_t) (Ho et al. sec. 3.2: both give similar samples)."""
+    """The variance of p(x_{t-1} | x_t) (Ho et al. sec. 3.2: both fixed ones give similar samples)."""
 
+    auto = "auto"  # learned for a learn_sigma model, else small
     small = "small"  # beta~_t, the posterior variance
     large = "large"  # beta_t
+    learned = "learned"  # exp(frac log beta_t + (1 - frac) log beta~_t), frac from the network
 
 
-# (x_t, t) -> (x0_hat, eps_hat): a network's output read through its objective, its conditioning bound.
-Denoiser = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+class Prediction(NamedTuple):
+    """What a denoiser reads from the network at (x_t, t): x0_hat and eps_hat, and for a learn_sigma model
+    frac = (v + 1) / 2, where the log-variance lies between log beta~_t (0) and log beta_t (1)."""
+
+    x0: torch.Tensor
+    eps: torch.Tensor
+    frac: torch.Tensor | None = None
+
+
+# (x_t, t) -> Prediction: a network's output read through its objective, its conditioning bound.
+Denoiser = Callable[[torch.Tensor, torch.Tensor], Prediction]
 
 # The per-image terms of the training loss by name ("loss" is the one that is minimised), each (B,).
 Terms = dict[str, torch.Tensor]
@@ -68,11 +81,14 @@ class Diffusion:
     loss: Loss = Loss.l2
     min_snr_gamma: float = 0.0  # Min-SNR-gamma weighting (Hang et al. 2023); 0: off
     offset_noise: float = 0.0  # eps gets offset_noise * N(0, 1) per image and channel on top; 0: off
+    learn_sigma: bool = False  # the network's 2C outputs: the objective's, then v of the variance
+    vlb_weight: float = 0.001  # lambda of L_simple + lambda L_vlb (Nichol & Dhariwal eq. 16)
 
     @classmethod
     def from_config(cls, cfg: Any) -> Diffusion:
         """From a training config (composed, or a checkpoint's plain values): its schedule group and
-        timesteps, objective, loss, min_snr_gamma and offset_noise (keys a version 1 file lacks default)."""
+        timesteps, objective, loss, min_snr_gamma, offset_noise, learn_sigma and vlb_weight (keys an
+        older file lacks default)."""
         get = cfg.get
         return cls(
             build_schedule(cfg.schedule, cfg.timesteps),
@@ -80,6 +96,8 @@ class Diffusion:
             Loss[_name(get("loss", "l2"))],
             float(get("min_snr_gamma", 0.0)),
             float(get("offset_noise", 0.0)),
+            bool(get("learn_sigma", False)),
+            float(get("vlb_weight", 0.001)),
         )
 
     @property
@@ -151,35 +169,72 @@ class Diffusion:
         conditional, with classifier-free guidance where ``guidance_scale`` is not 1 (guided_output). With
         ``clip_x0``, x0_hat is clipped to the data range [-1, 1] and eps_hat recomputed from it, so both
         stay consistent with x_t."""
-        output = guided_output(model, labels, guidance_scale, null_label)
+        output = guided_output(model, labels, guidance_scale, null_label, self.learn_sigma)
 
-        def denoise(x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            x0, eps = self.predict_x0_eps(x_t, t, output(x_t, t))
+        def denoise(x_t: torch.Tensor, t: torch.Tensor) -> Prediction:
+            out, v = self.split_output(output(x_t, t))
+            x0, eps = self.predict_x0_eps(x_t, t, out)
             if clip_x0:
                 x0 = x0.clamp(-1.0, 1.0)
                 a, s = self._scales(t, x_t.ndim)
                 eps = (x_t - a * x0) / s  # s = sqrt(1 - abar_t) > 0 at every t
-            return x0, eps
+            return Prediction(x0, eps, None if v is None else (v + 1) / 2)
 
         return denoise
+
+    def split_output(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The network's output as (the objective's C channels, v's C channels or None)."""
+        if not self.learn_sigma:
+            return out, None
+        mean_out, v = out.chunk(2, dim=1)
+        return mean_out, v
+
+    def resolve_variance(self, variance: Variance | str) -> Variance:
+        return resolve_variance(variance, self.learn_sigma)
 
     def p_mean_variance(
         self, denoise: Denoiser, x_t: torch.Tensor, t: torch.Tensor, variance: Variance
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """p(x_{t-1} | x_t): the posterior mean at the model's x0_hat, the variance that ``variance``
-        names (beta~_t, or beta_t with beta~_1 at t = 0), and x0_hat."""
-        x0, _ = denoise(x_t, t)
-        mean, posterior_var = self.q_posterior_mean_variance(x0, x_t, t)
+        names (beta~_t; beta_t with beta~_1 at t = 0; or the learned one), and x0_hat."""
+        variance = self.resolve_variance(variance)
+        pred = denoise(x_t, t)
+        mean, posterior_var = self.q_posterior_mean_variance(pred.x0, x_t, t)
         if variance is Variance.small:
-            return mean, posterior_var, x0
-        return mean, extract(self.schedule.large_variance, t, x_t.ndim), x0
+            return mean, posterior_var, pred.x0
+        if variance is Variance.large:
+            return mean, extract(self.schedule.large_variance, t, x_t.ndim), pred.x0
+        return mean, self.model_log_variance(t, variance, x_t.ndim, pred.frac).exp(), pred.x0
 
-    def model_log_variance(self, t: torch.Tensor, variance: Variance, ndim: int) -> torch.Tensor:
-        """log of p(x_{t-1} | x_t)'s fixed variance for the likelihood: log beta~_t or log beta_t, each
-        with beta~_1 at t = 0, where the decoder needs a variance above 0."""
+    def model_log_variance(
+        self, t: torch.Tensor, variance: Variance, ndim: int, frac: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """log of p(x_{t-1} | x_t)'s variance for the likelihood, where the decoder at t = 0 needs one above
+        0: log beta~_t or log beta_t, each with beta~_1 at t = 0; or learned, frac log beta_t + (1 - frac)
+        log beta~_t (beta~ clipped likewise; improved-diffusion's LEARNED_RANGE)."""
         s = self.schedule
+        if variance is Variance.learned:
+            if frac is None:
+                raise ValueError("the learned variance needs the network's frac (a learn_sigma model)")
+            top, bottom = extract(s.log_betas, t, ndim), extract(s.posterior_log_variance_clipped, t, ndim)
+            return frac * top + (1 - frac) * bottom
         log_var = s.posterior_log_variance_clipped if variance is Variance.small else s.large_log_variance
         return extract(log_var, t, ndim)
+
+    def vb_terms_bpd(
+        self, denoise: Denoiser, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, variance: Variance
+    ) -> torch.Tensor:
+        """The bound's term at t of each image, in bits/dim: KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t))
+        for t > 0, the decoder's -log p(x_0 | x_1) under the discretized Gaussian at t = 0 (``t`` is the
+        0-based index, so t = 0 is Ho et al.'s t = 1)."""
+        pred = denoise(x_t, t)
+        true_mean, _ = self.q_posterior_mean_variance(x0, x_t, t)
+        true_logvar = extract(self.schedule.posterior_log_variance_clipped, t, x0.ndim)
+        mean, _ = self.q_posterior_mean_variance(pred.x0, x_t, t)
+        logvar = self.model_log_variance(t, variance, x0.ndim, pred.frac)
+        kl = mean_bits(normal_kl(true_mean, true_logvar, mean, logvar))
+        decoder = -mean_bits(discretized_gaussian_log_likelihood(x0, mean, 0.5 * logvar))
+        return torch.where(t == 0, decoder, kl)
 
     # ------------------------------------------------------------------------------- the training loss
     def snr_weight(self, t: torch.Tensor) -> torch.Tensor:
@@ -203,24 +258,53 @@ class Diffusion:
         labels: torch.Tensor | None = None,
     ) -> Terms:
         """Algorithm 1's objective for each image: noise x_0 to x_t, ask the network for its target, compare
-        with the truth, mean over the pixels; with min_snr_gamma > 0 weighted by the image's SNR. Terms by
-        name, each (B,): "loss" is what the step minimises."""
+        with the truth, mean over the pixels; with min_snr_gamma > 0 weighted by the image's SNR. A
+        learn_sigma model adds vlb_weight T L_t (the hybrid loss). Terms by name, each (B,): "loss" is what
+        the step minimises; a learn_sigma model's also "loss_simple" and "loss_vlb" (L_t in bits/dim)."""
         x_t = self.q_sample(x0, t, noise)
-        per_pixel = elementwise_loss(self.loss, model(x_t, t, labels), self.target(x0, t, noise))
+        out, v = self.split_output(model(x_t, t, labels))
+        per_pixel = elementwise_loss(self.loss, out, self.target(x0, t, noise))
         per_image = per_pixel.flatten(1).mean(dim=1)
         if self.min_snr_gamma > 0:
             per_image = per_image * self.snr_weight(t)
-        return {"loss": per_image}
+        if v is None:
+            return {"loss": per_image}
+        # L_vlb = sum_t L_t, estimated as T L_t at the step's t; the mean is detached, so that it trains the
+        # variance alone and L_simple keeps the mean (Nichol & Dhariwal sec. 3.1)
+        frozen = torch.cat([out.detach(), v], dim=1)
+        denoise = self.denoiser(lambda *_: frozen, clip_x0=False)
+        vlb = self.vb_terms_bpd(denoise, x0, x_t, t, Variance.learned)
+        loss = per_image + self.vlb_weight * self.timesteps * vlb
+        return {"loss": loss, "loss_simple": per_image, "loss_vlb": vlb}
+
+
+def resolve_variance(variance: Variance | str, learn_sigma: bool) -> Variance:
+    """ddpm_variance for a model: auto is learned for a learn_sigma model and small otherwise; learned
+    needs the network's v, so a fixed-variance model refuses it."""
+    variance = Variance(variance)
+    if variance is Variance.auto:
+        return Variance.learned if learn_sigma else Variance.small
+    if variance is Variance.learned and not learn_sigma:
+        raise ConfigError(
+            "ddpm_variance=learned needs a model trained with learn_sigma=true; this one has fixed "
+            "variances: choose ddpm_variance=auto, small or large"
+        )
+    return variance
 
 
 def guided_output(
-    model: nn.Module, labels: torch.Tensor | None, scale: float, null_label: int | None
+    model: nn.Module,
+    labels: torch.Tensor | None,
+    scale: float,
+    null_label: int | None,
+    learn_sigma: bool = False,
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """(x_t, t) -> the network's output under classifier-free guidance (Ho & Salimans 2021):
     out = out_uncond + s (out_cond - out_uncond), on whatever the objective predicts (eps, x0 and v are
     affine in each other at a fixed x_t, so guiding any of them guides the others alike). The two halves
     come from one forward pass over 2B images. s = 1 is the conditional model alone and s = 0 the null
-    label alone, each one B-sized pass."""
+    label alone, each one B-sized pass. With ``learn_sigma`` only the objective's channels are guided; the
+    variance's come from the conditional half."""
     if labels is None or scale == 1:
         return lambda x_t, t: model(x_t, t, labels)
     if null_label is None:
@@ -232,7 +316,10 @@ def guided_output(
 
     def output(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         cond, uncond = model(torch.cat([x_t, x_t]), torch.cat([t, t]), both_labels).chunk(2)
-        return uncond + scale * (cond - uncond)
+        if not learn_sigma:
+            return uncond + scale * (cond - uncond)
+        (cond_out, cond_v), (uncond_out, _) = cond.chunk(2, dim=1), uncond.chunk(2, dim=1)
+        return torch.cat([uncond_out + scale * (cond_out - uncond_out), cond_v], dim=1)
 
     return output
 

@@ -4,6 +4,7 @@ through any sampler of sampling.py, each given its label where the model is cond
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -84,6 +85,8 @@ def _draw(
         schedule.timesteps, sampling.steps(schedule.timesteps), sampling.timestep_spacing
     )
     sampler = SAMPLERS[sampling.sampler]
+    # auto becomes the model's own variance; learned on a fixed-variance model is refused
+    sampling = replace(sampling, ddpm_variance=trained.diffusion.resolve_variance(sampling.ddpm_variance))
     options = sampler.options(sampling)
     keep = set(frame_steps(len(timesteps), frames)) if frames > 0 else set()
     generator = torch.Generator(device=device).manual_seed(seed)

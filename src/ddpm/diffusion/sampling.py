@@ -92,8 +92,18 @@ def ancestral_coefficients(abar: float, abar_prev: float, variance: Variance) ->
     beta = 1 - abar / abar_prev
     c_x0 = math.sqrt(abar_prev) * beta / (1 - abar)
     c_xt = math.sqrt(1 - beta) * (1 - abar_prev) / (1 - abar)
+    # (a learned variance's sigma is the network's: see learned_range; this column then goes unread)
     var = beta * (1 - abar_prev) / (1 - abar) if variance is Variance.small else beta
     return c_x0, c_xt, math.sqrt(var)
+
+
+def learned_range(abar: float, abar_prev: float) -> tuple[float, float]:
+    """(log beta', log beta~') of one respaced step from t to t': the two ends between which a learned
+    variance's frac interpolates (improved-diffusion's respace.py, diffusers PR #3006). The last step's
+    beta~' is 0 and its noise is never drawn; it takes beta' so that the row stays finite."""
+    beta = 1 - abar / abar_prev
+    tilde = beta * (1 - abar_prev) / (1 - abar)
+    return math.log(beta), math.log(tilde) if tilde > 0 else math.log(beta)
 
 
 def p_sample(
@@ -103,14 +113,20 @@ def p_sample(
     coefficients: torch.Tensor,
     generator: torch.Generator | None,
     last: bool,
+    learned: bool = False,
 ) -> torch.Tensor:
     """One ancestral step: x_t' ~ q(x_t' | x_t, x0_hat), with ``coefficients`` the (c_x0, c_xt, sigma) of
-    ``ancestral_coefficients`` on x_t's device and ``t`` the batch's timestep. The last step adds no
-    noise."""
-    x0, _ = denoise(x_t, t)
-    mean = coefficients[0] * x0 + coefficients[1] * x_t
+    ``ancestral_coefficients`` on x_t's device and ``t`` the batch's timestep; with ``learned`` followed by
+    ``learned_range``'s two logs, between which the network's frac sets each pixel's variance. The last
+    step adds no noise."""
+    pred = denoise(x_t, t)
+    mean = coefficients[0] * pred.x0 + coefficients[1] * x_t
     if last:
         return mean
+    if learned:
+        assert pred.frac is not None
+        log_var = pred.frac * coefficients[3] + (1 - pred.frac) * coefficients[4]
+        return mean + torch.exp(0.5 * log_var) * _noise(x_t, generator)
     return mean + coefficients[2] * _noise(x_t, generator)
 
 
@@ -126,15 +142,24 @@ def p_sample_loop(
 ) -> torch.Tensor:
     """Ancestral sampling, Algorithm 2 of Ho et al. 2020, over the visited timesteps. With every step
     visited and eps-prediction it is Algorithm 2 line for line: x_{t-1} = 1/sqrt(alpha_t) (x_t - beta_t /
-    sqrt(1 - abar_t) eps) + sigma_t z is eq. 7's posterior mean written in eps."""
+    sqrt(1 - abar_t) eps) + sigma_t z is eq. 7's posterior mean written in eps. ``variance`` is small,
+    large or learned (Diffusion.resolve_variance turns auto into one of them for a model)."""
     variance = Variance(variance)  # a name, or the enum itself
+    if variance is Variance.auto:
+        raise ValueError(
+            "ddpm_variance=auto names no variance until Diffusion.resolve_variance reads the model"
+        )
+    learned = variance is Variance.learned
     abar, abar_prev = _alphas_cumprod(schedule, timesteps)
-    rows = [ancestral_coefficients(a, p, variance) for a, p in zip(abar, abar_prev, strict=True)]
+    rows = [
+        ancestral_coefficients(a, p, variance) + (learned_range(a, p) if learned else ())
+        for a, p in zip(abar, abar_prev, strict=True)
+    ]
     coefficients = _table(rows, x_T)
     ts = _t_table(timesteps, x_T)
     x = x_T
     for i in range(len(timesteps)):
-        x = p_sample(denoise, x, ts[i], coefficients[i], generator, i + 1 == len(timesteps))
+        x = p_sample(denoise, x, ts[i], coefficients[i], generator, i + 1 == len(timesteps), learned)
         if on_step is not None:
             on_step(i + 1, x)
     return x.clamp(-1.0, 1.0)
@@ -161,7 +186,7 @@ def ddim_sample(
     x = x_T
     for i, (_, _, sigma) in enumerate(rows):
         c = coefficients[i]
-        x0, eps = denoise(x, ts[i])
+        x0, eps, _ = denoise(x, ts[i])
         x = c[0] * x0 + c[1] * eps
         if sigma > 0:  # decided on the host: no noise is drawn for a deterministic step
             x = x + c[2] * _noise(x, generator)
@@ -210,13 +235,13 @@ def dpm_solver_pp_sample(
     x, x0_prev = x_T, x_T
     for i in range(len(rows)):
         c = coefficients[i]
-        x0, _ = denoise(x, ts[i])
+        x0 = denoise(x, ts[i]).x0
         d = c[2] * x0 - c[3] * x0_prev if second[i] else x0
         x = c[0] * x - c[1] * d
         x0_prev = x0
         if on_step is not None:
             on_step(i + 1, x)
-    x0, _ = denoise(x, ts[-1])
+    x0 = denoise(x, ts[-1]).x0
     if on_step is not None:
         on_step(len(timesteps), x0)
     return x0.clamp(-1.0, 1.0)
@@ -231,7 +256,7 @@ class SamplingOptions:
     sample_steps: int | None = 50  # at most T (more means all T); None: all T
     timestep_spacing: Spacing = Spacing.linspace
     eta: float = 0.0  # ddim only
-    ddpm_variance: Variance = Variance.small  # ddpm only
+    ddpm_variance: Variance = Variance.auto  # ddpm only; auto: learned for a learn_sigma model, else small
     clip_x0: bool = True
     guidance_scale: float | None = None  # conditional models; None: the model's default
 

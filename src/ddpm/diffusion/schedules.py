@@ -174,6 +174,7 @@ class Schedule:
     # log beta~_t with beta~_1 at t = 0 (beta~_0 = 0), and beta_t with beta~_1 at t = 0 (Ho et al.'s
     # "large" choice), and its log.
     posterior_log_variance_clipped: torch.Tensor
+    log_betas: torch.Tensor  # the top of a learned variance's range (Nichol & Dhariwal eq. 15)
     large_variance: torch.Tensor
     large_log_variance: torch.Tensor
 
@@ -201,6 +202,7 @@ class Schedule:
             posterior_mean_coef_x0=alphas_cumprod_prev.sqrt() * betas / (1.0 - alphas_cumprod),
             posterior_mean_coef_xt=alphas.sqrt() * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod),
             posterior_log_variance_clipped=torch.cat([first, posterior_variance[1:]]).log(),
+            log_betas=betas.log(),
             large_variance=large_variance,
             large_log_variance=large_variance.log(),
         )

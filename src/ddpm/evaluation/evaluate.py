@@ -68,6 +68,7 @@ def generated_images(
     if cfg.ckpt is not None:
         trained = load_trained(cfg.ckpt, device, ema=cfg.ema)
         check_guidance(trained, cfg.guidance_scale)
+        trained.diffusion.resolve_variance(cfg.ddpm_variance)  # learned on a fixed-variance model: refused
         data = real_data_config(cfg.data if cfg.data is not None else trained.data)
         if cfg.data is not None and data.name == "folder":
             own = {"channels": trained.shape[0], "image_size": trained.shape[1]}
@@ -253,7 +254,7 @@ def bound_of(cfg: Any, trained: TrainedModel, data: DictConfig) -> dict[str, Any
     ddpm_variance names, each image given its own label where the model is conditional."""
     split = resolve_split(Split(cfg.nll_split), data)
     images, labels = nll_images(data, split, cfg.nll_n, cfg.seed, labels=trained.conditional)
-    variance = SamplingOptions.from_config(cfg).ddpm_variance
+    variance = trained.diffusion.resolve_variance(SamplingOptions.from_config(cfg).ddpm_variance)
     return nll_report(trained, images, labels, variance, cfg.batch_size, cfg.seed, split)
 
 

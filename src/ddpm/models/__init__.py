@@ -21,7 +21,10 @@ def check_model(cfg: Any, image_size: int) -> None:
     option.check(cfg, check_levels(cfg, image_size), image_size)
 
 
-def build_model(cfg: Any, channels: int, image_size: int, num_classes: int | None = None) -> nn.Module:
+def build_model(
+    cfg: Any, channels: int, image_size: int, num_classes: int | None = None, learn_sigma: bool = False
+) -> nn.Module:
     """The noise predictor of a ``model`` config entry for (channels, image_size, image_size) images,
-    class-conditional on ``num_classes`` classes where given."""
-    return MODELS[cfg.name].build(cfg, channels, image_size, num_classes)
+    class-conditional on ``num_classes`` classes where given; with ``learn_sigma`` it outputs 2C channels,
+    the objective's C and then the C of the variance interpolation v."""
+    return MODELS[cfg.name].build(cfg, channels, image_size, num_classes, learn_sigma)

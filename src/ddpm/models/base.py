@@ -24,10 +24,15 @@ class ModelConfig:
 class BuildModel(Protocol):
     """A model option's builder: its config entry, the image channels and size, and the number of classes
     of a class-conditional model (None: unconditional) -> the network, called as network(x_t, t, labels)
-    and returning an output shaped as x_t."""
+    and returning an output shaped as x_t (with ``learn_sigma``, twice its channels)."""
 
     def __call__(
-        self, cfg: Any, channels: int, image_size: int, num_classes: int | None = None
+        self,
+        cfg: Any,
+        channels: int,
+        image_size: int,
+        num_classes: int | None = None,
+        learn_sigma: bool = False,
     ) -> nn.Module: ...
 
 

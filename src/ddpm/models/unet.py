@@ -151,6 +151,7 @@ class UNet(nn.Module):
         attn_dim_head: int = 32,
         dropout: float = 0.0,
         num_classes: int | None = None,
+        learn_sigma: bool = False,  # 2C outputs: the objective's, then the variance's v (Nichol & Dhariwal)
     ) -> None:
         super().__init__()
         self.channels = channels
@@ -197,7 +198,7 @@ class UNet(nn.Module):
             )
 
         self.final_res_block = resnet(dim * 2, dim)
-        self.final_conv = nn.Conv2d(dim, channels, 1)
+        self.final_conv = nn.Conv2d(dim, channels * (2 if learn_sigma else 1), 1)
         # built last, so the other layers draw the initial weights an unconditional U-Net draws
         self.label_emb = LabelEmbedding(num_classes, time_dim) if num_classes is not None else None
 
@@ -240,7 +241,9 @@ def check_unet(cfg: Any, widths: list[int], image_size: int) -> None:
         )
 
 
-def build_unet(cfg: Any, channels: int, image_size: int, num_classes: int | None = None) -> UNet:
+def build_unet(
+    cfg: Any, channels: int, image_size: int, num_classes: int | None = None, learn_sigma: bool = False
+) -> UNet:
     return UNet(
         channels=channels,
         dim=cfg.dim,
@@ -250,6 +253,7 @@ def build_unet(cfg: Any, channels: int, image_size: int, num_classes: int | None
         attn_dim_head=cfg.attn_dim_head,
         dropout=cfg.dropout,
         num_classes=num_classes,
+        learn_sigma=learn_sigma,
     )
 
 

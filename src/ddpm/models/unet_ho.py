@@ -92,6 +92,7 @@ class HoUNet(nn.Module):
         attn_resolutions: tuple[int, ...] = (16,),
         dropout: float = 0.1,
         num_classes: int | None = None,
+        learn_sigma: bool = False,  # 2C outputs: the objective's, then the variance's v (Nichol & Dhariwal)
     ) -> None:
         super().__init__()
         self.channels = channels
@@ -135,7 +136,7 @@ class HoUNet(nn.Module):
                 res *= 2
 
         self.norm_out = norm(dim)
-        self.conv_out = nn.Conv2d(dim, channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(dim, channels * (2 if learn_sigma else 1), 3, padding=1)
         # built last, so the other layers draw the initial weights an unconditional U-Net draws
         self.label_emb = LabelEmbedding(num_classes, temb_dim) if num_classes is not None else None
 
@@ -182,7 +183,9 @@ def check_ho_unet(cfg: Any, widths: list[int], image_size: int) -> None:
         )
 
 
-def build_ho_unet(cfg: Any, channels: int, image_size: int, num_classes: int | None = None) -> HoUNet:
+def build_ho_unet(
+    cfg: Any, channels: int, image_size: int, num_classes: int | None = None, learn_sigma: bool = False
+) -> HoUNet:
     return HoUNet(
         channels=channels,
         image_size=image_size,
@@ -192,6 +195,7 @@ def build_ho_unet(cfg: Any, channels: int, image_size: int, num_classes: int | N
         attn_resolutions=tuple(cfg.attn_resolutions),
         dropout=cfg.dropout,
         num_classes=num_classes,
+        learn_sigma=learn_sigma,
     )
 
 

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
 from ddpm.data import Split, build_dataset
-from ddpm.diffusion.gaussian import Variance
+from ddpm.diffusion.gaussian import Variance, resolve_variance
 from ddpm.diffusion.generate import generate
 from ddpm.diffusion.sampling import SamplingOptions
 from ddpm.evaluation.evaluate import Scorer, classifier_for, real_data_config, write_report
@@ -75,7 +75,8 @@ class RunBound:
         data = real_data_config(cfg.data)
         split = resolve_split(Split(cfg.eval.nll_split), data, key="eval.nll_split")
         images, labels = nll_images(data, split, cfg.eval.nll_n, cfg.eval.seed, labels=cfg.class_cond)
-        return cls(images, labels, SamplingOptions.from_config(cfg.eval).ddpm_variance, split)
+        variance = resolve_variance(SamplingOptions.from_config(cfg.eval).ddpm_variance, cfg.learn_sigma)
+        return cls(images, labels, variance, split)
 
 
 @dataclass

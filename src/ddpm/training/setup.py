@@ -63,12 +63,17 @@ class Run:
             f"ddpm-train | data {d.name} {d.image_size}x{d.image_size}x{d.channels} ({len(self.dataset):,} "
             f"images, {source}) | U-Net {n_params / 1e6:.2f}M params | "
             f"{cfg.schedule.name} schedule, T={cfg.timesteps} | "
-            f"{cfg.objective.name}-prediction, {cfg.loss.name} loss | {self.conditioning()}"
+            f"{cfg.objective.name}-prediction, {cfg.loss.name} loss{self.variance()} | {self.conditioning()}"
             f"batch {cfg.batch_size} | "
             f"{cfg.steps} steps | EMA {cfg.ema.decay or 'off'} | sampler {cfg.sampler}, "
             f"{SamplingOptions.from_config(cfg).steps(cfg.timesteps)} steps | "
             f"{self.runtime.describe()} | run dir {self.plan.run_dir}"
         )
+
+    def variance(self) -> str:
+        if not self.cfg.learn_sigma:
+            return ""
+        return f", learned variances (hybrid loss, vlb_weight {self.cfg.vlb_weight:g})"
 
     def conditioning(self) -> str:
         if self.class_names is None:
@@ -122,7 +127,8 @@ def setup(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = (), sweep_j
     seed_everything(cfg.seed)
     diffusion = Diffusion.from_config(cfg).to(runtime.device)
     num_classes = len(class_names) if class_names is not None else None
-    model = build_model(cfg.model, cfg.data.channels, cfg.data.image_size, num_classes).to(runtime.device)
+    model = build_model(cfg.model, cfg.data.channels, cfg.data.image_size, num_classes, cfg.learn_sigma)
+    model = model.to(runtime.device)
     optimizer = build_optimizer(model, cfg.lr, runtime.device, capturable=runtime.cuda_graph)
     ema = EMA(model, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.decay > 0 else None
     order = DataOrder(len(dataset), cfg.batch_size, cfg.seed, cfg.data.hflip)
