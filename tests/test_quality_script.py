@@ -16,21 +16,31 @@ pytestmark = pytest.mark.slow
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "quality_digits.py"
 
 
-def test_quality_digits_end_to_end(tmp_path: Path) -> None:
-    pytest.importorskip("denoising_diffusion_pytorch")  # the bench extra
+def run_script(tmp_path: Path, args: list[str], timeout: float) -> tuple[subprocess.CompletedProcess, dict]:
+    """The script with ``args``, at two seeds and 150 samples, with a cheap classifier cached in tmp_path;
+    its completed process and quality.json."""
     out = tmp_path / "out"
     command = [
         sys.executable,
         str(SCRIPT),
-        *("--ours", "default", "lr=2e-3"),
-        *("--ours-minutes", "0.005", "--ours-overrides", "sample_steps=5"),
-        *("--reference", "mults=1-2", "--reference-minutes", "0.005", "--reference-sampling-steps", "5,10"),
+        *args,
         *("--seeds", "0,1", "--n", "150", "--out", str(out)),
         *("--eval-overrides", "classifier_steps=20", f"classifier_cache={tmp_path}", "kid_subsets=2"),
     ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads((out / "quality.json").read_text())
+    return result, json.loads((out / "quality.json").read_text())
+
+
+def test_quality_digits_end_to_end(tmp_path: Path) -> None:
+    pytest.importorskip("denoising_diffusion_pytorch")  # the bench extra
+    args = [
+        *("--ours", "default", "lr=2e-3"),
+        *("--ours-minutes", "0.005", "--ours-overrides", "sample_steps=5"),
+        *("--reference", "mults=1-2", "--reference-minutes", "0.005", "--reference-sampling-steps", "5,10"),
+    ]
+    result, report = run_script(tmp_path, args, timeout=300)
+    out = tmp_path / "out"
     assert len(report["runs"]) == 2 * (2 + 2)  # seeds x (ddpm settings + reference sampling steps)
     assert {r["seed"] for r in report["runs"]} == {0, 1}
     assert [e["run"] for e in report["summary"]] == [
@@ -56,20 +66,14 @@ def test_quality_digits_conditional(tmp_path: Path) -> None:
     classifier_free_guidance at two cond_scales (1 raises inside 2.3.4's sampler: a failed row, not a
     crash), with small U-Nets so that the whole comparison stays cheap."""
     pytest.importorskip("denoising_diffusion_pytorch.classifier_free_guidance")  # the bench extra
-    out = tmp_path / "out"
-    command = [
-        sys.executable,
-        str(SCRIPT),
+    args = [
         *("--ours", "default", "class_cond=true", "--guidance", "1,2", "--ours-minutes", "0.005"),
         *("--ours-overrides", "sample_steps=5", "model.dim=8", "model.dim_mults=[1,2]", "--reference"),
         *("--reference-cfg", "dim=8,mults=1-2", "--reference-cfg-minutes", "0.005"),
         *("--reference-cfg-sampling-steps", "5", "--reference-cond-scales", "2,1"),
-        *("--seeds", "0,1", "--n", "150", "--out", str(out)),
-        *("--eval-overrides", "classifier_steps=20", f"classifier_cache={tmp_path}", "kid_subsets=2"),
     ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads((out / "quality.json").read_text())
+    _, report = run_script(tmp_path, args, timeout=600)
+    out = tmp_path / "out"
     assert len(report["runs"]) == 2 * (1 + 2 + 2)  # seeds x (default + guidance scales + cond_scales)
     reference = "lucidrains cfg dim 8, mults 1-2, lr 0.001, ddim, 5 steps"
     assert [e["run"] for e in report["summary"]] == [

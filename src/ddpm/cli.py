@@ -28,7 +28,7 @@ from ddpm.config import register_configs
 from ddpm.diffusion.generate import generate, generate_with_frames
 from ddpm.diffusion.sampling import SamplingOptions
 from ddpm.errors import ConfigError, DdpmError
-from ddpm.evaluation.evaluate import evaluate, summary_lines
+from ddpm.evaluation.evaluate import evaluate, summary_lines, written_line
 from ddpm.evaluation.tradeoff import write_sweep
 from ddpm.images import save_gif, save_grid, save_individual
 from ddpm.runtime import Runtime, launched_ranks
@@ -81,11 +81,7 @@ def _eval(cfg: DictConfig) -> dict[str, Any]:
         report = evaluate(cfg, shape_from_ckpt=shape_left_out())
         for line in summary_lines(report):
             print(f"ddpm-eval: {line}")
-        scored = (
-            f"{report['n_fake']} images against {report['n_real']} real ones" if "n_fake" in report else ""
-        )
-        bound = f"the bound on {report['nll']['n']} real images" if "nll" in report else ""
-        print(f"ddpm-eval: {' and '.join(filter(None, [scored, bound]))} -> {report['out']}/eval.json")
+        print(f"ddpm-eval: {written_line(report)}")
         return report
 
 

@@ -108,8 +108,8 @@ class DigitsDataset(Dataset):
 
 class TorchvisionDataset(Dataset):
     """MNIST, Fashion-MNIST or CIFAR-10 (the training split, or with ``train=False`` the test split) through
-    torchvision, kept as PIL images; the class
-    names are torchvision's (MNIST's "0 - zero", Fashion-MNIST's "T-shirt/top", CIFAR-10's "airplane")."""
+    torchvision, kept as PIL images; the class names are torchvision's (MNIST's "0 - zero", Fashion-MNIST's
+    "T-shirt/top", CIFAR-10's "airplane")."""
 
     def __init__(self, data: Any, labels: bool = False, train: bool = True) -> None:
         from torchvision import datasets

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ddpm.checkpoint import run_dir_of
 from ddpm.conditioning import check_guidance
-from ddpm.data import Split, build_dataset, load_subset
+from ddpm.data import build_dataset, load_subset
 from ddpm.data.folder import FolderDataset
 from ddpm.diffusion.generate import generate
 from ddpm.diffusion.sampling import SamplingOptions
@@ -29,7 +29,7 @@ from ddpm.evaluation.features import (
     predict_classes,
 )
 from ddpm.evaluation.metrics import fid, kid, precision_recall
-from ddpm.evaluation.nll import nll_images, nll_report, nll_text, resolve_split
+from ddpm.evaluation.nll import BoundSet, nll_text
 from ddpm.files import write_atomically
 from ddpm.images import save_grid
 from ddpm.runtime import Runtime
@@ -249,24 +249,16 @@ def write_report(report: dict[str, Any], fake: torch.Tensor | None, out: Path) -
     write_atomically(out / "eval.json", lambda f: f.write((json.dumps(report, indent=2) + "\n").encode()))
 
 
-def bound_of(cfg: Any, trained: TrainedModel, data: DictConfig) -> dict[str, Any]:
-    """eval.json's "nll": the bound on cfg.nll_n real images of cfg.nll_split, with the variance that
-    ddpm_variance names, each image given its own label where the model is conditional."""
-    split = resolve_split(Split(cfg.nll_split), data)
-    images, labels = nll_images(data, split, cfg.nll_n, cfg.seed, labels=trained.conditional)
-    variance = trained.diffusion.resolve_variance(SamplingOptions.from_config(cfg).ddpm_variance)
-    return nll_report(trained, images, labels, variance, cfg.batch_size, cfg.seed, split)
-
-
 def evaluate(cfg: Any, shape_from_ckpt: Sequence[str] = ()) -> dict[str, Any]:
     """Score as cfg says and write eval.json; every check runs before any work. ``shape_from_ckpt``: the
     data=folder shape keys the command line left out, which the checkpoint gives (generated_images)."""
     validate_eval(cfg)
     device = Runtime.from_config(cfg).device
     fake, data, source, trained = generated_images(cfg, device, shape_from_ckpt)
-    if cfg.nll:  # the split is checked before any image is drawn
-        assert trained is not None
-        resolve_split(Split(cfg.nll_split), data)
+    bound = None
+    if cfg.nll:  # read before any image is drawn: a bad split or folder fails first
+        assert trained is not None  # validate_eval: nll=true needs ckpt=
+        bound = BoundSet.read(cfg, data, trained.diffusion.learn_sigma, labels=trained.conditional)
     report: dict[str, Any] = {"source": source, "data": data.name}
     warnings: list[str] = []
     if cfg.features:
@@ -280,13 +272,12 @@ def evaluate(cfg: Any, shape_from_ckpt: Sequence[str] = ()) -> dict[str, Any]:
             sampling = SamplingOptions.from_config(cfg)
             fake = generate(trained, sampling, cfg.n, cfg.seed, cfg.batch_size, labels)
         report, warnings = scorer.report(fake, source, labels)
-    if cfg.nll:
-        assert trained is not None
-        report["nll"] = bound_of(cfg, trained, data)
+    if bound is not None and trained is not None:
+        report["nll"] = bound.report(trained, cfg.batch_size, cfg.seed)
     for warning in warnings:
         print(f"ddpm-eval: warning: {warning}")
     out = Path(cfg.out) if cfg.out is not None else default_out(cfg, source.get("guidance_scale"))
-    write_report(report, fake if cfg.features else None, out)
+    write_report(report, fake, out)
     report["out"] = str(out)
     return report
 
@@ -309,3 +300,10 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
             f"precision {r['precision']:.3f} | recall {r['recall']:.3f}"
         )
     return lines
+
+
+def written_line(report: dict[str, Any]) -> str:
+    """What was scored and bounded, and where eval.json went."""
+    scored = f"{report['n_fake']} images against {report['n_real']} real ones" if "n_fake" in report else ""
+    bound = f"the bound on {report['nll']['n']} real images" if "nll" in report else ""
+    return f"{' and '.join(filter(None, [scored, bound]))} -> {report['out']}/eval.json"

@@ -15,12 +15,11 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
-from ddpm.data import Split, build_dataset
-from ddpm.diffusion.gaussian import Variance, resolve_variance
+from ddpm.data import build_dataset
 from ddpm.diffusion.generate import generate
 from ddpm.diffusion.sampling import SamplingOptions
 from ddpm.evaluation.evaluate import Scorer, classifier_for, real_data_config, write_report
-from ddpm.evaluation.nll import nll_images, nll_report, resolve_split
+from ddpm.evaluation.nll import BoundSet
 from ddpm.progress import ProgressReporter
 from ddpm.trained import TrainedModel
 from ddpm.training.rundir.plan import shell_override
@@ -61,24 +60,6 @@ def eval_features(cfg: DictConfig, dataset: Dataset) -> tuple[list[str], str | N
     )
 
 
-@dataclass(frozen=True)
-class RunBound:
-    """What a run's likelihood bound is measured on (eval.nll): real images, their labels, the variance."""
-
-    images: torch.Tensor
-    labels: torch.Tensor | None
-    variance: Variance
-    split: str
-
-    @classmethod
-    def for_run(cls, cfg: DictConfig) -> RunBound:
-        data = real_data_config(cfg.data)
-        split = resolve_split(Split(cfg.eval.nll_split), data, key="eval.nll_split")
-        images, labels = nll_images(data, split, cfg.eval.nll_n, cfg.eval.seed, labels=cfg.class_cond)
-        variance = resolve_variance(SamplingOptions.from_config(cfg.eval).ddpm_variance, cfg.learn_sigma)
-        return cls(images, labels, variance, split)
-
-
 @dataclass
 class RunScorer:
     """The run's scorer, built before the first step (the classifier trained or read from its cache, the
@@ -92,7 +73,7 @@ class RunScorer:
     n: int
     seed: int
     batch_size: int
-    bound: RunBound | None = None
+    bound: BoundSet | None = None
 
     @classmethod
     def for_run(
@@ -119,7 +100,11 @@ class RunScorer:
             n=cfg.eval.n,
             seed=cfg.eval.seed,
             batch_size=cfg.sample_batch_size,
-            bound=RunBound.for_run(cfg) if cfg.eval.nll else None,
+            bound=BoundSet.read(
+                cfg.eval, real_data_config(cfg.data), cfg.learn_sigma, cfg.class_cond, key="eval.nll_split"
+            )
+            if cfg.eval.nll
+            else None,
         )
         return run_scorer, note
 
@@ -166,10 +151,7 @@ class RunScorer:
             report, warnings = self.scorer.report(fake, source, labels)
             report["warnings"] = warnings
         if self.bound is not None:
-            b = self.bound
-            report["nll"] = nll_report(
-                trained, b.images, b.labels, b.variance, self.batch_size, self.seed, b.split
-            )
+            report["nll"] = self.bound.report(trained, self.batch_size, self.seed)
         write_report(report, fake, out)
         row: dict[str, Any] = {"step": step}
         for name, result in report.get("features", {}).items():
