@@ -14,12 +14,19 @@ class accuracy.
         --reference --reference-cfg mults=1-2 --reference-cfg-minutes 5 --reference-cond-scales 6,3,1.5 \\
         --seeds 0,1,2
 
+    python scripts/quality_digits.py --ours default learn_sigma=true --ours-minutes 5 --reference \
+        --variances small,large,learned --sample-steps 10,25,50,all --bpd 500 --seeds 0,1,2
+
 ddpm trains as ddpm-train does (fused Adam with the lr in a device tensor, the EMA written by at/apply,
 the U-Net under the config's precision and compile as the Runtime resolves them on the CPU), on random
 batches of all 1,797 digits. A setting with class_cond=true trains on their labels (cond_drop_prob of them
 replaced by the null label) and is sampled at each --guidance scale, one row each of the same trained
 model. A seed changes the initial weights, the batches, t and eps, and the sampling noise. Budgets count
-training only; sampling and scoring are timed separately.
+training only; sampling and scoring are timed separately. With --variances and --sample-steps each
+trained ddpm model is sampled by Algorithm 2 at every variance of its kind (small and large for a
+fixed-variance setting, learned for a learn_sigma=true one) and step count, one row each, and each
+learned row is set against the fixed rows at its step count; with --bpd it is also bounded in bits/dim at
+each of those variances on --bpd of the training digits (the digits have no test split), over all T.
 
 The conditional reference is classifier_free_guidance's Unet(dim, dim_mults, num_classes=10) and its
 GaussianDiffusion at their defaults (labels dropped with p=0.5, T=1000, cosine schedule, eps-prediction),
@@ -46,11 +53,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import math
-import re
-import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -60,14 +63,16 @@ from typing import Any
 import torch
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
+from quality_report import ACCURACY_TARGET, SPACES, ceiling_text, slug, write_report
 
 from ddpm.config import register_configs, train_config
 from ddpm.data import build_dataset, load_subset
 from ddpm.data.batch import Batch
-from ddpm.diffusion.gaussian import Diffusion
+from ddpm.diffusion.gaussian import Diffusion, Variance
 from ddpm.diffusion.generate import generate
 from ddpm.diffusion.sampling import SamplingOptions
 from ddpm.evaluation.evaluate import Scorer, class_accuracy, real_data_config, score
+from ddpm.evaluation.nll import BoundSet, nll_images
 from ddpm.images import save_grid
 from ddpm.models import build_model
 from ddpm.runtime import Runtime, seed_everything
@@ -77,11 +82,9 @@ from ddpm.training.ema import EMA
 from ddpm.training.setup import sampling_model
 from ddpm.training.step import LRDecay, StepOptions, TrainStep, build_optimizer
 
-SPACES = ("classifier", "pixels")  # the feature spaces every run is scored in
 SAMPLE_BATCH = 250
 REFERENCE_T = 1000  # GaussianDiffusion's training timesteps (its default, in both modules)
 REFERENCE_CFG_PHI = 0.7  # classifier_free_guidance's sample(rescaled_phi=...) default
-ACCURACY_TARGET = 0.98  # the class accuracy a conditional ddpm row should reach
 WARNED: set[tuple[str, str]] = set()  # the scoring warnings printed so far
 
 
@@ -149,7 +152,7 @@ def ours_train(
 
 
 def ours_sample(
-    cfg: DictConfig,
+    sampling: SamplingOptions,
     trained: TrainedModel,
     n: int,
     seed: int,
@@ -157,12 +160,53 @@ def ours_sample(
     guidance: float | None = None,
 ) -> tuple[torch.Tensor, float]:
     """n samples, given ``labels`` at ``guidance`` where the model is conditional."""
-    sampling = SamplingOptions.from_config(cfg)
     if guidance is not None:
         sampling = replace(sampling, guidance_scale=guidance)
     start = time.perf_counter()
     samples = generate(trained, sampling, n, seed, SAMPLE_BATCH, labels)
     return samples, time.perf_counter() - start
+
+
+@dataclass(frozen=True)
+class SamplerRow:
+    """One way of sampling a trained ddpm model: its options and the suffix its row's name gets."""
+
+    sampling: SamplingOptions
+    label: str = ""
+
+
+def sampler_rows(cfg: DictConfig, variances: list[Variance], steps: list[int | None]) -> list[SamplerRow]:
+    """The setting's own sampler, or with --variances / --sample-steps the ddpm sampler at each variance
+    the model has (small and large for a fixed-variance model, learned for a learn_sigma one) and each step
+    count (None: all T)."""
+    own = SamplingOptions.from_config(cfg)
+    if not variances and not steps:
+        return [SamplerRow(own)]
+    kinds = [resolve_kind(v, cfg.learn_sigma) for v in variances or [own.ddpm_variance]]
+    rows = []
+    for variance in dict.fromkeys(v for v in kinds if v is not None):
+        for n in steps or [own.sample_steps]:
+            options = replace(own, sampler="ddpm", ddpm_variance=variance, sample_steps=n)
+            count = options.steps(cfg.timesteps)
+            rows.append(SamplerRow(options, f", {variance.value} variance, {count} steps"))
+    return rows
+
+
+def resolve_kind(variance: Variance, learn_sigma: bool) -> Variance | None:
+    """The variance a model is sampled and bounded with for a --variances entry, or None where it is not
+    the model's kind: learned for a learn_sigma model (auto too), small or large for a fixed one."""
+    if variance is Variance.auto:
+        return Variance.learned if learn_sigma else Variance.small
+    return variance if (variance is Variance.learned) == learn_sigma else None
+
+
+def ours_bound(
+    trained: TrainedModel, bound_set: BoundSet, variance: Variance, seed: int
+) -> tuple[dict[str, Any], float]:
+    """The bits/dim of ``trained`` on the --bpd digits with ``variance``, and its seconds."""
+    start = time.perf_counter()
+    report = replace(bound_set, variance=variance).report(trained, SAMPLE_BATCH, seed)
+    return report, time.perf_counter() - start
 
 
 # -------------------------------------------------------------------------------------------- reference
@@ -357,225 +401,6 @@ def floor_of(scorer: Scorer) -> dict[str, dict] | None:
     return {name: score(space.real, space.other, scorer.cfg)[0] for name, space in scorer.spaces.items()}
 
 
-def ceiling_text(real_accuracy: float | None) -> str:
-    """The real digits' class accuracy, the most a conditional model's can be expected to reach."""
-    return f"class accuracy of the real digits (the ceiling) {real_accuracy:.3f}" if real_accuracy else ""
-
-
-# ----------------------------------------------------------------------------------------------- summary
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.]+", "_", text).strip("_")
-
-
-def spread(values: list[float | None]) -> dict[str, float | None]:
-    known = [v for v in values if v is not None]
-    if not known:
-        return {"median": None, "min": None, "max": None}
-    return {"median": statistics.median(known), "min": min(known), "max": max(known)}
-
-
-def median(values: list[float | None]) -> float | None:
-    known = [v for v in values if v is not None]
-    return statistics.median(known) if known else None
-
-
-def summarise(rows: list[dict]) -> list[dict]:
-    """One entry per (run, minutes): medians over the seeds and the range of each FID (and of the class
-    accuracy of a conditional run), over the seeds that did not fail."""
-    groups: dict[tuple[str, float], list[dict]] = {}
-    for row in rows:
-        groups.setdefault((row["run"], row["minutes"]), []).append(row)
-    summary = []
-    for (run, minutes), group in groups.items():
-        scored = [r for r in group if r["scores"] is not None]
-        entry: dict[str, Any] = {
-            "run": run,
-            "impl": group[0]["impl"],
-            "conditional": group[0]["conditional"],
-            "minutes": minutes,
-            "seeds": [r["seed"] for r in group],
-            "steps": statistics.median(r["steps"] for r in group),
-            "sample_s": statistics.median(r["sample_s"] for r in group),
-            "sampler": group[0]["sampler"],
-        }
-        for key in ("guidance_scale", "cond_scale"):
-            if key in group[0]:
-                entry[key] = group[0][key]
-        for space in SPACES:
-            entry[space] = {
-                "fid": spread([r["scores"][space]["fid"] for r in scored]),
-                "precision": median([r["scores"][space]["precision"] for r in scored]),
-                "recall": median([r["scores"][space]["recall"] for r in scored]),
-            }
-        if entry["conditional"]:
-            entry["class_accuracy"] = spread([r["class_accuracy"] for r in group])
-        failed = [r for r in group if r.get("error")]
-        if failed:
-            entry["failed"] = {
-                "seeds": [r["seed"] for r in failed],
-                "errors": sorted({r["error"] for r in failed}),
-            }
-        summary.append(entry)
-    return summary
-
-
-def spread_text(s: dict[str, float | None], seeds: int) -> str:
-    if s["median"] is None:
-        return "n/a"
-    if seeds == 1:
-        return f"{s['median']:.3f}"
-    return f"{s['median']:.3f} [{s['min']:.3f}, {s['max']:.3f}]"
-
-
-def sampling_text(e: dict) -> str:
-    text = f"{e['sample_s']:.0f} s ({e['sampler']})"
-    if "failed" in e:
-        seeds = ", ".join(map(str, e["failed"]["seeds"]))
-        text += f"; failed at seed {seeds}: {'; '.join(e['failed']['errors'])}"
-    return text
-
-
-def table(
-    summary: list[dict], floor: dict | None, n: int, n_real: int, real_accuracy: float | None
-) -> list[str]:
-    lines = [
-        "| run | training | steps (median) | FID classifier | FID pixels | class accuracy "
-        f"| precision / recall (classifier) | sampling {n:,} |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for e in summary:
-        c, p = e["classifier"], e["pixels"]
-        k = len(e["seeds"])
-        accuracy = spread_text(e["class_accuracy"], k) if e["conditional"] else ""
-        pr = "n/a" if c["precision"] is None else f"{c['precision']:.3f} / {c['recall']:.3f}"
-        lines.append(
-            f"| {e['run']} | {e['minutes']:g} min | {e['steps']:,.0f} | {spread_text(c['fid'], k)} | "
-            f"{spread_text(p['fid'], k)} | {accuracy} | {pr} | {sampling_text(e)} |"
-        )
-    conditional = any(e["conditional"] for e in summary)
-    if floor is not None:
-        fids = ", ".join(
-            f"{space} {floor[space]['fid']:.3f}" if floor[space]["fid"] is not None else f"{space} n/a"
-            for space in SPACES
-        )
-        ceiling = f"; {ceiling_text(real_accuracy)}" if conditional and real_accuracy else ""
-        lines.append("")
-        lines.append(
-            f"Real vs real ({n:,} other real digits against the same {n_real:,}): FID {fids}{ceiling}."
-        )
-    elif conditional and real_accuracy:
-        lines += ["", f"The {n_real:,} real digits' {ceiling_text(real_accuracy)}."]
-    return lines
-
-
-# ---------------------------------------------------------------------------------------------- verdicts
-def seeds_text(e: dict) -> str:
-    return f"{len(e['seeds'])} seed{'s' if len(e['seeds']) > 1 else ''}"
-
-
-def fid_beats(e: dict, refs: list[dict], space: str) -> str:
-    """Is e's worst FID in ``space`` below every reference row's best? It is set against the reference row
-    whose best seed scores lowest."""
-    mine = e[space]["fid"]
-    known = [r for r in refs if r[space]["fid"]["min"] is not None]
-    if mine["max"] is None or not known:
-        return f"{space}: n/a"
-    best = min(known, key=lambda r: r[space]["fid"]["min"])
-    theirs = best[space]["fid"]
-    beats = mine["max"] < theirs["min"]
-    return (
-        f"{space}: {'yes' if beats else 'no'} (max {mine['max']:.3f} vs min {theirs['min']:.3f} of "
-        f"{best['run']}, {best['minutes']:g} min)"
-    )
-
-
-def accuracy_beats(e: dict, refs: list[dict]) -> str:
-    """Is e's worst class accuracy above every conditional reference row's best?"""
-    mine = e["class_accuracy"]
-    known = [r for r in refs if r["class_accuracy"]["max"] is not None]
-    if mine["min"] is None or not known:
-        return "class accuracy: n/a"
-    best = max(known, key=lambda r: r["class_accuracy"]["max"])
-    theirs = best["class_accuracy"]
-    beats = mine["min"] > theirs["max"]
-    return (
-        f"class accuracy: {'yes' if beats else 'no'} (min {mine['min']:.3f} vs max {theirs['max']:.3f} of "
-        f"{best['run']}, {best['minutes']:g} min)"
-    )
-
-
-def within_noise(e: dict, base: dict) -> str:
-    """Do the FID ranges of two ddpm settings at one budget overlap?"""
-    parts = []
-    for space in SPACES:
-        a, b = e[space]["fid"], base[space]["fid"]
-        if a["max"] is None or b["max"] is None:
-            parts.append(f"{space}: n/a")
-            continue
-        overlap = a["min"] <= b["max"] and b["min"] <= a["max"]
-        parts.append(
-            f"{space}: {'within noise' if overlap else 'apart'} ([{a['min']:.3f}, {a['max']:.3f}] vs "
-            f"[{b['min']:.3f}, {b['max']:.3f}])"
-        )
-    return f"{e['run']} against {base['run']}, {e['minutes']:g} min: " + "; ".join(parts)
-
-
-def against_unconditional(e: dict, base: dict) -> str:
-    """Does a conditional ddpm row reach ACCURACY_TARGET at median FIDs no worse than an unconditional ddpm
-    row's at the same budget?"""
-    accuracy = e["class_accuracy"]["median"]
-    reached = accuracy is not None and accuracy >= ACCURACY_TARGET
-    parts = [
-        f"class accuracy {'n/a' if accuracy is None else f'{accuracy:.3f}'} >= {ACCURACY_TARGET:g}: "
-        f"{'yes' if reached else 'no'}"
-    ]
-    no_worse = True
-    for space in SPACES:
-        a, b = e[space]["fid"]["median"], base[space]["fid"]["median"]
-        if a is None or b is None:
-            parts.append(f"FID {space} no worse: n/a")
-            no_worse = False
-            continue
-        no_worse &= a <= b
-        parts.append(f"FID {space} {a:.3f} <= {b:.3f}: {'yes' if a <= b else 'no'}")
-    both = "yes" if reached and no_worse else "no"
-    return (
-        f"{e['run']} against {base['run']}, {e['minutes']:g} min (medians): reaches class accuracy "
-        f">= {ACCURACY_TARGET:g} at an FID no worse: {both} (" + "; ".join(parts) + ")"
-    )
-
-
-def verdicts(summary: list[dict]) -> list[str]:
-    """Per ddpm row: does it beat every unconditional reference row (each U-Net, budget and sampling steps)
-    by more than the spread over seeds, in each feature space? Per conditional ddpm row, the same against
-    the conditional reference rows, in class accuracy too. Each further unconditional ddpm setting against
-    the first at the same budget: do their ranges overlap (within noise)? And each conditional ddpm row
-    against each unconditional one at its budget: class accuracy >= ACCURACY_TARGET at an FID no worse?"""
-    ours = [e for e in summary if e["impl"] == "ddpm"]
-    plain = [e for e in ours if not e["conditional"]]
-    guided = [e for e in ours if e["conditional"]]
-    refs = [e for e in summary if e["impl"] == "lucidrains" and not e["conditional"]]
-    cfg_refs = [e for e in summary if e["impl"] == "lucidrains" and e["conditional"]]
-    lines = [
-        f"{e['run']}, {e['minutes']:g} min ({seeds_text(e)}) beats every reference row by more than the "
-        "spread: " + "; ".join(fid_beats(e, refs, space) for space in SPACES)
-        for e in ours
-    ]
-    for e in guided:
-        parts = [accuracy_beats(e, cfg_refs), *(fid_beats(e, cfg_refs, space) for space in SPACES)]
-        lines.append(
-            f"{e['run']}, {e['minutes']:g} min ({seeds_text(e)}) beats every conditional reference row by "
-            "more than the spread: " + "; ".join(parts)
-        )
-    for e in plain:
-        base = next(b for b in plain if b["minutes"] == e["minutes"])
-        if base is not e:
-            lines.append(within_noise(e, base))
-    for e in guided:
-        lines += [against_unconditional(e, base) for base in plain if base["minutes"] == e["minutes"]]
-    return lines
-
-
 # -------------------------------------------------------------------------------------------------- plan
 def minutes_list(text: str) -> list[float]:
     return [float(m) for m in text.split(",") if m.strip()]
@@ -595,6 +420,28 @@ def steps_list(text: str, option: str) -> list[int]:
     return steps
 
 
+def variances_list(text: str) -> list[Variance]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    valid = ", ".join(v.value for v in Variance)
+    for name in names:
+        if name not in Variance.__members__:
+            raise SystemExit(f"--variances: {name!r} is not a variance; choose from {valid}")
+    return [Variance(name) for name in names]
+
+
+def sample_steps_list(text: str) -> list[int | None]:
+    """--sample-steps: step counts, "all" for all T."""
+    steps: list[int | None] = []
+    for item in (s.strip() for s in text.split(",") if s.strip()):
+        if item == "all":
+            steps.append(None)
+        elif not item.isdigit() or int(item) < 1:
+            raise SystemExit(f"--sample-steps: {item!r} is neither a step count >= 1 nor all")
+        else:
+            steps.append(int(item))
+    return steps
+
+
 @dataclass(frozen=True)
 class Plan:
     """The command line, parsed and checked before any training."""
@@ -609,6 +456,9 @@ class Plan:
     cfg_minutes: list[float]
     cfg_steps: list[int]
     cond_scales: list[float]
+    variances: list[Variance]
+    sample_steps: list[int | None]
+    bpd: int
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Plan:
@@ -626,7 +476,12 @@ class Plan:
             minutes_list(args.reference_cfg_minutes),
             steps_list(args.reference_cfg_sampling_steps, "--reference-cfg-sampling-steps"),
             scales_list(args.reference_cond_scales, "--reference-cond-scales"),
+            variances_list(args.variances),
+            sample_steps_list(args.sample_steps),
+            args.bpd,
         )
+        if plan.bpd < 0:
+            raise SystemExit(f"--bpd must be >= 0 (0: no bound): {plan.bpd}")
         if plan.cfg_references and plan.cfg_minutes and not plan.cond_scales:
             raise SystemExit("--reference-cfg is given but --reference-cond-scales names no scale")
         return plan
@@ -659,6 +514,7 @@ class Recorder:
     floor: dict | None
     first_seed: int
     rows: list[dict] = field(default_factory=list)
+    bounds: list[dict] = field(default_factory=list)
 
     def __call__(self, row: dict, samples: torch.Tensor | None, labels: torch.Tensor | None = None) -> None:
         """``samples`` None: a failed run (its row holds the error)."""
@@ -677,7 +533,18 @@ class Recorder:
         self.write()
 
     def write(self) -> dict:
-        return write_report(self.out, self.args, self.protocol, self.floor, self.rows)
+        return write_report(self.out, self.args, self.protocol, self.floor, self.rows, self.bounds)
+
+    def bound(self, row: dict) -> None:
+        """A bound's row: printed and written at once, as a run's."""
+        self.bounds.append(row)
+        se = f" +- {row['bpd_se']:.3f}" if row["bpd_se"] is not None else ""
+        print(
+            f"{row['run']:>44} {row['minutes']:4g} min seed {row['seed']}: {row['variance']} variance "
+            f"{row['bpd']:.3f}{se} bits/dim on {row['n']} digits | {row['seconds']:.0f} s",
+            flush=True,
+        )
+        self.write()
 
 
 def row_text(row: dict) -> str:
@@ -699,36 +566,52 @@ def row_text(row: dict) -> str:
 # ---------------------------------------------------------------------------------------------------- runs
 @dataclass(frozen=True)
 class Data:
-    """The training digits (all of them) with their labels, and the class names."""
+    """The training digits (all of them) with their labels, the class names, and the digits the bound
+    is measured on (--bpd of the training digits; None without --bpd)."""
 
     images: torch.Tensor
     labels: torch.Tensor
     class_names: tuple[str, ...]
+    bound_set: BoundSet | None
 
 
 def run_ours(record: Recorder, args: argparse.Namespace, plan: Plan, data: Data, seed: int) -> None:
-    """Every ddpm setting at every budget: one row, or one per --guidance scale for a conditional one."""
+    """Every ddpm setting at every budget: one row per sampler row (--variances x --sample-steps, or the
+    setting's own), each once per --guidance scale for a conditional setting; and with --bpd, the bound at
+    each of its variances."""
     for setting in args.ours:
         cfg = ours_config(setting, args.ours_overrides, seed)
-        row = {"run": f"ddpm {setting}", "impl": "ddpm", "setting": setting, "conditional": cfg.class_cond}
+        base = {"run": f"ddpm {setting}", "impl": "ddpm", "setting": setting, "conditional": cfg.class_cond}
+        rows = sampler_rows(cfg, plan.variances, plan.sample_steps)
         for minutes in plan.ours_minutes:
             trained, info = ours_train(cfg, minutes, data.images, data.labels, data.class_names)
-            if not cfg.class_cond:
-                samples, sample_s = ours_sample(cfg, trained, args.n, seed)
-                record({**row, "minutes": minutes, "seed": seed, **info, "sample_s": sample_s}, samples)
+            asked = record.scorer.draw_labels(args.n, seed) if cfg.class_cond else None  # same for all
+            for sampler in rows:
+                row = {**base, "run": base["run"] + sampler.label, "minutes": minutes, "seed": seed, **info}
+                if sampler.label:
+                    row["sampler"] = f"ddpm, {sampler.sampling.steps(cfg.timesteps)} steps"
+                    row["variance"] = sampler.sampling.ddpm_variance.value
+                    row["sample_steps"] = sampler.sampling.steps(cfg.timesteps)
+                if not cfg.class_cond:
+                    samples, sample_s = ours_sample(sampler.sampling, trained, args.n, seed)
+                    record({**row, "sample_s": sample_s}, samples)
+                    continue
+                for scale in plan.guidance:
+                    samples, sample_s = ours_sample(sampler.sampling, trained, args.n, seed, asked, scale)
+                    guided = {
+                        **row,
+                        "run": f"{row['run']}, guidance {scale:g}",
+                        "guidance_scale": scale,
+                        "cond_drop_prob": cfg.cond_drop_prob,
+                    }
+                    record({**guided, "sample_s": sample_s}, samples, asked)
+            if data.bound_set is None:
                 continue
-            asked = record.scorer.draw_labels(args.n, seed)  # the same labels for every model at this seed
-            for scale in plan.guidance:
-                samples, sample_s = ours_sample(cfg, trained, args.n, seed, asked, scale)
-                guided = {
-                    **row,
-                    "run": f"{row['run']}, guidance {scale:g}",
-                    "minutes": minutes,
-                    "seed": seed,
-                    "guidance_scale": scale,
-                    "cond_drop_prob": cfg.cond_drop_prob,
-                }
-                record({**guided, **info, "sample_s": sample_s}, samples, asked)
+            for variance in dict.fromkeys(r.sampling.ddpm_variance for r in rows):
+                variance = resolve_kind(Variance(variance), cfg.learn_sigma)
+                assert variance is not None
+                nll, seconds = ours_bound(trained, data.bound_set, variance, seed)
+                record.bound({**base, "minutes": minutes, "seed": seed, **nll, "seconds": seconds})
 
 
 def run_references(record: Recorder, args: argparse.Namespace, plan: Plan, data: Data, seed: int) -> None:
@@ -810,6 +693,25 @@ def parse_args() -> argparse.Namespace:
         "(1: the conditional model alone)",
     )
     parser.add_argument(
+        "--variances",
+        default="",
+        help="comma-separated ddpm_variance values: every ddpm setting is sampled with the ddpm sampler at "
+        "each variance of its kind (small, large: fixed-variance settings; learned: learn_sigma=true ones; "
+        "auto: the setting's own) and each --sample-steps, one row each (default: the setting's sampler)",
+    )
+    parser.add_argument(
+        "--sample-steps",
+        default="",
+        help='comma-separated step counts of those rows, "all" for all T (default: the setting\'s)',
+    )
+    parser.add_argument(
+        "--bpd",
+        type=int,
+        default=0,
+        help="bits/dim of every trained ddpm model at each of its --variances, on this many training "
+        "digits (picked with seed 0; the digits have no test split), over all T steps (0: none)",
+    )
+    parser.add_argument(
         "--reference",
         nargs="*",
         default=["mults=1-2-4", "mults=1-2"],
@@ -862,6 +764,10 @@ def check_settings(args: argparse.Namespace, plan: Plan) -> None:
         cfg = ours_config(setting, args.ours_overrides, plan.seeds[0])
         if cfg.class_cond:
             check_guidance(setting, cfg, plan.guidance)
+        if not sampler_rows(cfg, plan.variances, plan.sample_steps):
+            kind = "learned (learn_sigma=true)" if cfg.learn_sigma else "small or large (fixed)"
+            names = ",".join(v.value for v in plan.variances)
+            raise SystemExit(f"--variances {names} names no variance of {setting!r}, whose is {kind}")
     if plan.references and plan.ref_minutes:
         import denoising_diffusion_pytorch  # noqa: F401 (pip install -e '.[bench]')
     if plan.cfg_references and plan.cfg_minutes:
@@ -882,7 +788,11 @@ def main() -> None:
     dataset = build_dataset(real_data_config(scorer.data), labels=True)
     images, labels = load_subset(dataset, size, seed=0)  # the training data: all the digits
     assert labels is not None and scorer.class_names is not None
-    data = Data(images, labels, scorer.class_names)
+    bound_set = None
+    if plan.bpd:
+        bound_images, bound_labels = nll_images(real_data_config(scorer.data), "train", plan.bpd, 0, True)
+        bound_set = BoundSet(bound_images, bound_labels, Variance.small, "train")
+    data = Data(images, labels, scorer.class_names, bound_set)
     jobs, budget = plan.trainings(len(args.ours))
     print(
         f"classifier held-out accuracy {accuracy:.1%}; {args.n:,} samples per run against {n_real:,} of the "
@@ -918,29 +828,11 @@ def main() -> None:
     report = record.write()
     print()
     print("\n".join(report["table"]))
+    if report["bounds_table"]:
+        print()
+        print("\n".join(report["bounds_table"]))
     print()
     print("\n".join(report["verdicts"]))
-
-
-def write_report(
-    out: Path, args: argparse.Namespace, protocol: dict, floor: dict | None, rows: list[dict]
-) -> dict:
-    """<out>/quality.json (every run, the summary, the table and the verdicts) and <out>/quality.md."""
-    summary = summarise(rows)
-    lines = table(summary, floor, args.n, protocol["n_real"], protocol["real_class_accuracy"])
-    verdict = verdicts(summary)
-    report = {
-        "command": " ".join(sys.argv),
-        "protocol": protocol,
-        "floor": floor,
-        "summary": summary,
-        "table": lines,
-        "verdicts": verdict,
-        "runs": rows,
-    }
-    (out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "quality.md").write_text("\n".join([*lines, "", *verdict]) + "\n")
-    return report
 
 
 if __name__ == "__main__":

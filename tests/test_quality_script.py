@@ -100,8 +100,8 @@ def test_quality_digits_conditional(tmp_path: Path) -> None:
             assert 0 <= accuracy["min"] <= accuracy["median"] <= accuracy["max"] <= 1
     assert 0 < report["protocol"]["real_class_accuracy"] <= 1
     verdicts = report["verdicts"]
-    assert len(verdicts) == 3 + 2 + 2  # every ddpm row; the conditional ones' two further lines each
-    assert sum("beats every reference row" in v for v in verdicts) == 3
+    assert len(verdicts) == 2 + 2  # the conditional ddpm rows' two lines each (no unconditional reference)
+    assert not any("beats every reference row" in v for v in verdicts)
     conditional = [v for v in verdicts if "beats every conditional reference row" in v]
     assert len(conditional) == 2 and all("class accuracy: " in v for v in conditional)
     against = [v for v in verdicts if " against ddpm default, 0.005 min (medians)" in v]
@@ -110,3 +110,63 @@ def test_quality_digits_conditional(tmp_path: Path) -> None:
     )
     markdown = (out / "quality.md").read_text()
     assert "| class accuracy |" in markdown.splitlines()[0] and "(the ceiling)" in markdown
+
+
+def test_quality_digits_variances_and_bounds(tmp_path: Path) -> None:
+    """--variances x --sample-steps rows of a fixed-variance and a learn_sigma setting (each at the
+    variances of its kind), --bpd bounds of each, and the learned-against-fixed verdicts; no reference, so
+    this one runs without the bench extra."""
+    args = [
+        *("--ours", "default", "learn_sigma=true", "--ours-minutes", "0.005", "--reference"),
+        *("--ours-overrides", "timesteps=20", "model.dim=8", "model.dim_mults=[1,2]"),
+        *("--variances", "small,large,learned", "--sample-steps", "5,all", "--bpd", "30"),
+    ]
+    result, report = run_script(tmp_path, args, timeout=300)
+    assert [e["run"] for e in report["summary"]] == [
+        "ddpm default, small variance, 5 steps",
+        "ddpm default, small variance, 20 steps",
+        "ddpm default, large variance, 5 steps",
+        "ddpm default, large variance, 20 steps",
+        "ddpm learn_sigma=true, learned variance, 5 steps",
+        "ddpm learn_sigma=true, learned variance, 20 steps",
+    ]
+    assert [(e["variance"], e["sample_steps"]) for e in report["summary"]][-2:] == [
+        ("learned", 5),
+        ("learned", 20),
+    ]
+    bounds = report["bounds_summary"]
+    assert [(e["run"], e["variance"]) for e in bounds] == [
+        ("ddpm default", "small"),
+        ("ddpm default", "large"),
+        ("ddpm learn_sigma=true", "learned"),
+    ]
+    for e in bounds:
+        assert e["n"] == 30 and e["seeds"] == [0, 1]
+        assert 0 < e["bpd"]["min"] <= e["bpd"]["median"] <= e["bpd"]["max"]
+        assert 0 < e["prior_bpd"] < e["bpd"]["median"]
+    by_seed = {(r["run"], r["variance"], r["seed"]): r for r in report["bounds"]}
+    assert all(r["T"] == 20 and r["split"] == "train" for r in by_seed.values())
+    verdicts = report["verdicts"]
+    assert sum("beats every fixed-variance row at" in v for v in verdicts) == 2  # one per step count
+    [lowers] = [v for v in verdicts if "lowers bits/dim below the better fixed variance" in v]
+    better = min(bounds[:2], key=lambda e: e["bpd"]["median"])
+    assert f"of ddpm default, {better['variance']} variance" in lowers
+    assert "| variance | bits/dim |" in (tmp_path / "out" / "quality.md").read_text()
+    assert "bits/dim on 30 digits" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--ours", "default", "--variances", "learned"], "names no variance of 'default'"),
+        (["--variances", "wide"], "'wide' is not a variance; choose from auto, small, large, learned"),
+        (["--sample-steps", "0"], "'0' is neither a step count >= 1 nor all"),
+        (["--bpd", "-1"], "--bpd must be >= 0"),
+    ],
+)
+def test_quality_digits_refuses(tmp_path: Path, args: list[str], message: str) -> None:
+    """Bad --variances, --sample-steps and --bpd fail in one line before any training."""
+    command = [sys.executable, str(SCRIPT), "--reference", *args, "--out", str(tmp_path / "out")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and message in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
