@@ -171,9 +171,17 @@ def test_two_ranks_write_one_run_stop_together_and_resume_exactly(tmp_path, cli)
     assert 0 < distance / size < 0.05
 
 
-def test_a_conditional_run_on_two_ranks_trains_as_one_process_does(tmp_path, cli):
+@pytest.mark.parametrize(
+    ("extra", "terms"),
+    [
+        (["class_cond=true", "cond_drop_prob=0.5"], ["loss"]),
+        (["learn_sigma=true"], ["loss", "loss_simple", "loss_vlb"]),  # the hybrid loss's two terms too
+    ],
+    ids=["conditional", "learned"],
+)
+def test_a_run_on_two_ranks_trains_as_one_process_does(tmp_path, cli, extra, terms):
     # no dropout: its draws are per rank; everything else (t, eps, the label-drop mask) is per step
-    args = [*DDP, "model.dropout=0", "steps=3", "class_cond=true", "cond_drop_prob=0.5"]
+    args = [*DDP, "model.dropout=0", "steps=3", *extra]
     two = run_torchrun(*args, "hydra.run.dir=two", cwd=tmp_path)
     assert two.returncode == 0, two.stderr
     one = cli("ddpm-train", *args, "hydra.run.dir=one", cwd=tmp_path)
@@ -182,12 +190,20 @@ def test_a_conditional_run_on_two_ranks_trains_as_one_process_does(tmp_path, cli
         r: [json.loads(x) for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()]
         for r in ("one", "two")
     }
-    losses = {r: [row["loss"] for row in rows[r] if "loss" in row] for r in rows}
-    # step 1 is the same sums in another order; later steps also carry Adam's first, sign-like updates
-    assert losses["two"][0] == pytest.approx(losses["one"][0], rel=1e-5)
-    assert losses["two"] == pytest.approx(losses["one"], rel=1e-3)
-    names = [load_checkpoint(tmp_path / r / "checkpoints/last.pt")["class_names"] for r in rows]
-    assert names == [list("0123456789")] * 2
+    for term in terms:
+        losses = {r: [row[term] for row in rows[r] if "loss" in row] for r in rows}
+        assert len(losses["one"]) == 3
+        # step 1 is the same sums in another order; later steps also carry Adam's first, sign-like updates
+        assert losses["two"][0] == pytest.approx(losses["one"][0], rel=1e-5), term
+        assert losses["two"] == pytest.approx(losses["one"], rel=1e-3), term
+    ckpts = [load_checkpoint(tmp_path / r / "checkpoints/last.pt") for r in rows]
+    if "class_cond=true" in extra:
+        assert [c["class_names"] for c in ckpts] == [list("0123456789")] * 2
+    else:  # both write a learn_sigma checkpoint, which samples with its learned variance
+        assert all(c["config"]["learn_sigma"] for c in ckpts)
+        sampled = cli("ddpm-sample", f"ckpt={tmp_path / 'two/checkpoints/last.pt'}", "n=4", cwd=tmp_path)
+        assert sampled.returncode == 0, sampled.stderr
+        assert "ddpm with 20 steps, learned variance)" in sampled.stdout
 
 
 def test_a_rank_that_dies_ends_the_job(tmp_path):

@@ -385,9 +385,14 @@ def test_a_captured_step_computes_what_the_eager_step_computes(compiled):
 
 
 @cuda
-@pytest.mark.parametrize("extra", [[], ["class_cond=true"]], ids=["unconditional", "conditional"])
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["class_cond=true"], ["learn_sigma=true"]],
+    ids=["unconditional", "conditional", "learned"],
+)
 def test_ddpm_train_picks_the_fast_path_on_a_gpu_and_it_matches_the_eager_losses(tmp_path, cli, extra):
-    # conditional: the labels, with the dropped ones replaced before the graph, ride in its static buffers
+    # conditional: the labels, with the dropped ones replaced before the graph, ride in its static buffers;
+    # learned: the 2C-channel output and the hybrid loss's L_vlb term inside the graph
     args = [a for a in TINY if a != "device=cpu"] + ["device=cuda", "steps=20", "forward_n=0", *extra]
     fast = cli("ddpm-train", *args, "hydra.run.dir=fast", cwd=tmp_path)
     assert fast.returncode == 0, fast.stderr

@@ -246,9 +246,12 @@ def sample(cfg: DictConfig) -> None:
         names = [trained.class_names[i] for i in labels.unique_consecutive().tolist()]
         shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
         asked = f"{ncol} each of {shown}, guidance {trained.guidance(cfg.guidance_scale):g}, "
+    variance = ""
+    if cfg.sampler == "ddpm":  # the other samplers read only the mean
+        variance = f", {trained.diffusion.resolve_variance(sampling.ddpm_variance).value} variance"
     print(
         f"ddpm-sample: {cfg.n} samples from {cfg.ckpt} (step {trained.step}, {weights}, {asked}"
-        f"{cfg.sampler} with {steps} steps) -> {where}"
+        f"{cfg.sampler} with {steps} steps{variance}) -> {where}"
     )
 
 
