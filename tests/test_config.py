@@ -175,6 +175,16 @@ def test_preset_keys_can_still_be_overridden(compose_cfg):
     assert cfg.lr == 1e-4 and cfg.model.dropout == 0.2
 
 
+def test_the_cifar10_preset_composes_with_nichol_and_dhariwal_s_keys(compose_cfg):
+    # the README's nearest to their CIFAR-10 model: another schedule group over the preset's
+    overrides = ["experiment=ddpm_cifar10", "learn_sigma=true", "schedule=cosine", "timesteps=4000"]
+    overrides += ["model.num_res_blocks=3", "model.dropout=0.3", "model.attn_resolutions=[16,8]", "lr=1e-4"]
+    cfg = compose_cfg("train", [*overrides, "steps=500000"])
+    assert cfg.schedule.name == "cosine" and cfg.learn_sigma and cfg.timesteps == 4000
+    assert list(cfg.model.attn_resolutions) == [16, 8] and cfg.model.num_res_blocks == 3
+    validate_train(cfg)
+
+
 def test_unknown_preset_lists_the_choices(compose_cfg):
     with pytest.raises(MissingConfigException) as e:
         compose_cfg("train", ["experiment=imagenet"])
