@@ -54,7 +54,7 @@ def test_unknown_loss_is_a_merge_error(compose_cfg):
     with pytest.raises(ConfigCompositionException) as e:
         compose_cfg("train", ["loss=mse"])
     assert isinstance(e.value.__cause__, ValidationError)
-    assert "expected one of [l1, l2, huber]" in str(e.value.__cause__)
+    assert "expected one of [l1, l2, huber, kl]" in str(e.value.__cause__)
 
 
 @pytest.mark.parametrize("group", ["schedule", "data", "model"])

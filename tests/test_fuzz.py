@@ -84,7 +84,7 @@ TRAIN_INVALID: dict[str, st.SearchStrategy[str]] = {
     "data.on_device_max_mb": floats_outside(0),
     "ema.decay": floats_outside(0, 1),
     "ema.warmup": floats_outside(0),
-    "loss": not_one_of({"l1", "l2", "huber"}),
+    "loss": not_one_of({"l1", "l2", "huber", "kl"}),
     "objective": not_one_of({"eps", "x0", "v"}),
     "learn_sigma": not_a_value,
     "vlb_weight": floats_outside(0),

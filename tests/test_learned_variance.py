@@ -10,8 +10,10 @@ import math
 import pytest
 import torch
 from conftest import TINY, compose
+from omegaconf import OmegaConf
 from torch.distributions import Normal, kl_divergence
 
+from ddpm.checkpoint import load_checkpoint
 from ddpm.diffusion.gaussian import Diffusion, Objective, Variance, guided_output, resolve_variance
 from ddpm.diffusion.sampling import ancestral_coefficients, learned_range, p_sample, sampling_timesteps
 from ddpm.diffusion.schedules import Schedule, linear_betas
@@ -250,12 +252,30 @@ def test_learned_on_a_fixed_variance_checkpoint_is_refused(in_process, tmp_path)
         (["eval.ddpm_variance=learned"], "eval.ddpm_variance=learned needs learn_sigma=true"),
         (["learn_sigma=true", "vlb_weight=-1"], "vlb_weight=-1.0 is invalid"),
         (["learn_sigma=true", "vlb_weight=nan"], "vlb_weight=nan is invalid"),
+        (["loss=kl", "min_snr_gamma=5"], "min_snr_gamma=5 weights a distance to the target"),
+        (["loss=kl", "ddpm_variance=learned"], "ddpm_variance=learned needs learn_sigma=true"),
     ],
 )
 def test_bad_learned_variance_settings_are_refused(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
         train(compose("train", TINY + overrides), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "variance"),
+    [(["ddpm_variance=large"], Variance.large), (["learn_sigma=true"], Variance.learned)],
+    ids=["fixed_large", "learned"],
+)
+def test_a_run_trains_on_the_bound_itself_with_loss_kl(tmp_path, overrides, variance):
+    run = tmp_path / "run"
+    train(compose("train", [*LEARNED_RUN[:-1], "loss=kl", *overrides]), run)
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 3 and all(math.isfinite(x) and x > 0 for x in losses)
+    assert not any("loss_vlb" in r for r in rows)  # no hybrid: the bound is the whole loss
+    config = load_checkpoint(run / "checkpoints" / "last.pt")["config"]
+    assert Diffusion.from_config(OmegaConf.create(config)).bound_variance is variance  # from the file alone
 
 
 def test_a_resume_that_changes_learn_sigma_is_refused(learned_ckpt):

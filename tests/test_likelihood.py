@@ -12,7 +12,7 @@ from torch import nn
 from torch.distributions import Normal, kl_divergence
 
 from ddpm.diffusion.distributions import LN2, discretized_gaussian_log_likelihood, normal_kl
-from ddpm.diffusion.gaussian import Diffusion, Objective, Variance
+from ddpm.diffusion.gaussian import Diffusion, Loss, Objective, Variance
 from ddpm.diffusion.likelihood import calc_bpd, prior_bpd
 from ddpm.diffusion.schedules import Schedule, linear_betas
 
@@ -142,3 +142,47 @@ def test_prior_term_of_the_default_schedule():
     got = prior_bpd(diffusion, x0).item()
     assert got == pytest.approx(prior_bits(diffusion, x0), rel=1e-5)
     assert 0.05 < got < 0.15
+
+
+# ------------------------------------------------------------------------------- the bound as the loss
+@pytest.mark.parametrize("variance", [Variance.small, Variance.large])
+def test_loss_kl_is_the_weighted_noise_error_of_ho_et_al(variance):
+    """loss=kl at t > 0 with a fixed variance sigma_t^2 is T KL per dimension, in bits: beta_t^2 / (2
+    sigma_t^2 alpha_t (1 - abar_t)) |eps - eps_hat|^2 (Ho et al. eq. 8 through eq. 10: their true
+    bound), plus, where sigma_t^2 is not the posterior's beta~_t, the constant (log(sigma_t^2 / beta~_t)
+    + beta~_t / sigma_t^2 - 1) / 2 of two Gaussians' variances."""
+    T = 50
+    diffusion = Diffusion(
+        Schedule.from_betas(linear_betas(T, 1e-4, 0.02)), Objective.eps, Loss.kl, bound_variance=variance
+    )
+    s = diffusion.schedule
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.rand(4, 1, 6, 6, generator=g) * 2 - 1, torch.randn(4, 1, 6, 6, generator=g)
+    eps_hat = torch.randn(4, 1, 6, 6, generator=g)
+    t = torch.tensor([1, 7, 30, 49])
+    loss = diffusion.training_losses(lambda *_: eps_hat, x0, t, noise)["loss"]
+    beta = s.betas[t].double()
+    sigma2 = (s.posterior_variance if variance is Variance.small else s.betas)[t].double()
+    weight = beta**2 / (2 * sigma2 * (1 - beta) * (1 - s.alphas_cumprod[t].double()))
+    posterior = s.posterior_variance[t].double()
+    mismatch = 0.5 * (torch.log(sigma2 / posterior) + posterior / sigma2 - 1)
+    nats = weight * (noise - eps_hat).double().pow(2).flatten(1).mean(1) + mismatch
+    expected = T * nats / math.log(2)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-4, atol=0)
+
+
+def test_loss_kl_trains_a_learn_sigma_model_s_mean_and_variance():
+    """Unlike the hybrid loss, whose L_vlb sees the mean detached, loss=kl reaches both halves."""
+    diffusion = Diffusion(
+        Schedule.from_betas(linear_betas(20, 1e-4, 0.02)),
+        Objective.eps,
+        Loss.kl,
+        learn_sigma=True,
+        bound_variance=Variance.learned,
+    )
+    output = torch.zeros(2, 2, 4, 4, requires_grad=True)
+    x0 = torch.rand(2, 1, 4, 4) * 2 - 1
+    terms = diffusion.training_losses(lambda *_: output, x0, torch.tensor([0, 5]), torch.randn(2, 1, 4, 4))
+    assert set(terms) == {"loss"}
+    terms["loss"].sum().backward()
+    assert output.grad[:, 0].abs().sum() > 0 and output.grad[:, 1].abs().sum() > 0

@@ -9,7 +9,7 @@ from conftest import FIXTURES, assert_refused, run_entry
 from ddpm import cli
 
 BAD_TRAIN = [
-    (["loss=mse"], "Invalid value 'mse', expected one of [l1, l2, huber]"),
+    (["loss=mse"], "Invalid value 'mse', expected one of [l1, l2, huber, kl]"),
     (["schedule=exp"], "schedule=exp is invalid: choose one of cosine, linear, quadratic, sigmoid"),
     (
         ["data=imagenet"],

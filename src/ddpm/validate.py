@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 from ddpm import checks
 from ddpm.data import DATASETS, Split, check_data
 from ddpm.data.resident import resident_mb
-from ddpm.diffusion.gaussian import Objective, Variance
+from ddpm.diffusion.gaussian import Loss, Objective, Variance
 from ddpm.diffusion.sampling import check_sampling
 from ddpm.diffusion.schedules import check_schedule
 from ddpm.errors import ConfigError
@@ -27,6 +27,11 @@ def check_objective(cfg: Any) -> None:
     checks.at_least("min_snr_gamma", cfg.min_snr_gamma, 0)
     checks.at_least("offset_noise", cfg.offset_noise, 0)
     checks.at_least("vlb_weight", cfg.vlb_weight, 0)
+    if Loss(cfg.loss) is Loss.kl and cfg.min_snr_gamma > 0:
+        raise ConfigError(
+            f"min_snr_gamma={cfg.min_snr_gamma:g} weights a distance to the target, and loss=kl trains on "
+            "the bound itself: choose min_snr_gamma=0 or loss=l1, l2 or huber"
+        )
     for key, variance in (
         ("ddpm_variance", cfg.ddpm_variance),
         ("eval.ddpm_variance", cfg.eval.ddpm_variance),

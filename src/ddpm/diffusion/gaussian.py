@@ -27,6 +27,7 @@ class Loss(Enum):
     l1 = "l1"
     l2 = "l2"
     huber = "huber"  # smooth l1: quadratic below 1, linear above
+    kl = "kl"  # no distance: the bound's own term T L_t (Ho et al.'s true variational bound)
 
 
 class Objective(Enum):
@@ -83,21 +84,25 @@ class Diffusion:
     offset_noise: float = 0.0  # eps gets offset_noise * N(0, 1) per image and channel on top; 0: off
     learn_sigma: bool = False  # the network's 2C outputs: the objective's, then v of the variance
     vlb_weight: float = 0.001  # lambda of L_simple + lambda L_vlb (Nichol & Dhariwal eq. 16)
+    bound_variance: Variance = Variance.small  # loss=kl: the variance whose bound is trained on
 
     @classmethod
     def from_config(cls, cfg: Any) -> Diffusion:
         """From a training config (composed, or a checkpoint's plain values): its schedule group and
-        timesteps, objective, loss, min_snr_gamma, offset_noise, learn_sigma and vlb_weight (keys an
-        older file lacks default)."""
+        timesteps, objective, loss, min_snr_gamma, offset_noise, learn_sigma and vlb_weight, and for loss=kl
+        ddpm_variance (keys an older file lacks default)."""
         get = cfg.get
+        learn_sigma, loss = bool(get("learn_sigma", False)), Loss[_name(get("loss", "l2"))]
+        variance = _name(get("ddpm_variance", "auto")) if loss is Loss.kl else "small"
         return cls(
             build_schedule(cfg.schedule, cfg.timesteps),
             Objective[_name(get("objective", "eps"))],
-            Loss[_name(get("loss", "l2"))],
+            loss,
             float(get("min_snr_gamma", 0.0)),
             float(get("offset_noise", 0.0)),
-            bool(get("learn_sigma", False)),
+            learn_sigma,
             float(get("vlb_weight", 0.001)),
+            resolve_variance(variance, learn_sigma),
         )
 
     @property
@@ -262,7 +267,13 @@ class Diffusion:
         learn_sigma model adds vlb_weight T L_t (the hybrid loss). Terms by name, each (B,): "loss" is what
         the step minimises; a learn_sigma model's also "loss_simple" and "loss_vlb" (L_t in bits/dim)."""
         x_t = self.q_sample(x0, t, noise)
-        out, v = self.split_output(model(x_t, t, labels))
+        output = model(x_t, t, labels)
+        if self.loss is Loss.kl:
+            # the bound itself, L_vlb = sum_t L_t estimated as T L_t, training the mean (and a learn_sigma
+            # model's variance) through it: improved-diffusion's RESCALED_KL, Ho et al.'s true bound
+            denoise = self.denoiser(lambda *_: output, clip_x0=False)
+            return {"loss": self.timesteps * self.vb_terms_bpd(denoise, x0, x_t, t, self.bound_variance)}
+        out, v = self.split_output(output)
         per_pixel = elementwise_loss(self.loss, out, self.target(x0, t, noise))
         per_image = per_pixel.flatten(1).mean(dim=1)
         if self.min_snr_gamma > 0:
