@@ -22,16 +22,13 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, read_write
 from omegaconf.errors import OmegaConfBaseException
 
-from ddpm.checkpoint import export_safetensors, load_checkpoint, run_dir_of
-from ddpm.conditioning import check_guidance, sample_labels
+from ddpm.checkpoint import export_safetensors, load_checkpoint
 from ddpm.config import register_configs
-from ddpm.diffusion.generate import generate, generate_with_frames
-from ddpm.diffusion.sampling import SamplingOptions
 from ddpm.errors import ConfigError, DdpmError
 from ddpm.evaluation.evaluate import evaluate, summary_lines, written_line
 from ddpm.evaluation.tradeoff import write_sweep
-from ddpm.images import save_gif, save_grid, save_individual
-from ddpm.runtime import Runtime, launched_ranks
+from ddpm.runtime import launched_ranks
+from ddpm.sample import sample
 from ddpm.summary import write_summary
 from ddpm.sweeps import (
     SUBMITIT_LAUNCHERS,
@@ -39,12 +36,10 @@ from ddpm.sweeps import (
     require_launcher_plugin,
     sweep_job_configs,
 )
-from ddpm.trained import load_trained
 from ddpm.training.loop import train
 from ddpm.training.rundir.bookkeeping import holds_run
 from ddpm.training.rundir.plan import override_keys, plan_run
 from ddpm.training.stopping import TrainingStopped
-from ddpm.validate import validate_sample
 
 CONFIGS = "pkg://ddpm.configs"
 TRACE_VARIABLE = "HYDRA_FULL_ERROR"  # =1: the full trace instead of one line
@@ -205,59 +200,6 @@ def require(cfg: DictConfig) -> None:
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"{missing[0]} is required: add {missing[0]}=... to the command line")
-
-
-def sample(cfg: DictConfig) -> None:
-    """Draw cfg.n images from the checkpoint cfg.ckpt; every check runs before anything is written."""
-    validate_sample(cfg)
-    trained = load_trained(cfg.ckpt, Runtime.from_config(cfg).device, ema=cfg.ema)
-    check_guidance(trained, cfg.guidance_scale)
-    trained.diffusion.resolve_variance(cfg.ddpm_variance)  # learned on a fixed-variance model: refused
-    labels, ncol = sample_labels(trained, cfg.labels, cfg.n)
-    out = Path(cfg.out) if cfg.out is not None else default_out(Path(cfg.ckpt), cfg.seed)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"out={cfg.out} cannot be written: {e.strerror or e}") from e
-    sampling = SamplingOptions.from_config(cfg)
-    if cfg.gif:
-        images, frames = generate_with_frames(
-            trained, sampling, cfg.n, cfg.seed, cfg.batch_size, cfg.gif_frames, labels
-        )
-    else:
-        images = generate(trained, sampling, cfg.n, cfg.seed, cfg.batch_size, labels)
-    try:
-        save_grid(images, out / "grid.png", ncol)
-        if cfg.save_images:
-            save_individual(images, out / "images")
-        if cfg.gif:
-            save_gif(frames, out / "denoise.gif", cfg.gif_frame_ms)
-    except OSError as e:
-        raise ConfigError(f"out={out} cannot be written: {e.strerror or e}") from e
-    where = f"{out / 'grid.png'}" + (f" and {cfg.n} images in {out / 'images'}" if cfg.save_images else "")
-    if cfg.gif:
-        where += f" and {out / 'denoise.gif'} ({len(frames)} frames)"
-    weights = {"ema": "EMA weights", "model": "raw weights"}[trained.weights]
-    if cfg.ema and trained.weights == "model":
-        weights += " (the checkpoint has no EMA)"
-    steps = sampling.steps(trained.diffusion.timesteps)
-    asked = ""
-    if labels is not None:
-        names = [trained.class_names[i] for i in labels.unique_consecutive().tolist()]
-        shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
-        asked = f"{ncol} each of {shown}, guidance {trained.guidance(cfg.guidance_scale):g}, "
-    variance = ""
-    if cfg.sampler == "ddpm":  # the other samplers read only the mean
-        variance = f", {trained.diffusion.resolve_variance(sampling.ddpm_variance).value} variance"
-    print(
-        f"ddpm-sample: {cfg.n} samples from {cfg.ckpt} (step {trained.step}, {weights}, {asked}"
-        f"{cfg.sampler} with {steps} steps{variance}) -> {where}"
-    )
-
-
-def default_out(ckpt: Path, seed: int) -> Path:
-    """<run>/generated/<checkpoint>_seed<seed>, beside the run that wrote the checkpoint."""
-    return run_dir_of(ckpt) / "generated" / f"{ckpt.stem}_seed{seed}"
 
 
 def one_line(e: BaseException) -> str:
