@@ -206,12 +206,17 @@ def test_torchrun_ranks_keep_their_local_rank_in_a_sweep_job(monkeypatch):
 @pytest.mark.parametrize(
     ("launcher", "message"),
     [
-        ("slurm", "hydra/launcher=slurm needs the hydra-submitit-launcher plugin: pip install 'ddpm[slurm]'"),
+        (
+            "slurm",
+            "hydra/launcher=slurm needs the hydra-submitit-launcher plugin: "
+            "pip install -e '.[slurm]' in the ddpm checkout",
+        ),
         ("submitit_slurm", "hydra/launcher=submitit_slurm needs the hydra-submitit-launcher plugin"),
         ("submitit_local", "hydra/launcher=submitit_local needs the hydra-submitit-launcher plugin"),
         (
             "parallel",
-            "hydra/launcher=parallel needs the hydra-joblib-launcher plugin: pip install 'ddpm[joblib]'",
+            "hydra/launcher=parallel needs the hydra-joblib-launcher plugin: "
+            "pip install -e '.[joblib]' in the ddpm checkout",
         ),
         ("joblib", "hydra/launcher=joblib needs the hydra-joblib-launcher plugin"),
     ],

@@ -46,7 +46,7 @@ def require_launcher_plugin(args: list[str]) -> None:
         if not plugin_installed(module):
             raise ConfigError(
                 f"hydra/launcher={chosen.group(1)} needs the {distribution} plugin: "
-                f"pip install 'ddpm[{extra}]'"
+                f"pip install -e '.[{extra}]' in the ddpm checkout"
             )
 
 

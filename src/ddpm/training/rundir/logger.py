@@ -13,7 +13,9 @@ from PIL import Image
 
 from ddpm.errors import ConfigError
 
-INSTALL_HINT = "logger=tensorboard needs the tensorboard package: pip install 'ddpm[tensorboard]'"
+INSTALL_HINT = (
+    "logger=tensorboard needs the tensorboard package: pip install -e '.[tensorboard]' in the ddpm checkout"
+)
 
 
 class Logger(Enum):
