@@ -188,4 +188,4 @@ def test_the_cifar10_preset_composes_with_nichol_and_dhariwal_s_keys(compose_cfg
 def test_unknown_preset_lists_the_choices(compose_cfg):
     with pytest.raises(MissingConfigException) as e:
         compose_cfg("train", ["experiment=imagenet"])
-    assert sorted(e.value.options) == ["annotated_fashion_mnist", "ddpm_cifar10"]
+    assert sorted(e.value.options) == ["annotated_fashion_mnist", "ddpm_256", "ddpm_cifar10"]
