@@ -58,7 +58,7 @@ TRAIN_INVALID: dict[str, st.SearchStrategy[str]] = {
     "eta": floats_outside(0),
     "ddpm_variance": not_one_of({"auto", "small", "large"}),  # learned: refused without learn_sigma
     "clip_x0": not_a_value,
-    "schedule.name": not_one_of({"linear", "quadratic", "sigmoid", "cosine"}),
+    "schedule.name": not_one_of({"linear", "quadratic", "sigmoid", "cosine", "given"}),
     "schedule.zero_terminal_snr": not_a_value,  # (true is refused with eps-prediction: see below)
     "schedule.beta_start": st.one_of(floats_outside(0, 1), st.just("0.5")),  # 0.5 > beta_end
     "schedule.beta_end": floats_outside(1e-4, 1),
@@ -119,6 +119,7 @@ TRAIN_INVALID: dict[str, st.SearchStrategy[str]] = {
     "max_nonfinite": below(1),
     "logger": not_one_of({"none", "tensorboard"}),
     "resume": words.map(lambda w: f"no_such_dir/{w}.pt"),
+    "init": words.map(lambda w: f"no_such_dir/{w}"),
     "eval_at_end": not_a_value,
     "eval_every": below(0),
     "eval.n": below(2),
@@ -228,6 +229,18 @@ GROUP_INVALID: dict[str, tuple[list[str], dict[str, st.SearchStrategy[str]]]] = 
             "model.num_res_blocks": below(1),
             "model.attn_resolutions": st.one_of(st.sampled_from(["[3]", "[16]", "[8,5]"]), not_a_value),
             "model.dim": st.integers(1, 200).map(lambda k: str(2 * k)).filter(lambda d: int(d) % 32 != 0),
+            "model.variant": not_one_of({"original", "legacy"}),
+        },
+    ),
+    "schedule=given": (
+        ["schedule=given", "timesteps=4", "schedule.betas=[0.1,0.2,0.3,0.4]"],
+        {  # betas outside (0, 1), none, or not one per step
+            "schedule.betas": st.one_of(
+                st.sampled_from(
+                    ["[]", "[0.1,0.2,0.3,1.5]", "[0,0.1,0.2,0.3]", "[0.1,0.2]", "[0.1,0.2,0.3,0.4,0.5]"]
+                ),
+                not_a_value,
+            ),
         },
     ),
     "data=folder": (
@@ -276,6 +289,7 @@ def folder_args(root: Path) -> list[str]:
         "schedule=quadratic",
         "schedule=sigmoid",
         "schedule=cosine",
+        "schedule=given",
         "model=ho2020",
         "data=folder",
         "data=mnist",
@@ -285,7 +299,8 @@ def folder_args(root: Path) -> list[str]:
 )
 def test_every_group_key_is_fuzzed(compose_cfg, option):
     default = set(flatten(OmegaConf.to_container(compose_cfg("train"), enum_to_str=True)))
-    keys = set(flatten(OmegaConf.to_container(compose_cfg("train", [option]), enum_to_str=True)))
+    extra = ["schedule.betas=[0.1]"] if option == "schedule=given" else []
+    keys = set(flatten(OmegaConf.to_container(compose_cfg("train", [option, *extra]), enum_to_str=True)))
     family = {"data=fashion_mnist": "data=mnist", "data=cifar10": "data=mnist"}.get(option, option)
     fuzzed = set(GROUP_INVALID.get(family, ([], {}))[1])
     assert keys - default <= fuzzed, (keys - default) - fuzzed

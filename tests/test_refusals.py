@@ -10,12 +10,12 @@ from ddpm import cli
 
 BAD_TRAIN = [
     (["loss=mse"], "Invalid value 'mse', expected one of [l1, l2, huber, kl]"),
-    (["schedule=exp"], "schedule=exp is invalid: choose one of cosine, linear, quadratic, sigmoid"),
+    (["schedule=exp"], "schedule=exp is invalid: choose one of cosine, given, linear, quadratic, sigmoid"),
     (
         ["data=imagenet"],
         "data=imagenet is invalid: choose one of cifar10, digits, fashion_mnist, folder, mnist",
     ),
-    (["model=resnet"], "model=resnet is invalid: choose one of ho2020, unet"),
+    (["model=resnet"], "model=resnet is invalid: choose one of ho2020, ho2020_256, unet"),
     (["timesteps=0"], "timesteps=0 is invalid: it must be >= 1"),
     (["batch_size=0"], "batch_size=0 is invalid: it must be >= 1"),
     (
@@ -59,7 +59,8 @@ def test_tensorboard_without_its_package_is_refused_before_any_work(tmp_path, mo
     code, lines, output = run_entry(cli.train_main, args, capsys)
     assert_refused("ddpm-train", code, lines, output, args)
     assert lines[0] == (
-        "ddpm-train: error: logger=tensorboard needs the tensorboard package: pip install 'ddpm[tensorboard]'"
+        "ddpm-train: error: logger=tensorboard needs the tensorboard package: "
+        "pip install -e '.[tensorboard]' in the ddpm checkout"
     )
     assert {p.relative_to(tmp_path / "run").parts[0] for p in (tmp_path / "run").rglob("*")} <= {".hydra"}
 

@@ -66,6 +66,15 @@ def link_checkpoint(src: Path, dst: Path) -> None:
     fsync_dir(dst.parent)
 
 
+def output_base(ckpt: Path) -> tuple[Path, str]:
+    """Where a command's default output for ``ckpt`` goes, and the name it is filed under: beside the run
+    that wrote a checkpoint (its stem), or in the current directory for a pipeline folder (its name),
+    whose parent is nobody's run."""
+    if ckpt.is_dir():
+        return Path("."), ckpt.resolve().name
+    return run_dir_of(ckpt), ckpt.stem
+
+
 def run_dir_of(ckpt: Path) -> Path:
     """The run directory that wrote ``ckpt`` (<run>/checkpoints/x.pt), or the checkpoint's own folder."""
     return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
@@ -118,32 +127,38 @@ def _load_safetensors(path: Path, key: str) -> dict[str, Any]:
     return payload
 
 
-def load_checkpoint(path: str | Path, key: str = "ckpt", mmap: bool = False) -> dict[str, Any]:
-    """Read a checkpoint of this tool (or its .safetensors export) to the CPU; CheckpointError (one line,
-    naming the config ``key`` that gave the path) for anything else. ``mmap`` maps the tensors instead of
-    reading them."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise CheckpointError(f"{key}={path} does not exist")
-    if path.suffix == ".safetensors":
-        return _load_safetensors(path, key)
+def safe_torch_load(path: Path, where: str, mmap: bool = False) -> Any:
+    """torch.load with weights_only=True: a file whose pickle would call code is refused, naming what it
+    asks for; ``where`` names the file in the one-line error."""
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         # The safe unpickler names the callable a crafted file asks for ("GLOBAL posix.system").
         wanted = re.search(r"GLOBAL ([\w.]+)|[Uu]nsupported global: GLOBAL ([\w.]+)", str(e))
         if wanted is None:
             raise CheckpointError(
-                f"{key}={path} is not a readable checkpoint (truncated, or another format)"
+                f"{where} is not a readable checkpoint (truncated, or another format)"
             ) from e
         raise CheckpointError(
-            f"{key}={path} was refused: loading it would call {wanted.group(1) or wanted.group(2)}, "
+            f"{where} was refused: loading it would call {wanted.group(1) or wanted.group(2)}, "
             "which a checkpoint of weights never needs"
         ) from e
     except Exception as e:  # the unpickler fails in many ways on a file that is not a checkpoint
-        raise CheckpointError(
-            f"{key}={path} is not a readable checkpoint (truncated, or another format)"
-        ) from e
+        raise CheckpointError(f"{where} is not a readable checkpoint (truncated, or another format)") from e
+
+
+def load_checkpoint(path: str | Path, key: str = "ckpt", mmap: bool = False) -> dict[str, Any]:
+    """Read a checkpoint of this tool (or its .safetensors export) to the CPU; CheckpointError (one line,
+    naming the config ``key`` that gave the path) for anything else. ``mmap`` maps the tensors instead of
+    reading them. (interop.pipeline.load_source also reads diffusers pipeline folders.)"""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise CheckpointError(f"{key}={path} is a folder, not a checkpoint file")
+    if not path.is_file():
+        raise CheckpointError(f"{key}={path} does not exist")
+    if path.suffix == ".safetensors":
+        return _load_safetensors(path, key)
+    payload = safe_torch_load(path, f"{key}={path}", mmap)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{key}={path} is not a ddpm checkpoint (no '{FORMAT}' marker)")
     if payload.get("version") not in READABLE_VERSIONS:

@@ -22,11 +22,11 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, read_write
 from omegaconf.errors import OmegaConfBaseException
 
-from ddpm.checkpoint import export_safetensors, load_checkpoint
 from ddpm.config import register_configs
 from ddpm.errors import ConfigError, DdpmError
 from ddpm.evaluation.evaluate import evaluate, summary_lines, written_line
 from ddpm.evaluation.tradeoff import write_sweep
+from ddpm.export import export
 from ddpm.runtime import launched_ranks
 from ddpm.sample import sample
 from ddpm.summary import write_summary
@@ -182,17 +182,7 @@ class RunDirGuard(Callback):
 def _export(cfg: DictConfig) -> None:
     with one_line_errors("ddpm-export"):
         require(cfg)
-        ckpt = Path(cfg.ckpt)
-        out = Path(cfg.out) if cfg.out is not None else ckpt.with_suffix(".safetensors")
-        if out.suffix != ".safetensors":
-            raise ConfigError(f"out={cfg.out} is invalid: give a file name ending in .safetensors")
-        payload = load_checkpoint(ckpt)
-        try:
-            weights = export_safetensors(payload, out, ema=cfg.ema)
-        except OSError as e:
-            raise ConfigError(f"out={out} cannot be written: {e.strerror or e}") from e
-        kind = {"ema": "EMA weights", "model": "raw weights"}[weights]
-        print(f"ddpm-export: {kind} of {ckpt} (step {payload['step']}) and its config -> {out}")
+        export(cfg)
 
 
 def require(cfg: DictConfig) -> None:

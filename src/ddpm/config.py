@@ -23,6 +23,7 @@ from ddpm.diffusion.gaussian import Loss, Objective, Variance
 from ddpm.diffusion.sampling import Spacing
 from ddpm.diffusion.schedules import SCHEDULES, ScheduleConfig
 from ddpm.errors import ConfigError
+from ddpm.export import ExportFormat
 from ddpm.keys import resumable
 from ddpm.models import MODELS, ModelConfig
 from ddpm.runtime import Precision
@@ -41,7 +42,7 @@ class SamplingKeys:
     timestep_spacing: Spacing = resumable()
     eta: float = resumable()  # ddim only
     ddpm_variance: Variance = resumable()  # ddpm only
-    clip_x0: bool = resumable()
+    clip_x0: bool | None = resumable(None)  # None: the model's own (true for a ddpm-train run)
     # class-conditional models: 1 the conditional model, 0 the unconditional one, > 1 guided; None: the
     # checkpoint's own (ddpm-train's guidance_scale)
     guidance_scale: float | None = resumable()
@@ -124,6 +125,7 @@ class TrainConfig(SamplingKeys):
     max_nonfinite: int = resumable(named=False)
     logger: Logger = resumable(named=False)
     resume: str | None = resumable(None, named=False)  # null | auto | PATH
+    init: str | None = None  # fine-tune: the checkpoint, export or diffusers folder the weights start from
 
 
 @dataclass
@@ -145,6 +147,7 @@ class SampleConfig(SamplingKeys):
 @dataclass
 class ExportConfig:
     ckpt: str = MISSING
+    format: ExportFormat = MISSING
     out: str | None = None
     ema: bool = MISSING
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from ddpm.checkpoint import run_dir_of
+from ddpm.checkpoint import output_base
 from ddpm.conditioning import check_guidance, sample_labels
 from ddpm.diffusion.generate import generate, generate_with_frames
 from ddpm.diffusion.sampling import SamplingOptions
@@ -49,7 +49,9 @@ def sample(cfg: DictConfig) -> None:
     if cfg.gif:
         where += f" and {out / 'denoise.gif'} ({len(frames)} frames)"
     weights = {"ema": "EMA weights", "model": "raw weights"}[trained.weights]
-    if cfg.ema and trained.weights == "model":
+    if trained.source == "diffusers":
+        weights = "the pipeline's weights"  # one set: whether they are an EMA, the folder does not say
+    elif cfg.ema and trained.weights == "model":
         weights += " (the checkpoint has no EMA)"
     steps = sampling.steps(trained.diffusion.timesteps)
     asked = ""
@@ -67,5 +69,7 @@ def sample(cfg: DictConfig) -> None:
 
 
 def default_out(ckpt: Path, seed: int) -> Path:
-    """<run>/generated/<checkpoint>_seed<seed>, beside the run that wrote the checkpoint."""
-    return run_dir_of(ckpt) / "generated" / f"{ckpt.stem}_seed{seed}"
+    """<run>/generated/<checkpoint>_seed<seed>, beside the run that wrote the checkpoint (for a pipeline
+    folder: ./generated/<folder>_seed<seed>)."""
+    base, name = output_base(ckpt)
+    return base / "generated" / f"{name}_seed{seed}"

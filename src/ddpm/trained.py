@@ -12,10 +12,10 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from ddpm.checkpoint import load_checkpoint
 from ddpm.diffusion.gaussian import Denoiser, Diffusion
 from ddpm.errors import CheckpointError
-from ddpm.models import build_model
+from ddpm.interop.pipeline import load_source
+from ddpm.models import build_model, older_model_keys
 
 
 @dataclass
@@ -29,6 +29,8 @@ class TrainedModel:
     weights: str = "model"  # "ema" or "model": which weights ``network`` holds
     default_guidance: float = 1.0  # a conditional model's guidance scale when none is asked for
     null_trained: bool = False  # whether training dropped labels (cond_drop_prob > 0): guidance needs it
+    default_clip: bool = True  # clip_x0 when none is asked for (a diffusers folder's clip_sample)
+    source: str = "ddpm"  # "ddpm" (a checkpoint or export) or "diffusers" (a pipeline folder)
 
     @property
     def conditional(self) -> bool:
@@ -41,10 +43,12 @@ class TrainedModel:
         return self.default_guidance if scale is None else float(scale)
 
     def denoiser(
-        self, clip_x0: bool, labels: torch.Tensor | None = None, guidance_scale: float | None = None
+        self, clip_x0: bool | None, labels: torch.Tensor | None = None, guidance_scale: float | None = None
     ) -> Denoiser:
         """The network read as (x0_hat, eps_hat) given ``labels``, guided with ``guidance_scale`` (None:
-        the model's default) where it is conditional."""
+        the model's default) where it is conditional, x0_hat clipped as ``clip_x0`` says (None: the
+        model's default)."""
+        clip_x0 = self.default_clip if clip_x0 is None else clip_x0
         if not self.conditional:
             return self.diffusion.denoiser(self.network, clip_x0)
         null = len(self.class_names)
@@ -57,9 +61,9 @@ def image_shape(data: dict[str, Any]) -> tuple[int, int, int]:
 
 
 def load_trained(path: str | Path, device: torch.device, ema: bool = True) -> TrainedModel:
-    """Rebuild the network and its Diffusion from a checkpoint or export alone. With ``ema`` the EMA
-    weights are loaded where the file has them; ``weights`` says which were."""
-    payload = load_checkpoint(path)
+    """Rebuild the network and its Diffusion from a checkpoint, an export or a diffusers pipeline folder
+    alone. With ``ema`` the EMA weights are loaded where the file has them; ``weights`` says which were."""
+    payload = load_source(path)
     config = payload["config"]
     # an export holds one set of weights, whichever was asked for when it was written
     weights = "ema" if (ema and "ema" in payload) or "model" not in payload else "model"
@@ -67,7 +71,7 @@ def load_trained(path: str | Path, device: torch.device, ema: bool = True) -> Tr
     try:
         data = config["data"]
         num_classes = len(names) if names is not None else None
-        model_cfg = OmegaConf.create(config["model"])
+        model_cfg = OmegaConf.create({**config["model"], **older_model_keys(config["model"])})
         learn_sigma = bool(config.get("learn_sigma", False))  # an older file's models all had fixed variances
         network = build_model(model_cfg, data["channels"], data["image_size"], num_classes, learn_sigma)
         network.load_state_dict(payload[weights])
@@ -85,4 +89,6 @@ def load_trained(path: str | Path, device: torch.device, ema: bool = True) -> Tr
         weights,
         float(config.get("guidance_scale", 1.0)) if names is not None else 1.0,
         float(config.get("cond_drop_prob", 0.0)) > 0,
+        config.get("clip_x0") is not False,  # true, or null (the default), in a ddpm-train run
+        payload.get("source", "ddpm"),
     )

@@ -41,7 +41,8 @@ class Objective(Enum):
 class Variance(Enum):
     """The variance of p(x_{t-1} | x_t) (Ho et al. sec. 3.2: both fixed ones give similar samples)."""
 
-    auto = "auto"  # learned for a learn_sigma model, else small
+    auto = "auto"  # the model's own: its file's ddpm_variance where that names one, else learned for a
+    # learn_sigma model and small otherwise
     small = "small"  # beta~_t, the posterior variance
     large = "large"  # beta_t
     learned = "learned"  # exp(frac log beta_t + (1 - frac) log beta~_t), frac from the network
@@ -85,6 +86,7 @@ class Diffusion:
     learn_sigma: bool = False  # the network's 2C outputs: the objective's, then v of the variance
     vlb_weight: float = 0.001  # lambda of L_simple + lambda L_vlb (Nichol & Dhariwal eq. 16)
     bound_variance: Variance = Variance.small  # loss=kl: the variance whose bound is trained on
+    sampling_variance: Variance = Variance.auto  # what ddpm_variance=auto means for this model
 
     @classmethod
     def from_config(cls, cfg: Any) -> Diffusion:
@@ -103,6 +105,7 @@ class Diffusion:
             learn_sigma,
             float(get("vlb_weight", 0.001)),
             resolve_variance(variance, learn_sigma),
+            Variance(_name(get("ddpm_variance", "auto"))),
         )
 
     @property
@@ -195,7 +198,7 @@ class Diffusion:
         return mean_out, v
 
     def resolve_variance(self, variance: Variance | str) -> Variance:
-        return resolve_variance(variance, self.learn_sigma)
+        return resolve_variance(variance, self.learn_sigma, self.sampling_variance)
 
     def p_mean_variance(
         self, denoise: Denoiser, x_t: torch.Tensor, t: torch.Tensor, variance: Variance
@@ -289,10 +292,15 @@ class Diffusion:
         return {"loss": loss, "loss_simple": per_image, "loss_vlb": vlb}
 
 
-def resolve_variance(variance: Variance | str, learn_sigma: bool) -> Variance:
-    """ddpm_variance for a model: auto is learned for a learn_sigma model and small otherwise; learned
-    needs the network's v, so a fixed-variance model refuses it."""
+def resolve_variance(
+    variance: Variance | str, learn_sigma: bool, default: Variance | str = Variance.auto
+) -> Variance:
+    """ddpm_variance for a model: auto is the model's ``default`` (its file's ddpm_variance) where that
+    names one, else learned for a learn_sigma model and small otherwise; learned needs the network's v,
+    so a fixed-variance model refuses it."""
     variance = Variance(variance)
+    if variance is Variance.auto:
+        variance = Variance(default)
     if variance is Variance.auto:
         return Variance.learned if learn_sigma else Variance.small
     if variance is Variance.learned and not learn_sigma:

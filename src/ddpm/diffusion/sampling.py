@@ -256,8 +256,8 @@ class SamplingOptions:
     sample_steps: int | None = 50  # at most T (more means all T); None: all T
     timestep_spacing: Spacing = Spacing.linspace
     eta: float = 0.0  # ddim only
-    ddpm_variance: Variance = Variance.auto  # ddpm only; auto: learned for a learn_sigma model, else small
-    clip_x0: bool = True
+    ddpm_variance: Variance = Variance.auto  # ddpm only; auto: the model's own (resolve_variance)
+    clip_x0: bool | None = None  # None: the model's own (TrainedModel.default_clip)
     guidance_scale: float | None = None  # conditional models; None: the model's default
 
     @classmethod

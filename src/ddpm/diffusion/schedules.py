@@ -43,6 +43,11 @@ class SigmoidSchedule(LinearSchedule):
 
 
 @dataclass
+class GivenSchedule(ScheduleConfig):
+    betas: list[float] = MISSING  # beta_1 ... beta_T themselves (diffusers' trained_betas)
+
+
+@dataclass
 class CosineSchedule(ScheduleConfig):
     s: float = MISSING  # offset that keeps beta_1 from being vanishingly small (Nichol & Dhariwal)
     max_beta: float = MISSING  # clip near t = T, where the cosine formula sends beta to 1
@@ -73,6 +78,10 @@ def cosine_betas(timesteps: int, s: float, max_beta: float) -> torch.Tensor:
     alphas_cumprod = f / f[0]
     betas = 1 - alphas_cumprod[1:] / alphas_cumprod[:-1]
     return betas.clamp(max=max_beta)
+
+
+def given_betas(betas: Any) -> torch.Tensor:
+    return torch.tensor(list(betas), dtype=torch.float64)
 
 
 def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
@@ -109,6 +118,16 @@ def check_cosine(cfg: Any) -> None:
     checks.at_least("schedule.s", cfg.s, 0)
 
 
+def check_given(cfg: Any) -> None:
+    # beta_T = 1 is a zero-terminal-SNR schedule's last step; every other beta must keep some signal
+    bad = [b for b in cfg.betas[:-1] if not 0 < b < 1] + [b for b in cfg.betas[-1:] if not 0 < b <= 1]
+    if not cfg.betas or bad:
+        first = f": {bad[0]} is not" if bad else ""
+        raise ConfigError(
+            f"schedule.betas is invalid{first}: give one beta per step, in (0, 1), the last in (0, 1]"
+        )
+
+
 class BuildBetas(Protocol):
     """A schedule option's builder: its config entry and T -> the T betas (float64)."""
 
@@ -139,12 +158,17 @@ SCHEDULES: Registry[BuildBetas, CheckSchedule] = Registry(
         check_sigmoid,
     ),
     Option("cosine", CosineSchedule, lambda c, T: cosine_betas(T, c.s, c.max_beta), check_cosine),
+    Option("given", GivenSchedule, lambda c, T: given_betas(c.betas), check_given),
 )
 
 
 def check_schedule(cfg: Any, timesteps: int) -> None:
     checks.at_least("timesteps", timesteps, 1)
     SCHEDULES[cfg.name].check(cfg)
+    if cfg.name == "given" and len(cfg.betas) != timesteps:
+        raise ConfigError(
+            f"schedule.betas has {len(cfg.betas)} betas for timesteps={timesteps}: give one per step"
+        )
 
 
 def make_betas(cfg: Any, timesteps: int) -> torch.Tensor:

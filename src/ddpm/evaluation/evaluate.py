@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ddpm.checkpoint import run_dir_of
+from ddpm.checkpoint import output_base
 from ddpm.conditioning import check_guidance
 from ddpm.data import build_dataset, load_subset
 from ddpm.data.folder import FolderDataset
@@ -49,11 +49,12 @@ def real_data_config(data: Any) -> DictConfig:
 
 def default_out(cfg: Any, guidance: float | None = None) -> Path:
     """<run>/eval/<checkpoint>_seed<seed>, with _guidance<s> for a conditional model (so that the jobs of
-    a sweep over guidance_scale write apart), or eval_<folder> beside samples=DIR."""
+    a sweep over guidance_scale write apart; for a pipeline folder ./eval/<folder>_seed<seed>), or
+    eval_<folder> beside samples=DIR."""
     if cfg.ckpt is not None:
-        ckpt = Path(cfg.ckpt)
+        base, name = output_base(Path(cfg.ckpt))
         scale = f"_guidance{guidance:g}" if guidance is not None else ""
-        return run_dir_of(ckpt) / "eval" / f"{ckpt.stem}_seed{cfg.seed}{scale}"
+        return base / "eval" / f"{name}_seed{cfg.seed}{scale}"
     samples = Path(cfg.samples)
     return samples.parent / f"eval_{samples.name}"
 
@@ -69,6 +70,11 @@ def generated_images(
         trained = load_trained(cfg.ckpt, device, ema=cfg.ema)
         check_guidance(trained, cfg.guidance_scale)
         trained.diffusion.resolve_variance(cfg.ddpm_variance)  # learned on a fixed-variance model: refused
+        if cfg.data is None and trained.source == "diffusers":
+            raise ConfigError(
+                f"ckpt={cfg.ckpt} is a diffusers pipeline, which records no data set: name the real images "
+                "to score against with data= (e.g. data=cifar10 data.root=DIR, or data=folder data.root=DIR)"
+            )
         data = real_data_config(cfg.data if cfg.data is not None else trained.data)
         if cfg.data is not None and data.name == "folder":
             own = {"channels": trained.shape[0], "image_size": trained.shape[1]}
@@ -258,7 +264,13 @@ def evaluate(cfg: Any, shape_from_ckpt: Sequence[str] = ()) -> dict[str, Any]:
     bound = None
     if cfg.nll:  # read before any image is drawn: a bad split or folder fails first
         assert trained is not None  # validate_eval: nll=true needs ckpt=
-        bound = BoundSet.read(cfg, data, trained.diffusion.learn_sigma, labels=trained.conditional)
+        bound = BoundSet.read(
+            cfg,
+            data,
+            trained.diffusion.learn_sigma,
+            labels=trained.conditional,
+            default=trained.diffusion.sampling_variance,
+        )
     report: dict[str, Any] = {"source": source, "data": data.name}
     warnings: list[str] = []
     if cfg.features:

@@ -54,12 +54,21 @@ class BoundSet:
     split: str
 
     @classmethod
-    def read(cls, cfg: Any, data: Any, learn_sigma: bool, labels: bool, key: str = "nll_split") -> BoundSet:
+    def read(
+        cls,
+        cfg: Any,
+        data: Any,
+        learn_sigma: bool,
+        labels: bool,
+        key: str = "nll_split",
+        default: Variance = Variance.auto,
+    ) -> BoundSet:
         """From the scoring keys ``cfg`` (ddpm-eval's, or a run's eval.*: nll_split, nll_n, seed and
-        ddpm_variance) for a model with or without ``learn_sigma``; ``labels`` for a conditional one."""
+        ddpm_variance) for a model with or without ``learn_sigma``; ``labels`` for a conditional one;
+        ``default``: what ddpm_variance=auto means for it (Diffusion.sampling_variance)."""
         split = resolve_split(Split(cfg.nll_split), data, key)
         images, image_labels = nll_images(data, split, cfg.nll_n, cfg.seed, labels)
-        variance = resolve_variance(SamplingOptions.from_config(cfg).ddpm_variance, learn_sigma)
+        variance = resolve_variance(SamplingOptions.from_config(cfg).ddpm_variance, learn_sigma, default)
         return cls(images, image_labels, variance, split)
 
     @torch.no_grad()

@@ -23,8 +23,14 @@ def announce(run: Run, reporter: ProgressReporter) -> bool:
     """The run's header lines; False when a resumed run has nothing left to do."""
     cfg, plan = run.cfg, run.plan
     reporter.say(run.describe())
+    if plan.init is not None:
+        reporter.say(plan.init.describe())
+        note = plan.init.schedule_note(cfg)
+        if note:
+            reporter.say(note)
     if plan.checkpoint is not None:
-        reporter.say(f"resuming from {plan.checkpoint} at step {run.start} of {cfg.steps}")
+        origin = f" (a run fine-tuned from init={cfg.init})" if cfg.init is not None else ""
+        reporter.say(f"resuming from {plan.checkpoint} at step {run.start} of {cfg.steps}{origin}")
     elif cfg.resume == "auto":
         reporter.say(
             f"resume=auto: no checkpoint in {plan.run_dir / 'checkpoints'} yet, so the run starts at step 0 "

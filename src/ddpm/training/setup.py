@@ -22,6 +22,7 @@ from ddpm.runtime import Runtime, seed_everything
 from ddpm.trained import TrainedModel, image_shape
 from ddpm.training.accel import prepare_net
 from ddpm.training.ema import EMA
+from ddpm.training.finetune import check_classes, load_init_weights
 from ddpm.training.rundir.plan import RunPlan, plain_config, plan_run
 from ddpm.training.rundir.state import restore
 from ddpm.training.scores import RunScorer
@@ -116,6 +117,8 @@ def setup(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = (), sweep_j
     check_data_fits(cfg, dataset, plan.saved)
     class_names = tuple(dataset.classes) if cfg.class_cond else None
     check_classes_kept(cfg, class_names, plan.saved)
+    if plan.init is not None:
+        check_classes(plan.init, class_names)
     # the main rank alone scores, with no collective inside; built now, so a bad setting fails first
     scorer, eval_note = (
         RunScorer.for_run(cfg, dataset, runtime.device, sweep_job is not None)
@@ -128,6 +131,8 @@ def setup(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = (), sweep_j
     diffusion = Diffusion.from_config(cfg).to(runtime.device)
     num_classes = len(class_names) if class_names is not None else None
     model = build_model(cfg.model, cfg.data.channels, cfg.data.image_size, num_classes, cfg.learn_sigma)
+    if plan.init is not None:  # before the EMA's copy: it starts from the same weights
+        load_init_weights(model, plan.init)
     model = model.to(runtime.device)
     optimizer = build_optimizer(model, cfg.lr, runtime.device, capturable=runtime.cuda_graph)
     ema = EMA(model, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.decay > 0 else None

@@ -11,33 +11,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from ddpm.checkpoint import load_checkpoint, run_dir_of
 from ddpm.config import resumable_train_keys, train_keys, typed_train_config
 from ddpm.errors import CheckpointError, ConfigError
 from ddpm.keys import described
+from ddpm.models import older_model_keys
+from ddpm.training.finetune import InitSource, fine_tuned_config, init_path, read_init
 from ddpm.training.rundir.bookkeeping import refuse_existing_run, same_run
+from ddpm.training.rundir.flat import flatten, nest, override_keys, plain_config
+
+# flatten, override_keys and plain_config live in flat.py; the run's modules import them from here
+__all__ = ["RunPlan", "flatten", "override_keys", "plain_config", "plan_run", "resumed_config"]
 
 
 # ------------------------------------------------------------------------------------------ the config
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """{"model": {"dim": 8}} -> {"model.dim": 8}."""
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for k, v in tree.items():
-            out.update(flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: tree}
-
-
-def override_keys(overrides: Sequence[str]) -> list[str]:
-    """The config keys (or groups) that Hydra overrides set, by Hydra's own parser: "+model.dim=8" ->
-    "model.dim", "experiment=x" -> "experiment"."""
-    return [o.key_or_group for o in OverridesParser.create().parse_overrides(list(overrides))]
-
-
 def shell_override(key: str, value: object) -> str:
     """key=value as typed into a shell for Hydra, for the commands a message suggests: a value that Hydra's
     grammar would misread (a sweep job's folder holds '=' and ',') is quoted for Hydra, and the whole
@@ -51,14 +40,6 @@ def shell_override(key: str, value: object) -> str:
     return shlex.quote(f"{key}={quoted}") if re.search(r'["$`\\!]', quoted) else f'"{key}={quoted}"'
 
 
-def plain_config(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved config as plain Python values (enums as names), without Hydra's own node."""
-    mine = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
-    config = OmegaConf.to_container(mine, resolve=True, enum_to_str=True)
-    assert isinstance(config, dict)
-    return config
-
-
 def _covers(key: str, path: str) -> bool:
     return key == "experiment" or path == key or path.startswith(key + ".")
 
@@ -69,6 +50,10 @@ def resumed_config(cfg: DictConfig, saved: dict[str, Any], overrides: Sequence[s
     loss, model, schedule, ... is refused, since the saved weights and optimizer state belong to the old."""
     current = flatten(plain_config(cfg))
     before = flatten(saved)
+    # keys the checkpoint predates, at the values its weights were built with: only naming the key itself
+    # on the command line asks to change one (model=ho2020 repeated from the original run does not)
+    older = {f"model.{k}": v for k, v in older_model_keys(saved.get("model", {})).items()}
+    before.update(older)
     asked = override_keys(overrides)
     resumable = resumable_train_keys()  # from the schema's marks (keys.py)
     merged = dict(before)
@@ -76,7 +61,8 @@ def resumed_config(cfg: DictConfig, saved: dict[str, Any], overrides: Sequence[s
         now, then = current.get(path, "<unset>"), before.get(path, "<unset>")
         if now == then:
             continue
-        if path not in before or not any(_covers(k, path) for k in asked):
+        named = path in asked if path in older else any(_covers(k, path) for k in asked)
+        if path not in before or not named:
             # A key newer than the checkpoint takes its default; one the user did not set keeps its value.
             merged[path] = now if path not in before else then
             continue
@@ -87,14 +73,7 @@ def resumed_config(cfg: DictConfig, saved: dict[str, Any], overrides: Sequence[s
                 f"its weights were trained with (it may change {may_change})"
             )
         merged[path] = now
-    nested: dict[str, Any] = {}
-    for path, value in merged.items():
-        node = nested
-        *parents, leaf = path.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return typed_train_config(nested)
+    return typed_train_config(nest(merged))
 
 
 # -------------------------------------------------------------------------------- which checkpoint
@@ -125,6 +104,18 @@ def load_resumable(path: Path) -> dict[str, Any]:
     return payload
 
 
+def check_same_init(init: str | None, saved: str | None, checkpoint: Path) -> None:
+    """A continued run resumes its own checkpoint: init= may be repeated (as requeues and sweep
+    continuations repeat the command line) or left out, not changed."""
+    if init is None or (saved is not None and init_path(init) == saved):
+        return
+    started = f"init={saved}" if saved is not None else "no init="
+    raise ConfigError(
+        f"init={init} names another source than the run being resumed ({checkpoint} started from "
+        f"{started}): a continued run resumes its own checkpoint; give the same init= or none"
+    )
+
+
 @dataclass(frozen=True)
 class RunPlan:
     run_dir: Path
@@ -132,6 +123,7 @@ class RunPlan:
     checkpoint: Path | None = None  # the checkpoint it continues from; None for a new run
     saved: dict[str, Any] | None = None  # that checkpoint's contents
     fork: bool = False  # it continues another run's checkpoint in a directory of its own
+    init: InitSource | None = None  # the weights a new fine-tuned run starts from (init=PATH)
 
     @property
     def continues_in_place(self) -> bool:
@@ -152,7 +144,13 @@ def plan_run(
     if cfg.resume is None or fork:
         refuse_existing_run(run_dir)
     if checkpoint is None:
-        return RunPlan(run_dir, cfg)
+        if cfg.get("init") is None:
+            return RunPlan(run_dir, cfg)
+        source = read_init(cfg.init)
+        return RunPlan(run_dir, fine_tuned_config(cfg, source, overrides), init=source)
     saved = load_resumable(checkpoint)
-    config = resumed_config(cfg, saved["config"], overrides)
+    check_same_init(cfg.get("init"), saved["config"].get("init"), checkpoint)
+    # init= checked, and repeated as typed (a relative path, say): the saved one stands
+    kept = [o for o, key in zip(overrides, override_keys(overrides), strict=True) if key != "init"]
+    config = resumed_config(cfg, saved["config"], kept)
     return RunPlan(run_dir, config, checkpoint, saved, fork)
