@@ -256,7 +256,7 @@ def test_non_editable_install_finds_its_configs_from_any_folder(tmp_path):
     assert built.returncode == 0, built.stderr
     # every folder is declared as a package, so setuptools has nothing to warn about
     assert "Warning" not in built.stdout + built.stderr
-    wheel = next((tmp_path / "dist").glob("ddpm-*.whl"))
+    wheel = next((tmp_path / "dist").glob("ddpm_hydra-*.whl"))
     subprocess.run([*pip, "install", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)], check=True)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -278,7 +278,7 @@ def test_non_editable_install_finds_its_configs_from_any_folder(tmp_path):
 def test_help_lists_the_groups_and_keys(tmp_path, cli):
     result = cli("ddpm-train", "--help", cwd=tmp_path)
     assert result.returncode == 0
-    assert "schedule: cosine, linear, quadratic, sigmoid" in result.stdout
+    assert "schedule: cosine, given, linear, quadratic, sigmoid" in result.stdout
     assert "data: cifar10, digits, fashion_mnist, folder, mnist" in result.stdout
     assert "timesteps: 200" in result.stdout
     assert not (tmp_path / "runs").exists()
