@@ -552,6 +552,8 @@ def row_text(row: dict) -> str:
     if row["scores"] is None:
         return text + f"failed: {row['error']} | sampling {row['sample_s']:.0f} s"
     c, p = row["scores"]["classifier"], row["scores"]["pixels"]
+    if c["precision"] is None:  # the scorer's answer to NaN samples (a diverged model)
+        return text + f"non-finite samples, no scores | sampling {row['sample_s']:.0f} s"
     fids = " | ".join(
         f"FID {name} {s['fid']:.3f}" if s["fid"] is not None else f"FID {name} n/a"
         for name, s in (("classifier", c), ("pixels", p))

@@ -64,3 +64,19 @@ def test_precision_and_recall_tell_fidelity_from_coverage():
     p, r = precision_recall(real, collapsed)
     assert p > 0.95 and r < 0.3
     assert precision_recall(real, far) == (0.0, 0.0)
+
+
+def test_non_finite_samples_get_no_scores_and_a_warning():
+    """A diverged model's NaN images: the scores are None with a warning, not a LinAlgError from eigh."""
+    from types import SimpleNamespace
+
+    from ddpm.evaluation.evaluate import score
+
+    real = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+    fake = real.clone()
+    fake[3, 1] = float("nan")
+    cfg = SimpleNamespace(kid_subsets=2, kid_subset_size=16, seed=0, knn_k=3)
+    result, warning = score(real, fake, cfg)
+    assert result["fid"] is None and result["kid"] is None and result["precision"] is None
+    assert warning == "1 of 64 images have non-finite features: no scores"
+    assert score(real, real, cfg)[0]["fid"] is not None  # finite features are scored as before

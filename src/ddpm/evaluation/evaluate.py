@@ -147,6 +147,10 @@ def score(real: torch.Tensor, fake: torch.Tensor, cfg: Any) -> tuple[dict[str, A
     dim, n = real.shape[1], min(real.shape[0], fake.shape[0])
     warning = None
     result: dict[str, Any] = {"dim": dim}
+    bad = int((~torch.isfinite(fake).all(1)).sum())
+    if bad:  # a diverged model's NaN images: no distance means anything, and eigh would fail on them
+        none = dict.fromkeys(("fid", "kid", "kid_std", "precision", "recall"))
+        return {**result, **none}, f"{bad} of {fake.shape[0]} images have non-finite features: no scores"
     if n > dim:
         result["fid"] = fid(real, fake)
     else:
@@ -307,6 +311,9 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         if r.get("fid_floor") is not None:
             fid_text += f" (real vs real {r['fid_floor']:.3f})"
         acc = f" (classifier accuracy {r['classifier_accuracy']:.1%})" if "classifier_accuracy" in r else ""
+        if r["kid"] is None:  # non-finite samples: score() warned
+            lines.append(f"{name}{acc}: no scores (non-finite samples)")
+            continue
         lines.append(
             f"{name}{acc}: FID {fid_text} | KID {r['kid']:.5f} +- {r['kid_std']:.5f} | "
             f"precision {r['precision']:.3f} | recall {r['recall']:.3f}"

@@ -198,7 +198,8 @@ def format_scores(row: dict[str, Any]) -> str:
         parts.append(f"{name} FID {fid:.3f}" if fid is not None else f"{name} FID n/a")
         if floor is not None:
             parts[-1] += f" (real vs real {floor:.3f})"
-        parts.append(f"KID {row[f'kid_{name}']:.5f}")
+        kid = row[f"kid_{name}"]
+        parts.append(f"KID {kid:.5f}" if kid is not None else "KID n/a (non-finite samples)")
     if row.get("class_accuracy") is not None:
         parts.append(f"class accuracy {row['class_accuracy']:.1%}")
     if row.get("bpd") is not None:
