@@ -27,12 +27,21 @@ def prepare_net(model: nn.Module, runtime: Runtime) -> nn.Module:
     """What the step runs: the model under the runtime's precision, compiled where it says, and wrapped for
     DistributedDataParallel on several ranks (outermost, so DDP sees the model's own parameters; its
     gradients are then all-reduced once the compiled backward ends)."""
+    return distribute(fast_net(model, runtime), runtime)
+
+
+def fast_net(model: nn.Module, runtime: Runtime) -> nn.Module:
+    """The model under the runtime's precision, compiled where it says: what one rank computes."""
     net = model if runtime.precision == torch.float32 else Autocast(model, runtime.precision)
     if runtime.compile:
         # static shapes: every batch has batch_size images (partial batches are dropped); one graph per
         # forward where a single process runs it
         net = torch.compile(net, fullgraph=not runtime.distributed, dynamic=False)
-    if runtime.distributed:
-        device_ids = [runtime.device] if runtime.device.type == "cuda" else None
-        net = DistributedDataParallel(net, device_ids=device_ids)
     return net
+
+
+def distribute(net: nn.Module, runtime: Runtime) -> nn.Module:
+    if not runtime.distributed:
+        return net
+    device_ids = [runtime.device] if runtime.device.type == "cuda" else None
+    return DistributedDataParallel(net, device_ids=device_ids)

@@ -9,6 +9,7 @@ import torch
 
 from ddpm.progress import ProgressReporter, format_duration
 from ddpm.training.cadence import MetricsSinceLog
+from ddpm.training.fastpath import FastPath
 from ddpm.training.rundir.writer import RunWriter
 from ddpm.training.scores import format_scores
 from ddpm.training.setup import Run
@@ -23,6 +24,8 @@ def announce(run: Run, reporter: ProgressReporter) -> bool:
     """The run's header lines; False when a resumed run has nothing left to do."""
     cfg, plan = run.cfg, run.plan
     reporter.say(run.describe())
+    for note in run.path_notes:
+        reporter.say(note)
     if plan.init is not None:
         reporter.say(plan.init.describe())
         note = plan.init.schedule_note(cfg)
@@ -109,6 +112,7 @@ def log_progress(
     means = since_log.means(run.runtime)
     img_per_s = since_log.images_per_s(cfg.batch_size)
     row = {"step": step, "loss": means["loss"], "lr": logged_lr(run.optimizer), "img_per_s": img_per_s}
+    row["path"] = FastPath.of(run.runtime).name  # the step as it ran: compiled, captured, or eager
     extra = {"elapsed_s": run.elapsed_before + elapsed, "skipped": skipped}
     peak_gb = run.runtime.peak_memory_gb()
     if peak_gb is not None:

@@ -3,6 +3,7 @@ gives the ``Run`` the loop trains."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +21,8 @@ from ddpm.diffusion.sampling import SamplingOptions
 from ddpm.models import build_model
 from ddpm.runtime import Runtime, seed_everything
 from ddpm.trained import TrainedModel, image_shape
-from ddpm.training.accel import prepare_net
 from ddpm.training.ema import EMA
+from ddpm.training.fastpath import checked_train_step
 from ddpm.training.finetune import check_classes, load_init_weights
 from ddpm.training.rundir.plan import RunPlan, plain_config, plan_run
 from ddpm.training.rundir.state import restore
@@ -48,6 +49,7 @@ class Run:
     scorer: RunScorer | None = None  # on the main rank of a run that scores itself
     eval_note: str | None = None  # how the data set changed the run's scoring, for its header
     class_names: tuple[str, ...] | None = None  # a class-conditional run's classes
+    path_notes: list[str] = dataclasses.field(default_factory=list)  # fast paths that failed their check
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -142,10 +144,14 @@ def setup(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = (), sweep_j
         ema_model = ema.model if ema is not None else None
         start, elapsed_before = restore(plan.saved, model, ema_model, optimizer)
         lr_to_device(optimizer, runtime.device, capturable=runtime.cuda_graph)
-    # wrapped after the EMA copy and the restore: the EMA averages the plain module's weights
-    net = prepare_net(model, runtime)
+    # wrapped after the EMA copy and the restore: the EMA averages the plain module's weights; a fast path
+    # is checked against the eager step first, and falls back where it fails (fastpath.py)
     opts = StepOptions.from_config(cfg, num_classes)
-    train_step = TrainStep(model, net, optimizer, diffusion, ema, opts, runtime)
+    shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+    asked = (cfg.compile is True, cfg.cuda_graph is True)
+    train_step, runtime, path_notes = checked_train_step(
+        model, optimizer, diffusion, ema, opts, runtime, shape, asked
+    )
     return Run(
         cfg,
         plan,
@@ -161,4 +167,5 @@ def setup(cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = (), sweep_j
         scorer,
         eval_note,
         class_names,
+        path_notes,
     )
