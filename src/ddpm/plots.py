@@ -8,7 +8,11 @@ from typing import Any
 
 from ddpm.files import write_atomically
 
-SMOOTHING = 0.9  # the smoothed curve is an exponential moving average of the logged rows, as TensorBoard's
+# The smoothed curve is a debiased exponential moving average of the logged rows, as TensorBoard's, whose
+# window (1 / (1 - weight) rows) spans at most WINDOW of them: a short run's few rows, each already a mean
+# over log_every steps, are drawn as they are, where a fixed 0.9 would lag a falling loss by ten rows.
+SMOOTHING = 0.9  # the most weight, for long runs
+WINDOW = 0.05
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -22,13 +26,32 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def smoothed(values: list[float], weight: float = SMOOTHING) -> list[float]:
-    """Exponential moving average with bias correction, so the first points are not pulled to zero."""
+def smoothing_weight(n: int) -> float:
+    """The EMA weight for ``n`` logged rows: a window of WINDOW * n rows, at most SMOOTHING's."""
+    return min(SMOOTHING, max(0.0, 1 - 1 / max(1.0, WINDOW * n)))
+
+
+def smoothed(values: list[float], weight: float | None = None) -> list[float]:
+    """Exponential moving average with bias correction, so the first points are not pulled to zero;
+    ``weight`` None: ``smoothing_weight`` of the number of values."""
+    weight = smoothing_weight(len(values)) if weight is None else weight
+    if weight == 0:
+        return list(values)
     out, average = [], 0.0
     for i, v in enumerate(values, start=1):
         average = weight * average + (1 - weight) * v
         out.append(average / (1 - weight**i))
     return out
+
+
+def draw_lr(axis: Any, steps: list[int], lrs: list[float | None]) -> None:
+    """The learning rate on its own axis, from 0: a constant rate is one flat line, not a wobble on
+    ticks 4% apart (matplotlib's autoscale of a flat line)."""
+    axis.plot(steps, lrs, color="tab:orange", lw=1, label="lr")
+    axis.set_ylabel("learning rate", color="tab:orange")
+    top = max((v for v in lrs if v is not None), default=0.0)
+    if top > 0:
+        axis.set_ylim(0, 1.1 * top)
 
 
 def save_loss_plot(metrics: Path, path: Path, title: str = "") -> None:
@@ -49,11 +72,10 @@ def save_loss_plot(metrics: Path, path: Path, title: str = "") -> None:
     ax, aq = axes[:2]
     steps, losses = [r["step"] for r in rows], [r["loss"] for r in rows]
     ax.plot(steps, losses, color="tab:blue", alpha=0.35, lw=1, label="loss")
-    ax.plot(steps, smoothed(losses), color="tab:blue", lw=2, label=f"smoothed ({SMOOTHING})")
+    weight = smoothing_weight(len(losses))
+    ax.plot(steps, smoothed(losses), color="tab:blue", lw=2, label=f"smoothed (EMA {weight:.2g})")
     ax.set(xlabel="step", ylabel="loss", yscale="log" if losses and min(losses) > 0 else "linear")
-    lr = ax.twinx()
-    lr.plot(steps, [r.get("lr") for r in rows], color="tab:orange", lw=1, label="lr")
-    lr.set_ylabel("learning rate", color="tab:orange")
+    draw_lr(ax.twinx(), steps, [r.get("lr") for r in rows])
     ax.legend(loc="upper right", fontsize=8)
     ax.set_title(title or str(metrics.parent), fontsize=9)
     for q in range(4):
