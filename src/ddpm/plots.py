@@ -71,9 +71,12 @@ def save_loss_plot(metrics: Path, path: Path, title: str = "") -> None:
     fig, axes = plt.subplots(1, panels, figsize=(2 + 4 * panels, 3.6), layout="constrained", dpi=80)
     ax, aq = axes[:2]
     steps, losses = [r["step"] for r in rows], [r["loss"] for r in rows]
-    ax.plot(steps, losses, color="tab:blue", alpha=0.35, lw=1, label="loss")
     weight = smoothing_weight(len(losses))
-    ax.plot(steps, smoothed(losses), color="tab:blue", lw=2, label=f"smoothed (EMA {weight:.2g})")
+    if weight > 0:
+        ax.plot(steps, losses, color="tab:blue", alpha=0.35, lw=1, label="loss")
+        ax.plot(steps, smoothed(losses), color="tab:blue", lw=2, label=f"smoothed (EMA {weight:.2g})")
+    else:  # too few rows to smooth: each is already a mean over log_every steps
+        ax.plot(steps, losses, color="tab:blue", lw=2, label="loss")
     ax.set(xlabel="step", ylabel="loss", yscale="log" if losses and min(losses) > 0 else "linear")
     draw_lr(ax.twinx(), steps, [r.get("lr") for r in rows])
     ax.legend(loc="upper right", fontsize=8)
