@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
-# The checks that need a CUDA GPU, in stages: the GPU's own tests (captured step against eager, the fast
-# path of ddpm-train, data held on the GPU, samplers without a sync), the real ddpm-train loop on the
-# ho2020 U-Net at 32x32x3, the training and sampling benchmarks beside the references, the default digits
-# job, and one-GPU torchrun. Expects the wheels of ddpm (`pip wheel --no-deps -w .whl .`) and of whatever
+# The checks that need a CUDA GPU, in stages, most important first: the fast path's own check on every
+# kind of run (the default, class-conditional, learned variances, ho2020, fine-tuning from an exported
+# diffusers folder: does the compiled and captured step pass, or fall back, and why), the GPU's own tests
+# (captured step against eager, data held on the GPU, samplers without a sync), the real ddpm-train loop
+# on the ho2020 U-Net at 32x32x3, the training and sampling benchmarks beside the references, one-GPU
+# torchrun, and the default digits job. Expects the wheels of ddpm (`pip wheel --no-deps -w .whl .`) and of whatever
 # the machine lacks in .whl/ (the bench extra's denoising-diffusion-pytorch and diffusers, and what they
 # need); writes logs to $OUT (or ./gpu_out).
 #
-#   bash scripts/gpu_check.sh                      # every stage (about 12 minutes on an H100)
-#   bash scripts/gpu_check.sh tests loop           # some of them: tests loop train sample digits ddp suite
+#   bash scripts/gpu_check.sh                      # every stage (about 14 minutes on an H100: split it)
+#   bash scripts/gpu_check.sh paths tests loop     # some of them: paths tests loop train sample ddp digits suite
 set -uo pipefail
 REPO=$PWD
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-STAGES=${*:-tests loop train sample digits ddp}
+STAGES=${*:-paths tests loop train sample ddp digits}
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$REPO/scripts PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
@@ -21,6 +23,27 @@ python3 -c "import torch, ddpm; print('torch', torch.__version__, 'cuda', torch.
 
 run() { echo "== $*"; "$@"; echo "rc=$?"; }
 has() { [[ " $STAGES " == *" $1 "* ]]; }
+
+if has paths; then
+  # each kind of run through the real loop on the default fast path (compile and CUDA graph): its header
+  # names the path that ran, and a "warning: the ... step failed its check (...)" line says why not
+  cd /tmp && rm -rf paths && mkdir paths && cd paths
+  quick="device=cuda steps=200 log_every=50 sample_every=0 checkpoint_every=0 forward_n=0 sample_n=16"
+  ho="model=ho2020 model.dim=64 model.dim_mults=[1,2,2] data.image_size=32 data.channels=3"
+  i=0
+  for kind in default class_cond=true learn_sigma=true "$ho" "$ho class_cond=true learn_sigma=true"; do
+    args=$([ "$kind" = default ] && echo "" || echo "$kind")
+    dir=run_$i; i=$((i + 1))
+    run timeout 300 ddpm-train $quick $args hydra.run.dir=$dir 2>&1 | grep -E "^ddpm-train \||warning|error|^done" | tee -a "$OUT/paths.log"
+    tail -1 $dir/metrics.jsonl | python3 -c "import json,sys; r=json.loads(sys.stdin.read()); print('$kind:', r['path'], f\"{r['img_per_s']:,.0f} img/s\")" | tee -a "$OUT/paths.log"
+  done
+  # the imported network: an export as a diffusers folder, sampled and fine-tuned from
+  run ddpm-export ckpt=run_3/checkpoints/last.pt format=diffusers out=ho_pipe 2>&1 | tee -a "$OUT/paths.log"
+  run ddpm-sample ckpt=ho_pipe device=cuda n=16 2>&1 | tail -2 | tee -a "$OUT/paths.log"
+  run timeout 300 ddpm-train init=ho_pipe $quick data.image_size=32 data.channels=3 hydra.run.dir=run_init 2>&1 | grep -E "^ddpm-train \||fine-tuning|warning|error|^done" | tee -a "$OUT/paths.log"
+  tail -1 run_init/metrics.jsonl | tee -a "$OUT/paths.log"
+  cd "$REPO"
+fi
 
 if has tests; then
   # the tests that skip without a GPU, and the CPU compile check (the suite's own tolerances)
