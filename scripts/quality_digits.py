@@ -89,12 +89,15 @@ WARNED: set[tuple[str, str]] = set()  # the scoring warnings printed so far
 
 
 # ------------------------------------------------------------------------------------------------- ddpm
-def ours_config(setting: str, common: list[str], seed: int) -> DictConfig:
+def ours_config(setting: str, common: list[str], seed: int, budgets: list[float]) -> DictConfig:
     """ddpm-train's checked config for one setting ("default", or space-separated overrides) and seed."""
     overrides = [] if setting == "default" else setting.split()
     cfg = train_config(["device=cpu", *common, *overrides, f"seed={seed}"])
-    if cfg.lr_decay is not LRDecay.none:
-        raise SystemExit(f"{setting!r}: lr_decay={cfg.lr_decay.name} needs a step count; a budget has none")
+    if cfg.lr_decay is not LRDecay.none and any(m > 0 for m in budgets):
+        raise SystemExit(
+            f"{setting!r}: lr_decay={cfg.lr_decay.name} needs a step count; a budget in minutes has none "
+            "(--ours-minutes 0 trains the config's steps)"
+        )
     return cfg
 
 
@@ -116,8 +119,9 @@ def ours_train(
     class_names: tuple[str, ...],
 ) -> tuple[TrainedModel, dict]:
     """ddpm-train's step (TrainStep, eager) on random batches of ``images`` for ``minutes``, with their
-    ``labels`` where cfg.class_cond. Its learning rate warms up as lr_warmup says; lr_decay=none, since a
-    time budget has no step count to decay over."""
+    ``labels`` where cfg.class_cond; ``minutes`` 0: for the config's ``steps``, the job as ddpm-train runs
+    it (its learning-rate schedule included). Its learning rate warms up as lr_warmup says; with a budget
+    in minutes, lr_decay=none, since a time budget has no step count to decay over."""
     dev = torch.device("cpu")
     runtime = Runtime.resolved(dev, cfg.precision, cfg.compile, cuda_graph=False)
     seed_everything(cfg.seed)
@@ -134,7 +138,7 @@ def ours_train(
     nonfinite = torch.zeros((), dtype=torch.int64)
     model.train()
     start, step = time.perf_counter(), 0
-    while time.perf_counter() - start < minutes * 60:
+    while (time.perf_counter() - start < minutes * 60) if minutes > 0 else step < cfg.steps:
         step += 1
         index = torch.randint(0, images.shape[0], (cfg.batch_size,), generator=g)
         batch = Batch(images[index], labels[index] if names is not None else None)
@@ -582,7 +586,7 @@ def run_ours(record: Recorder, args: argparse.Namespace, plan: Plan, data: Data,
     setting's own), each once per --guidance scale for a conditional setting; and with --bpd, the bound at
     each of its variances."""
     for setting in args.ours:
-        cfg = ours_config(setting, args.ours_overrides, seed)
+        cfg = ours_config(setting, args.ours_overrides, seed, plan.ours_minutes)
         base = {"run": f"ddpm {setting}", "impl": "ddpm", "setting": setting, "conditional": cfg.class_cond}
         rows = sampler_rows(cfg, plan.variances, plan.sample_steps)
         for minutes in plan.ours_minutes:
@@ -679,7 +683,11 @@ def parse_args() -> argparse.Namespace:
         help='ddpm settings, each "default" or space-separated ddpm-train overrides, e.g. "precision=bf16" '
         'or "class_cond=true"',
     )
-    parser.add_argument("--ours-minutes", default="5", help="comma-separated training budgets of ddpm")
+    parser.add_argument(
+        "--ours-minutes",
+        default="5",
+        help="comma-separated training budgets of ddpm; 0: the config's steps, as ddpm-train runs the job",
+    )
     parser.add_argument(
         "--ours-overrides",
         "--override",
@@ -763,7 +771,7 @@ def check_settings(args: argparse.Namespace, plan: Plan) -> None:
     training."""
     register_configs()
     for setting in args.ours:
-        cfg = ours_config(setting, args.ours_overrides, plan.seeds[0])
+        cfg = ours_config(setting, args.ours_overrides, plan.seeds[0], plan.ours_minutes)
         if cfg.class_cond:
             check_guidance(setting, cfg, plan.guidance)
         if not sampler_rows(cfg, plan.variances, plan.sample_steps):
