@@ -121,3 +121,12 @@ def test_broken_and_foreign_safetensors_are_refused(tmp_path):
     (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match=r"ckpt=.*cut.safetensors is not a readable .safetensors file"):
         load_checkpoint(tmp_path / "cut.safetensors")
+
+
+def test_weights_in_takes_the_ema_where_asked_and_an_export_s_one_set_always():
+    from ddpm.checkpoint import weights_in
+
+    both, raw_only, ema_only = {"model": {}, "ema": {}}, {"model": {}}, {"ema": {}}
+    assert (weights_in(both), weights_in(both, ema=False)) == ("ema", "model")
+    assert (weights_in(raw_only), weights_in(raw_only, ema=False)) == ("model", "model")
+    assert (weights_in(ema_only), weights_in(ema_only, ema=False)) == ("ema", "ema")  # an EMA export

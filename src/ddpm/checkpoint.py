@@ -80,13 +80,19 @@ def run_dir_of(ckpt: Path) -> Path:
     return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
 
 
+def weights_in(payload: dict[str, Any], ema: bool = True) -> str:
+    """Which set of a payload's weights to use: the EMA's where ``ema`` asks and the file has them, and
+    otherwise the raw ones, unless the file holds only one set (an export), which is then the one."""
+    return "ema" if (ema and "ema" in payload) or "model" not in payload else "model"
+
+
 def export_safetensors(payload: dict[str, Any], path: Path, ema: bool = True) -> str:
     """Write one set of weights (EMA where the checkpoint has it and ``ema``) and the config as a
     .safetensors file: no pickle at all, so anyone can load it safely; ddpm-sample reads it as it reads a
     checkpoint. Returns which weights were written."""
     from safetensors.torch import save
 
-    weights = "ema" if ema and "ema" in payload else "model"
+    weights = weights_in(payload, ema)
     metadata = {
         "format": WEIGHTS_FORMAT,
         "step": str(payload["step"]),

@@ -12,6 +12,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from ddpm.checkpoint import weights_in
 from ddpm.diffusion.gaussian import Denoiser, Diffusion
 from ddpm.errors import CheckpointError
 from ddpm.interop.pipeline import load_source
@@ -65,8 +66,7 @@ def load_trained(path: str | Path, device: torch.device, ema: bool = True) -> Tr
     alone. With ``ema`` the EMA weights are loaded where the file has them; ``weights`` says which were."""
     payload = load_source(path)
     config = payload["config"]
-    # an export holds one set of weights, whichever was asked for when it was written
-    weights = "ema" if (ema and "ema" in payload) or "model" not in payload else "model"
+    weights = weights_in(payload, ema)  # an export holds one set, whichever was asked for when written
     names = payload.get("class_names")
     try:
         data = config["data"]

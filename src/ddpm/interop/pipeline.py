@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ddpm.checkpoint import FORMAT, VERSION, load_checkpoint, safe_torch_load
+from ddpm.checkpoint import FORMAT, VERSION, load_checkpoint, safe_torch_load, weights_in
 from ddpm.errors import CheckpointError, ConfigError
 from ddpm.files import fsync_dir, write_atomically
 from ddpm.interop.scheduler import run_keys_from_scheduler, scheduler_from_run
@@ -34,11 +34,12 @@ OWN = "ddpm.json"  # ddpm's record of the run, beside what diffusers reads
 OWN_FORMAT = "ddpm-pipeline"
 
 
-def load_source(path: str | Path, key: str = "ckpt") -> dict[str, Any]:
-    """The payload of a ddpm checkpoint, its .safetensors export or a diffusers pipeline folder."""
+def load_source(path: str | Path, key: str = "ckpt", mmap: bool = False) -> dict[str, Any]:
+    """The payload of a ddpm checkpoint, its .safetensors export or a diffusers pipeline folder; ``mmap``
+    maps a checkpoint's tensors instead of reading them (load_checkpoint's)."""
     folder = Path(path).expanduser()
     if not folder.is_dir():
-        return load_checkpoint(path, key)
+        return load_checkpoint(path, key, mmap=mmap)
     if not is_pipeline(folder):
         raise CheckpointError(f"{key}={path} is a folder, but not a diffusers pipeline (no model_index.json)")
     return read_pipeline(folder, key)
@@ -163,7 +164,7 @@ def write_pipeline(payload: dict[str, Any], out: Path, ema: bool = True) -> str:
     """Write ``payload`` (a checkpoint's) as a DDPMPipeline folder at ``out``, all at once: into a
     temporary folder beside it, renamed into place. Returns which weights were written."""
     config = payload["config"]
-    weights = "ema" if ema and "ema" in payload else "model"
+    weights = weights_in(payload, ema)
     state = dict(payload[weights])
     names = payload.get("class_names")
     data = config["data"]

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from ddpm.checkpoint import weights_in
 from ddpm.config import typed_train_config
 from ddpm.errors import CheckpointError, ConfigError
 from ddpm.interop.pipeline import load_source
@@ -58,8 +59,9 @@ def init_path(init: str) -> str:
 
 
 def read_init(init: str) -> InitSource:
-    payload = load_source(init, key="init")
-    which = "ema" if "ema" in payload else "model"
+    # memory-mapped, as a resumed checkpoint is: the callback plans with the config, train() loads weights
+    payload = load_source(init, key="init", mmap=True)
+    which = weights_in(payload)
     names = payload.get("class_names")
     return InitSource(
         init_path(init),
