@@ -161,7 +161,7 @@ def unet2d_from_ho(
 
 
 # ------------------------------------------------------------------------------------- the weight names
-# ours -> theirs, one rule per layer kind; {i} and {j} are the level and the block
+# ours -> theirs: a residual block's layers and the older attention names
 RESNET = {
     "norm1": "norm1",
     "conv1": "conv1",
@@ -171,20 +171,32 @@ RESNET = {
     "skip": "conv_shortcut",
 }
 OLD_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-PREFIXES = [
-    (r"time_mlp\.1\.", "time_embedding.linear_1."),
-    (r"time_mlp\.3\.", "time_embedding.linear_2."),
-    (r"label_emb\.embed\.", "class_embedding."),
-    (r"norm_out\.", "conv_norm_out."),
-    (r"(conv_in|conv_out)\.", r"\1."),
-    (r"(down|up)\.(\d+)\.blocks\.(\d+)\.", r"\1_blocks.\2.resnets.\3."),
-    (r"(down|up)\.(\d+)\.attns\.(\d+)\.", r"\1_blocks.\2.attentions.\3."),
-    (r"downsample\.(\d+)\.", r"down_blocks.\1.downsamplers.0.conv."),
-    (r"upsample\.(\d+)\.", r"up_blocks.\1.upsamplers.0.conv."),
-    (r"mid1\.", "mid_block.resnets.0."),
-    (r"mid_attn\.", "mid_block.attentions.0."),
-    (r"mid2\.", "mid_block.resnets.1."),
+# ours <-> theirs, the prefix of every other weight's name, in both directions ({...}: the part kept)
+LAYOUT = [
+    ("time_mlp.1.", "time_embedding.linear_1."),
+    ("time_mlp.3.", "time_embedding.linear_2."),
+    ("label_emb.embed.", "class_embedding."),
+    ("norm_out.", "conv_norm_out."),
+    ("{conv}.", "{conv}."),
+    ("{level}.{i}.blocks.{j}.", "{level}_blocks.{i}.resnets.{j}."),
+    ("{level}.{i}.attns.{j}.", "{level}_blocks.{i}.attentions.{j}."),
+    ("downsample.{i}.", "down_blocks.{i}.downsamplers.0.conv."),
+    ("upsample.{i}.", "up_blocks.{i}.upsamplers.0.conv."),
+    ("mid1.", "mid_block.resnets.0."),
+    ("mid_attn.", "mid_block.attentions.0."),
+    ("mid2.", "mid_block.resnets.1."),
 ]
+PARTS = {"conv": "conv_in|conv_out", "level": "down|up", "i": r"\d+", "j": r"\d+"}
+
+
+def _prefix_pattern(template: str) -> re.Pattern[str]:
+    pieces = re.split(r"\{(\w+)\}", template)  # literal, name, literal, name, ...
+    regex = "".join(re.escape(p) if k % 2 == 0 else f"(?P<{p}>{PARTS[p]})" for k, p in enumerate(pieces))
+    return re.compile(regex)
+
+
+PREFIXES = [(_prefix_pattern(ours), theirs) for ours, theirs in LAYOUT]
+UNPREFIXES = [(_prefix_pattern(theirs), ours) for ours, theirs in LAYOUT]
 
 
 def to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -240,28 +252,12 @@ def from_diffusers(state: dict[str, torch.Tensor], where: str) -> dict[str, torc
     return out
 
 
-def _rename(name: str, rules: list[tuple[str, str]]) -> str:
+def _rename(name: str, rules: list[tuple[re.Pattern[str], str]]) -> str:
     for pattern, replacement in rules:
-        new, n = re.subn(f"^{pattern}", replacement, name)
-        if n:
-            return new
+        m = pattern.match(name)
+        if m:
+            return replacement.format(**m.groupdict()) + name[m.end() :]
     raise KeyError(name)
-
-
-UNPREFIXES = [
-    (r"time_embedding\.linear_1\.", "time_mlp.1."),
-    (r"time_embedding\.linear_2\.", "time_mlp.3."),
-    (r"class_embedding\.", "label_emb.embed."),
-    (r"conv_norm_out\.", "norm_out."),
-    (r"(conv_in|conv_out)\.", r"\1."),
-    (r"(down|up)_blocks\.(\d+)\.resnets\.(\d+)\.", r"\1.\2.blocks.\3."),
-    (r"(down|up)_blocks\.(\d+)\.attentions\.(\d+)\.", r"\1.\2.attns.\3."),
-    (r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.", r"downsample.\1."),
-    (r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.", r"upsample.\1."),
-    (r"mid_block\.resnets\.0\.", "mid1."),
-    (r"mid_block\.attentions\.0\.", "mid_attn."),
-    (r"mid_block\.resnets\.1\.", "mid2."),
-]
 
 
 def _unrename(name: str, where: str) -> str:
