@@ -61,29 +61,27 @@ def run_keys_from_scheduler(config: dict[str, Any], where: str) -> dict[str, Any
 
 def _schedule(config: dict[str, Any], timesteps: int, where: str) -> dict[str, Any]:
     zero_snr = bool(config.get("rescale_betas_zero_snr", False))
+    return {**_betas(config, timesteps, where), "zero_terminal_snr": zero_snr}
+
+
+def _betas(config: dict[str, Any], timesteps: int, where: str) -> dict[str, Any]:
+    """The schedule config entry whose betas the scheduler's are (before any zero-SNR rescaling)."""
     betas = config.get("trained_betas")
     if betas is not None:
         if len(betas) != timesteps:
             raise CheckpointError(f"{where}'s scheduler has {len(betas)} trained_betas for {timesteps} steps")
-        return {"name": "given", "betas": [float(b) for b in betas], "zero_terminal_snr": zero_snr}
+        return {"name": "given", "betas": [float(b) for b in betas]}
     start, end = float(config.get("beta_start", 1e-4)), float(config.get("beta_end", 0.02))
     kind = config.get("beta_schedule", "linear")
     if kind == "linear":
-        return {"name": "linear", "beta_start": start, "beta_end": end, "zero_terminal_snr": zero_snr}
+        return {"name": "linear", "beta_start": start, "beta_end": end}
     if kind == "scaled_linear":
-        return {"name": "quadratic", "beta_start": start, "beta_end": end, "zero_terminal_snr": zero_snr}
+        return {"name": "quadratic", "beta_start": start, "beta_end": end}
     if kind == "sigmoid":
         lo, hi = SIGMOID_RANGE
-        return {
-            "name": "sigmoid",
-            "beta_start": start,
-            "beta_end": end,
-            "start": lo,
-            "end": hi,
-            "zero_terminal_snr": zero_snr,
-        }
+        return {"name": "sigmoid", "beta_start": start, "beta_end": end, "start": lo, "end": hi}
     if kind == "squaredcos_cap_v2":
-        return {"name": "cosine", **COSINE, "zero_terminal_snr": zero_snr}
+        return {"name": "cosine", **COSINE}
     raise CheckpointError(
         f"{where}'s scheduler has beta_schedule {kind}: ddpm reads linear, scaled_linear, sigmoid, "
         "squaredcos_cap_v2 and trained_betas"
