@@ -252,6 +252,8 @@ def checked_train_step(
     untouched = Untouched.take(model, ema, optimizer)
     step, path, notes = choose_step(chosen, *asked, build, inputs, untouched, runtime)
     rt = dataclasses.replace(runtime, compile=path.compile, cuda_graph=path.cuda_graph)
+    for group in optimizer.param_groups:  # as the chosen path needs, whichever candidate was built last
+        group["capturable"] = path.cuda_graph
     if runtime.distributed:  # the checked network, now inside DDP, with the run's own options
         step = TrainStep(model, distribute(step.net, rt), optimizer, diffusion, ema, opts, rt)
     return step, rt, notes
