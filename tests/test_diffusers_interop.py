@@ -23,6 +23,19 @@ from ddpm.models.unet_ho import HoUNet  # noqa: E402
 from ddpm.trained import load_trained  # noqa: E402
 
 CPU = torch.device("cpu")
+# a tiny ho2020 run for the tests that train one (each adds its steps, T and settings)
+HO_RUN = [
+    "model=ho2020",
+    "model.dim=32",
+    "model.dim_mults=[1,2]",
+    "model.num_res_blocks=1",
+    "model.attn_resolutions=[4]",
+    "sample_every=0",
+    "forward_n=0",
+    "sample_n=4",
+    "device=cpu",
+    "precision=fp32",
+]
 ATOL = 1e-5  # fp32: the two networks add the same products in other orders
 
 # google/ddpm-cifar10-32's unet/config.json (the keys a current diffusers reads)
@@ -55,6 +68,15 @@ LSUN256 = {
 }
 # the same layout at a size the suite can afford: widths / 4, 64x64 (attention at 4x4, the same level)
 LSUN256_SMALL = {**LSUN256, "sample_size": 64, "block_out_channels": (32, 32, 64, 64, 128, 128)}
+# the family at 8x8 in two levels, for the tests that run the commands on a folder
+TINY8 = {
+    **CIFAR10,
+    "sample_size": 8,
+    "block_out_channels": (32, 32),
+    "layers_per_block": 1,
+    "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
+    "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
+}
 
 
 def random_unet(config: dict, seed: int = 0) -> UNet2DModel:
@@ -115,20 +137,7 @@ def test_variants_build_their_layers():
 
 
 def test_an_old_checkpoint_is_the_legacy_variant_and_samples_the_same_bytes(tmp_path, in_process):
-    args = [
-        "model=ho2020",
-        "model.dim=32",
-        "model.dim_mults=[1,2]",
-        "model.num_res_blocks=1",
-        "model.attn_resolutions=[4]",
-        "steps=2",
-        "timesteps=10",
-        "sample_every=0",
-        "forward_n=0",
-        "sample_n=4",
-        "device=cpu",
-        "precision=fp32",
-    ]
+    args = [*HO_RUN, "steps=2", "timesteps=10"]
     r = in_process(
         "ddpm-train", *args, "model.variant=legacy", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path
     )
@@ -259,24 +268,8 @@ def ho_run(tmp_path_factory) -> Path:
     from ddpm.training.loop import train
 
     run = tmp_path_factory.mktemp("ho") / "run"
-    args = [
-        "model=ho2020",
-        "model.dim=32",
-        "model.dim_mults=[1,2]",
-        "model.num_res_blocks=1",
-        "model.attn_resolutions=[4]",
-        "steps=2",
-        "timesteps=20",
-        "sample_every=0",
-        "forward_n=0",
-        "sample_n=4",
-        "device=cpu",
-        "precision=fp32",
-        "class_cond=true",
-        "learn_sigma=true",
-        "schedule=cosine",
-        "model.dropout=0.0",
-    ]
+    args = [*HO_RUN, "steps=2", "timesteps=20", "class_cond=true", "learn_sigma=true", "schedule=cosine"]
+    args.append("model.dropout=0.0")
     train(compose("train", args), run)
     return run / "checkpoints" / "last.pt"
 
@@ -301,21 +294,7 @@ def test_an_export_loads_in_diffusers_and_computes_what_ddpm_computes(ho_run, tm
 
 
 def test_an_export_samples_in_ddpm_pipeline(tmp_path, in_process):
-    args = [
-        "model=ho2020",
-        "model.dim=32",
-        "model.dim_mults=[1,2]",
-        "model.num_res_blocks=1",
-        "model.attn_resolutions=[4]",
-        "steps=1",
-        "timesteps=10",
-        "sample_every=0",
-        "forward_n=0",
-        "sample_n=4",
-        "device=cpu",
-        "precision=fp32",
-        "model.variant=legacy",
-    ]
+    args = [*HO_RUN, "steps=1", "timesteps=10", "model.variant=legacy"]
     assert in_process("ddpm-train", *args, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path).returncode == 0
     ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
     r = in_process("ddpm-export", f"ckpt={ckpt}", "format=diffusers", cwd=tmp_path)
@@ -382,16 +361,8 @@ def test_one_scheduler_step_is_ddpm_s_ancestral_step(variance):
 
 # ------------------------------------------------------------------------------------ the commands
 def test_ddpm_sample_reads_a_folder_s_defaults_and_writes_in_the_current_folder(tmp_path, in_process):
-    layout = {
-        **CIFAR10,
-        "sample_size": 8,
-        "block_out_channels": (32, 32),
-        "layers_per_block": 1,
-        "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
-        "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
-    }
     folder = save_pipeline(
-        random_unet(layout),
+        random_unet(TINY8),
         tmp_path / "models" / "tiny-ddpm",
         num_train_timesteps=10,
         variance_type="fixed_large",
@@ -408,14 +379,7 @@ def test_ddpm_sample_reads_a_folder_s_defaults_and_writes_in_the_current_folder(
 
 
 def bad_folder(tmp_path: Path, kind: str) -> Path:
-    layout = {
-        **CIFAR10,
-        "sample_size": 8,
-        "block_out_channels": (32, 32),
-        "layers_per_block": 1,
-        "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
-        "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
-    }
+    layout = dict(TINY8)  # a copy: one kind changes it
     folder = tmp_path / kind
     if kind == "not_a_pipeline":
         folder.mkdir()

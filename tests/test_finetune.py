@@ -4,7 +4,6 @@ optimizer; a contradicting setting is refused before anything is written."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
@@ -146,30 +145,11 @@ def test_a_conditional_source_needs_as_many_classes(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------- from a diffusers pipeline
 def test_init_from_a_diffusers_pipeline_computes_what_its_unet2dmodel_computes(tmp_path, capsys):
-    diffusers = pytest.importorskip("diffusers")
-    config = dict(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(32, 32),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=None,
-        norm_eps=1e-6,
-        norm_num_groups=32,
-        downsample_padding=0,
-        flip_sin_to_cos=False,
-        freq_shift=1,
-    )
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(**config).eval()
-    with torch.no_grad():
-        for p in unet.parameters():  # every weight random: its own init leaves some at zero
-            p.normal_(0, 1 / math.sqrt(max(1, p[0].numel())))
-    folder = tmp_path / "pipe"
-    scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000)
-    diffusers.DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(folder)
+    pytest.importorskip("diffusers")
+    from test_diffusers_interop import TINY8, random_unet, save_pipeline
+
+    unet = random_unet({**TINY8, "in_channels": 1, "out_channels": 1})  # the digits' 8x8x1
+    folder = save_pipeline(unet, tmp_path / "pipe", num_train_timesteps=1000)
     overrides = [f"init={folder}", "device=cpu", "precision=fp32", "model.dropout=0.1"]
     run = setup(compose("train", overrides), tmp_path / "run", overrides)
     assert run.cfg.model.name == "ho2020" and run.cfg.model.variant == "original"
