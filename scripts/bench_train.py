@@ -2,12 +2,16 @@
 
     python scripts/bench_train.py --shape seed28 --impl ddpm,lucidrains,diffusers
     python scripts/bench_train.py --shape cifar32 --precision bf16 --compile true --cuda-graph true
+    python scripts/bench_train.py --shape digits8 --impl ddpm --precision bf16 --dim 32,24 \
+        --channels-last false,true
 
 Random data, Adam, one optimizer step per iteration. ddpm runs the step ddpm-train runs (TrainStep: its
 draws, learning rate, EMA update and non-finite flag, under the precision, compilation and CUDA graph
 that ``--precision``, ``--compile`` and ``--cuda-graph`` choose, as the config keys of the same names:
-"auto" / "null" pick what ddpm-train picks on the device). The references run their own step in fp32,
-as their examples do.
+"auto" / "null" pick what ddpm-train picks on the device). The CPU levers are lists, one ddpm per
+combination: ``--precision``, the U-Net's base width ``--dim`` (default: the shape's) and
+``--channels-last`` (the U-Net's weights and the batch in channels-last memory, which oneDNN's convolutions
+prefer). The references run their own step in fp32 at the shape's width, as their examples do.
 
 Every implementation is built and warmed up first (the warm-up, which holds any compilation, is timed
 apart); then blocks of ``--steps`` steps are timed in turn, ddpm, reference, ddpm, ..., ``--repeats`` rounds,
@@ -21,6 +25,7 @@ The references come from the optional ``bench`` extra (``pip install -e '.[bench
 from __future__ import annotations
 
 import argparse
+import itertools
 import platform
 import statistics
 import time
@@ -67,18 +72,23 @@ Step = Callable[[torch.Tensor], torch.Tensor]
 
 @dataclass(frozen=True)
 class Choices:
-    """ddpm's precision, compile and cuda_graph, as given on the command line."""
+    """ddpm's precision, compile and cuda_graph, as given on the command line, and the CPU levers."""
 
     precision: str
     compile: bool | None
     cuda_graph: bool | None
+    dim: int | None = None  # None: the shape's
+    channels_last: bool = False
 
     def runtime(self, device: torch.device) -> Runtime:
         return Runtime.resolved(device, Precision(self.precision), self.compile, self.cuda_graph)
 
 
 def ddpm_step(shape: Shape, device: torch.device, choices: Choices) -> tuple[Step, torch.nn.Module]:
-    model = UNet(shape.channels, shape.dim, shape.dim_mults).to(device)
+    dim = choices.dim or shape.dim
+    model = UNet(shape.channels, dim, shape.dim_mults).to(device)
+    memory = torch.channels_last if choices.channels_last else torch.contiguous_format
+    model.to(memory_format=memory)
     schedule = Schedule.from_betas(linear_betas(shape.timesteps, 1e-4, 0.02))
     diffusion = Diffusion(schedule, loss=Loss.l2).to(device)
     runtime = choices.runtime(device)
@@ -90,9 +100,12 @@ def ddpm_step(shape: Shape, device: torch.device, choices: Choices) -> tuple[Ste
     steps = iter(range(1, 10**9))
 
     def step(x0: torch.Tensor) -> torch.Tensor:
-        return train_step(next(steps), Batch(x0))["loss"]
+        return train_step(next(steps), Batch(x0.contiguous(memory_format=memory)))["loss"]
 
-    step.describe = runtime.describe().split(", ", 1)[1]  # type: ignore[attr-defined] (without the device)
+    levers = [f"dim {dim}"] if choices.dim else []
+    levers += ["channels-last"] if choices.channels_last else []
+    describe = runtime.describe().split(", ", 1)[1]  # without the device
+    step.describe = ", ".join([describe, *levers])  # type: ignore[attr-defined]
     return step, model
 
 
@@ -226,6 +239,12 @@ def switch(value: str) -> bool | None:
     return {"true": True, "false": False, "null": None, "auto": None}[value]
 
 
+def positive_int(text: str, parser: argparse.ArgumentParser) -> int:
+    if not text.isdigit() or int(text) < 1:
+        parser.error(f"--dim {text} is invalid: give positive integers, e.g. 32,24")
+    return int(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -235,6 +254,10 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument(
         "--precision", default="auto", help="auto, fp32 or bf16; a list (fp32,bf16) times one ddpm per entry"
+    )
+    parser.add_argument("--dim", default=None, help="ddpm's U-Net width; a list (32,24): one ddpm per entry")
+    parser.add_argument(
+        "--channels-last", default="false", help="false or true; a list (false,true) times one ddpm per entry"
     )
     parser.add_argument("--compile", default="auto", choices=["auto", "null", "true", "false"])
     parser.add_argument("--cuda-graph", default="auto", choices=["auto", "null", "true", "false"])
@@ -257,6 +280,14 @@ def main() -> None:
     bad = [p for p in precisions if p not in {q.value for q in Precision}]
     if bad:
         parser.error(f"--precision {','.join(bad)} is invalid: choose from auto, fp32, bf16")
+    dims = [None] if args.dim is None else [positive_int(d, parser) for d in args.dim.split(",")]
+    layouts = args.channels_last.split(",")
+    if any(v not in {"false", "true"} for v in layouts):
+        parser.error(f"--channels-last {args.channels_last} is invalid: choose from false, true")
+    variants = [
+        Choices(p, switch(args.compile), switch(args.cuda_graph), d, c == "true")
+        for p, d, c in itertools.product(precisions, dims, layouts)
+    ]
     print(f"shape {args.shape}: {shape}")
     print(f"device {where(device)} | torch {torch.__version__}")
     print(
@@ -266,8 +297,7 @@ def main() -> None:
     x0 = torch.rand(shape.batch, shape.channels, shape.size, shape.size, device=device) * 2 - 1
     contenders = []
     for impl in impls:
-        for precision in precisions if impl == "ddpm" else [None]:
-            choices = Choices(precision or "auto", switch(args.compile), switch(args.cuda_graph))
+        for choices in variants if impl == "ddpm" else variants[:1]:
             try:
                 contenders.append(build(impl, shape, device, choices, args.warmup, x0))
             except ImportError as e:
