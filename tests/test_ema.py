@@ -28,6 +28,15 @@ def test_update_is_the_moving_average():
     assert all(not p.requires_grad for p in ema.model.parameters())
 
 
+def test_update_never_reads_its_weight_back():
+    """The weight stays a device tensor (a captured CUDA graph replays the update, and capture refuses a
+    read-back): on the meta device, which holds no values, any .item() would raise."""
+    model = torch.nn.Linear(4, 3, device="meta")
+    ema = EMA(model, decay=0.999, warmup=10)
+    ema.update(5)
+    assert all(p.device.type == "meta" for p in ema.model.parameters())
+
+
 def test_checkpoint_holds_ema_and_sampling_chooses(compose_cfg, tmp_path):
     cfg = compose_cfg(
         "train", TINY + ["steps=5", "sample_every=0", "forward_n=0", "ema.decay=0.5", "ema.warmup=0"]

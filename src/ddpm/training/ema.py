@@ -2,8 +2,10 @@
 
 torch.optim.swa_utils.AveragedModel keeps its update count in a device tensor; a warm-up decay computed
 from it would read that tensor back on every step. Here the step count stays on the host: ``at(step)``
-writes the step's weight into a device tensor (no synchronisation), and ``apply`` is a single fused
-``lerp`` over the parameters that reads it there, so a captured CUDA graph replays it at every step.
+writes the step's weight into a device tensor (no synchronisation), and ``apply`` reads it there with
+fused multi-tensor kernels, so a captured CUDA graph replays it at every step. ``torch._foreach_lerp_``
+has no overload for a tensor weight: given one it reads the weight back as a Python number, a sync on
+every step that stream capture refuses.
 """
 
 from __future__ import annotations
@@ -40,8 +42,10 @@ class EMA:
 
     @torch.no_grad()
     def apply(self) -> None:
-        # one fused kernel per group of tensors, as swa_utils.get_ema_multi_avg_fn does
-        torch._foreach_lerp_(self._ema, self._live, self.weight)
+        # ema + w (live - ema): _foreach_mul_ takes the weight as a device tensor
+        step = torch._foreach_sub(self._live, self._ema)
+        torch._foreach_mul_(step, self.weight)
+        torch._foreach_add_(self._ema, step)
 
     def update(self, step: int) -> None:
         self.at(step)
