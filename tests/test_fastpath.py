@@ -12,10 +12,11 @@ import pytest
 import torch
 from conftest import TINY, assert_refused, run_entry
 from torch import nn
+from torch.utils import _pytree
 
 from ddpm import cli, runtime
 from ddpm.checkpoint import load_checkpoint
-from ddpm.training import accel, step
+from ddpm.training import accel, capture, step
 from ddpm.training.fastpath import FastPath, candidates
 
 QUICK = TINY + ["steps=3", "sample_every=0", "checkpoint_every=0", "forward_n=0", "timesteps=20"]
@@ -149,3 +150,31 @@ def test_a_failing_path_asked_for_by_name_is_a_one_line_error(
     assert_refused("ddpm-train", code, lines, out, args)
     assert code == 2 and message in lines[0], lines
     assert {p.name for p in run.iterdir()} <= {".hydra"}  # nothing but Hydra's record
+
+
+class ReplayedOnCPU:
+    """CapturedGraph without CUDA: the same rehearsals and static buffers, each call copying its inputs in
+    (copy_into, which refuses inputs of another structure) and running the step on the buffers."""
+
+    def __init__(self, fn, example, undo) -> None:
+        self.fn, self.static = fn, _pytree.tree_map(lambda x: x.clone(), example)
+        capture.rehearse(fn, self.static, undo)
+
+    def __call__(self, inputs):
+        capture.copy_into(self.static, inputs)
+        return self.fn(self.static)
+
+
+@pytest.mark.parametrize("kind", [(), ("class_cond=true", "learn_sigma=true")])
+def test_the_checked_graph_takes_the_runs_batches(tmp_path, capsys, monkeypatch, gpu_defaults, kind):
+    """The graph the check captured on its own inputs replays the run's batches: the digits carry labels,
+    which an unconditional step drops, so both have one structure; the run trains as eager does."""
+    code, _, _, eager = train(tmp_path, capsys, "eager", "compile=false", "cuda_graph=false", *kind)
+    assert code == 0
+    fake_compile(monkeypatch, lambda net: Scaled(net, 1.0))
+    monkeypatch.setattr(step, "CapturedGraph", ReplayedOnCPU)
+    code, _, out, run = train(tmp_path, capsys, "replayed", *kind)
+    assert code == 0, out
+    assert "warning" not in out and "compiled, CUDA graph |" in out
+    assert paths_logged(run) == {"compiled + CUDA graph"}
+    assert same_weights(run, eager)

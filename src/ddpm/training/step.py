@@ -185,12 +185,18 @@ class TrainStep:
         shape = (o.batch_size, *batch.images.shape[1:])
         drop_prob = o.cond_drop_prob if o.num_classes is not None else None
         t, noise, drop = step_draws(self.diffusion, o.seed, step, shape, batch.images.device, drop_prob)
+        batch = self.step_batch(batch)
         if drop is not None:
             if batch.labels is None:
                 raise ValueError("a class-conditional step needs the batch's labels")
             batch = Batch(batch.images, batch.labels.masked_fill(shard(drop, rank, world), o.num_classes))
         torch.manual_seed(step_seed(o.seed, step, rank))
         return StepInputs(batch, shard(t, rank, world), shard(noise, rank, world))
+
+    def step_batch(self, batch: Batch) -> Batch:
+        """The batch as the step reads it: a labelled set's labels are no input of an unconditional step,
+        nor of its captured graph, whose inputs keep the structure they were captured with."""
+        return batch if self.opts.num_classes is not None else Batch(batch.images)
 
     def set_step(self, step: int) -> None:
         """Write step ``step``'s learning rate and EMA weight into the device tensors the step reads (the
@@ -252,7 +258,9 @@ class TrainStep:
         """``optimize`` as one CUDA graph on static buffers shaped as this rank's batches, after rehearsals
         that leave no trace (RehearsalUndo)."""
         t = torch.zeros(batch.size, dtype=torch.long, device=batch.images.device)
-        example = StepInputs(_pytree.tree_map(torch.zeros_like, batch), t, torch.zeros_like(batch.images))
+        example = StepInputs(
+            _pytree.tree_map(torch.zeros_like, self.step_batch(batch)), t, torch.zeros_like(batch.images)
+        )
         undo = RehearsalUndo.take(step_tensors(self.model, self.ema, self.optimizer), self.optimizer)
         return CapturedGraph(self.optimize, example, undo)
 
