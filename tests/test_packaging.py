@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-
 tomllib = pytest.importorskip("tomllib")  # Python 3.11 on
 ROOT = Path(__file__).resolve().parents[1]
 
