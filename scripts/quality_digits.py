@@ -6,16 +6,20 @@ for class-conditional models with classifier-free guidance: ddpm's (a setting wi
 the package's classifier_free_guidance module (--reference-cfg), each conditional row also scored by its
 class accuracy.
 
-    python scripts/quality_digits.py --ours default precision=bf16 --ours-minutes 5 \\
-        --reference mults=1-2-4 mults=1-2 --reference-minutes 10 --reference-sampling-steps 100,250 \\
+    python scripts/quality_digits.py --ours default --ours-minutes 0 \\
+        --reference dim=32,mults=1-2-4,lr=1e-3 --reference-minutes 10 --reference-sampling-steps 250 \\
         --seeds 0,1,2
 
-    python scripts/quality_digits.py --ours default class_cond=true --guidance 1,1.5,2,3 --ours-minutes 5 \\
+    python scripts/quality_digits.py --ours default class_cond=true --guidance 1,1.5,2,3 --ours-minutes 0 \\
         --reference --reference-cfg mults=1-2 --reference-cfg-minutes 5 --reference-cond-scales 6,3,1.5 \\
         --seeds 0,1,2
 
-    python scripts/quality_digits.py --ours default learn_sigma=true --ours-minutes 5 --reference \
-        --variances small,large,learned --sample-steps 10,25,50,all --bpd 500 --seeds 0,1,2
+    python scripts/quality_digits.py --ours default learn_sigma=true --ours-minutes 5 \\
+        --ours-overrides lr_decay=none --reference --variances small,large,learned \\
+        --sample-steps 10,25,50,all --bpd 500 --seeds 0,1,2
+
+--ours-minutes 0 trains the config's steps, as ddpm-train runs the job; a budget in minutes needs
+lr_decay=none (the default's cosine decay needs a step count).
 
 ddpm trains as ddpm-train does (fused Adam with the lr in a device tensor, the EMA written by at/apply,
 the U-Net under the config's precision and compile as the Runtime resolves them on the CPU), on random

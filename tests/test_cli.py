@@ -174,7 +174,7 @@ def test_sample_steps_are_at_most_t_and_the_output_says_how_many(trained, in_pro
     common = ["ckpt=run/checkpoints/last.pt", "n=2", "device=cpu"]
     default = in_process("ddpm-sample", *common, "out=d", cwd=cwd)
     assert default.returncode == 0, default.stderr
-    assert "ddpm with 50 steps" in default.stdout  # the default, under T=200
+    assert "ddpm with 100 steps" in default.stdout  # the default, under T=200
     many = in_process("ddpm-sample", *common, "sample_steps=5000", "out=many", cwd=cwd)
     every = in_process("ddpm-sample", *common, "sample_steps=null", "out=every", cwd=cwd)
     assert many.returncode == every.returncode == 0, many.stderr + every.stderr

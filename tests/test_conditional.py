@@ -111,9 +111,9 @@ def test_the_step_replaces_the_dropped_labels_with_the_null_label():
     # each rank drops its slice of the one global mask
     halves = [conditional_step(rank, 2)[0].draws(4, batch.shard(rank, 2)).batch.labels for rank in (0, 1)]
     assert torch.equal(torch.cat(halves), inputs.batch.labels)
-    # an unconditional step leaves the labels alone
+    # an unconditional step takes no labels: a labelled set's are dropped
     step.opts = StepOptions.from_config(compose("train", TINY))
-    assert torch.equal(step.draws(4, batch).batch.labels, batch.labels)
+    assert step.draws(4, batch).batch.labels is None
 
 
 # ------------------------------------------------------------------------------------------- guidance

@@ -22,10 +22,11 @@ def test_defaults_compose_to_the_contract(compose_cfg):
 def test_the_seed_recipe_is_one_command_away(compose_cfg):
     cfg = compose_cfg(
         "train",
-        ["data=fashion_mnist", "timesteps=200", "loss=huber", "batch_size=128", "model.dim_mults=[1,2,4]"],
+        ["data=fashion_mnist", "timesteps=200", "loss=huber", "batch_size=128", "model.dim_mults=[1,2,4]"]
+        + ["lr=1e-3", "lr_warmup=0", "lr_decay=none"],
     )
     assert (cfg.data.image_size, cfg.data.channels) == (28, 1)
-    assert cfg.schedule.name == "linear" and cfg.lr == 1e-3
+    assert cfg.schedule.name == "linear" and cfg.lr == 1e-3 and cfg.lr_decay.name == "none"
     validate_train(cfg)
 
 

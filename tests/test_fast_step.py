@@ -212,7 +212,7 @@ def test_labels_reach_the_network_of_each_micro_batch():
             return x * self.w
 
     model, (_, schedule) = Recorder(), tiny()
-    options = StepOptions(0, SHAPE[0], 1e-3, 0, LRDecay.none, 10, 2, 0.0, False)
+    options = StepOptions(0, SHAPE[0], 1e-3, 0, LRDecay.none, 10, 2, 0.0, False, num_classes=8)
     make_step(model, schedule, options=options)(1, Batch(batch(1).images, torch.arange(8)))
     assert model.seen == [[0, 1, 2, 3], [4, 5, 6, 7]]
 

@@ -36,7 +36,7 @@ def test_quality_digits_end_to_end(tmp_path: Path) -> None:
     pytest.importorskip("denoising_diffusion_pytorch")  # the bench extra
     args = [
         *("--ours", "default", "lr=2e-3"),
-        *("--ours-minutes", "0.005", "--ours-overrides", "sample_steps=5"),
+        *("--ours-minutes", "0.005", "--ours-overrides", "sample_steps=5", "lr_decay=none"),
         *("--reference", "mults=1-2", "--reference-minutes", "0.005", "--reference-sampling-steps", "5,10"),
     ]
     result, report = run_script(tmp_path, args, timeout=300)
@@ -68,7 +68,8 @@ def test_quality_digits_conditional(tmp_path: Path) -> None:
     pytest.importorskip("denoising_diffusion_pytorch.classifier_free_guidance")  # the bench extra
     args = [
         *("--ours", "default", "class_cond=true", "--guidance", "1,2", "--ours-minutes", "0.005"),
-        *("--ours-overrides", "sample_steps=5", "model.dim=8", "model.dim_mults=[1,2]", "--reference"),
+        *("--ours-overrides", "sample_steps=5", "lr_decay=none", "model.dim=8", "model.dim_mults=[1,2]"),
+        "--reference",
         *("--reference-cfg", "dim=8,mults=1-2", "--reference-cfg-minutes", "0.005"),
         *("--reference-cfg-sampling-steps", "5", "--reference-cond-scales", "2,1"),
     ]
@@ -118,7 +119,7 @@ def test_quality_digits_variances_and_bounds(tmp_path: Path) -> None:
     this one runs without the bench extra."""
     args = [
         *("--ours", "default", "learn_sigma=true", "--ours-minutes", "0.005", "--reference"),
-        *("--ours-overrides", "timesteps=20", "model.dim=8", "model.dim_mults=[1,2]"),
+        *("--ours-overrides", "timesteps=20", "lr_decay=none", "model.dim=8", "model.dim_mults=[1,2]"),
         *("--variances", "small,large,learned", "--sample-steps", "5,all", "--bpd", "30"),
     ]
     result, report = run_script(tmp_path, args, timeout=300)

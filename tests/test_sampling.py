@@ -165,7 +165,7 @@ def test_on_step_sees_every_state_and_changes_nothing(schedule, sampler, options
 
 
 def test_sample_steps_are_at_most_t():
-    assert SamplingOptions().sample_steps == 50  # configs/sampling/default.yaml's default
+    assert SamplingOptions().sample_steps == 100  # configs/sampling/default.yaml's default
     assert SamplingOptions(sample_steps=50).steps(200) == 50
     assert SamplingOptions(sample_steps=50).steps(20) == 20  # a short schedule: all of it
     assert SamplingOptions(sample_steps=None).steps(1000) == 1000

@@ -16,7 +16,10 @@ from ddpm.training.step import step_draws, step_seed
 
 
 def test_train_writes_the_run_directory(compose_cfg, tmp_path):
-    cfg = compose_cfg("train", TINY + ["steps=4", "sample_every=2", "checkpoint_every=3", "timesteps=20"])
+    constant = ["lr=1e-3", "lr_warmup=0", "lr_decay=none"]
+    cfg = compose_cfg(
+        "train", TINY + ["steps=4", "sample_every=2", "checkpoint_every=3", "timesteps=20", *constant]
+    )
     summary = train(cfg, tmp_path)
     names = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
     assert names == [

@@ -253,7 +253,7 @@ class SamplingOptions:
     """How images are drawn: the sampling keys of ddpm-train, ddpm-sample and ddpm-eval."""
 
     sampler: str = "ddpm"
-    sample_steps: int | None = 50  # at most T (more means all T); None: all T
+    sample_steps: int | None = 100  # at most T (more means all T); None: all T
     timestep_spacing: Spacing = Spacing.linspace
     eta: float = 0.0  # ddim only
     ddpm_variance: Variance = Variance.auto  # ddpm only; auto: the model's own (resolve_variance)
