@@ -689,8 +689,9 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--ours-minutes",
-        default="5",
-        help="comma-separated training budgets of ddpm; 0: the config's steps, as ddpm-train runs the job",
+        default="0",
+        help="comma-separated training budgets of ddpm in minutes; 0 (default): the config's steps, as "
+        "ddpm-train runs the job (a budget in minutes needs lr_decay=none)",
     )
     parser.add_argument(
         "--ours-overrides",

@@ -37,6 +37,7 @@ DDP = TINY + [
     "model.dropout=0.1",
     "data.hflip=true",
     "lr_warmup=2",
+    "lr_decay=none",
     "checkpoint_every=4",
     "sample_every=0",
     "forward_n=0",
