@@ -238,6 +238,26 @@ def test_train_on_a_folder_of_images(tmp_path, cli):
     assert Image.open(tmp_path / "run/samples/step_000002.png").mode == "RGB"
 
 
+def test_a_sweep_over_folders_names_each_job_in_one_folder(tmp_path, cli):
+    """A path in a swept value (data.root=pics/a) is spelled with _ in the job's folder name, not nested."""
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (tmp_path / "pics" / name).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(
+                tmp_path / f"pics/{name}/{i}.png"
+            )
+    folder = ["data=folder", "data.image_size=8", "data.num_workers=0", "batch_size=4", "eval_at_end=false"]
+    sweep = ["-m", "data.root=pics/a,pics/b", "steps=1", *QUICK, *folder, "hydra.sweep.dir=sweep"]
+    result = cli("ddpm-train", *sweep, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    assert [p.name[:2] for p in jobs] == ["0_", "1_"]
+    for job, name in zip(jobs, ("a", "b"), strict=True):
+        assert f"data.root=pics_{name}" in job.name and (job / "checkpoints/last.pt").is_file()
+        assert yaml.safe_load((job / ".hydra/config.yaml").read_text())["data"]["root"] == f"pics/{name}"
+
+
 def test_full_error_shows_the_trace(tmp_path, cli):
     result = cli(
         "ddpm-train", "timesteps=0", "hydra.run.dir=run", cwd=tmp_path, env={"HYDRA_FULL_ERROR": "1"}

@@ -14,7 +14,7 @@ from PIL import Image
 
 from ddpm import cli
 from ddpm.checkpoint import load_checkpoint
-from ddpm.conditioning import grid_rows, labels_in_rows
+from ddpm.conditioning import grid_rows, labels_in_rows, sample_labels
 from ddpm.data import build_dataset
 from ddpm.data.batch import Batch
 from ddpm.diffusion.gaussian import Diffusion, guided_output
@@ -326,6 +326,11 @@ def test_ddpm_sample_draws_the_labels_asked_for_in_rows(
     # without labels, every class in turn; on a cond_drop_prob=0 checkpoint, guidance 1 works
     code, _, output = run_entry(cli.sample_main, [f"ckpt={never_dropped_ckpt}", "n=10", "out=b"], capsys)
     assert code == 0 and "1 each of 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, guidance 1" in output, output
+    # without n, one row of 8 per class drawn: every class, or those asked for
+    for labels, rows in [([], 10), (["labels=[2,5]"], 2)]:
+        code, _, output = run_entry(cli.sample_main, [f"ckpt={cond_ckpt}", *labels, "out=c"], capsys)
+        assert code == 0 and f"ddpm-sample: {8 * rows} samples" in output and "8 each of" in output, output
+        assert Image.open(tmp_path / "c" / "grid.png").size == (8 * cell + 2, rows * cell + 2)
     for sampler in ["ddim", "dpm_solver++"]:
         args = [
             f"ckpt={cond_ckpt}",
@@ -339,6 +344,14 @@ def test_ddpm_sample_draws_the_labels_asked_for_in_rows(
         assert code == 0 and "guidance 4" in output, output
 
 
+def test_an_unconditional_checkpoint_draws_an_8x8_grid_without_n():
+    from conftest import FIXTURES
+
+    plain = load_trained(FIXTURES / "tiny_v2.pt", torch.device("cpu"))
+    assert sample_labels(plain, None, None) == (None, None, 64)
+    assert sample_labels(plain, None, 5) == (None, None, 5)
+
+
 BAD_CONDITIONAL_SAMPLE = [
     (["ckpt=plain", "labels=3"], "labels=3 is refused: the checkpoint is unconditional"),
     (["ckpt=plain", "guidance_scale=1"], "guidance_scale=1.0 is refused: the checkpoint is unconditional"),
@@ -346,7 +359,7 @@ BAD_CONDITIONAL_SAMPLE = [
     (["ckpt=cond", "labels=10", "n=2"], "labels: class 10 is out of range: the model has 10 classes"),
     (["ckpt=cond", "labels=[cat]", "n=2"], "labels: 'cat' is not a class of the model; its classes: 0, 1"),
     (["ckpt=cond", "labels=[1,2]", "n=3"], "n=3 is not a multiple of the 2 labels"),
-    (["ckpt=cond"], "n=64 is not a multiple of the 10 classes of the checkpoint"),
+    (["ckpt=cond", "n=64"], "n=64 is not a multiple of the 10 classes of the checkpoint (labels=null: all)"),
     (["ckpt=cond", "labels=[]"], "labels=[] is invalid"),
     (["ckpt=cond", "guidance_scale=-1"], "guidance_scale=-1.0 is invalid: it must be >= 0"),
     (["ckpt=cond", "guidance_scale=nan"], "guidance_scale=nan is invalid"),

@@ -168,6 +168,8 @@ def test_ddpm_cifar10_preset(compose_cfg):
     )
     assert cfg.lr == 2e-4 and cfg.batch_size == 128 and cfg.lr_warmup == 5000
     assert cfg.ema.decay == 0.9999 and cfg.grad_clip == 1.0 and cfg.steps == 800000
+    # sampled over all 1,000 steps with beta_t, as their run_cifar.py (model_var_type='fixedlarge')
+    assert cfg.sample_steps is None and cfg.ddpm_variance.name == "large"
     validate_train(cfg)  # the model's size is test_unet's business
 
 

@@ -89,22 +89,30 @@ def check_guidance(trained: TrainedModel, scale: float | None, key: str = "guida
         )
 
 
-def sample_labels(trained: TrainedModel, spec: Any, n: int) -> tuple[torch.Tensor | None, int | None]:
-    """The labels ddpm-sample draws n images with, and the grid's columns (None: the usual square grid):
-    the classes asked for, or every class in turn, one row each; None for an unconditional model."""
+# ddpm-sample's n=null: an 8x8 grid, or one row of 8 per class drawn
+SAMPLE_N, SAMPLE_PER_CLASS = 64, 8
+
+
+def sample_labels(
+    trained: TrainedModel, spec: Any, n: int | None
+) -> tuple[torch.Tensor | None, int | None, int]:
+    """The labels ddpm-sample draws its images with, the grid's columns (None: the usual square grid) and
+    how many images: the classes asked for, or every class in turn, one row each; None for an
+    unconditional model. n=None: SAMPLE_N images, or SAMPLE_PER_CLASS of each class drawn."""
     if trained.class_names is None:
         if spec is not None:
             raise ConfigError(
                 f"labels={_plain(spec)} is refused: the checkpoint is unconditional (trained with "
                 "class_cond=false); train with class_cond=true to draw chosen classes"
             )
-        return None, None
+        return None, None, SAMPLE_N if n is None else n
     if spec is None:
         classes, why = list(range(len(trained.class_names))), "classes of the checkpoint (labels=null: all)"
     else:
         classes, why = class_indices(spec, trained.class_names), "labels"
+    n = SAMPLE_PER_CLASS * len(classes) if n is None else n
     labels = labels_in_rows(classes, n, why)
-    return labels, n // len(classes)
+    return labels, n // len(classes), n
 
 
 def _plain(spec: Any) -> Any:

@@ -133,7 +133,7 @@ class SampleConfig(SamplingKeys):
     ckpt: str = MISSING
     ema: bool = MISSING
     labels: Any = None  # a class index or name, or a list of them (Any: Hydra gives ints and strings)
-    n: int = MISSING
+    n: int | None = None  # None: 64, or 8 of each class drawn (conditioning.SAMPLE_N, SAMPLE_PER_CLASS)
     seed: int = MISSING
     out: str | None = None
     batch_size: int = MISSING
@@ -184,6 +184,12 @@ def unnamed_train_keys() -> list[str]:
     return list(keys.unnamed_keys(TrainConfig, _group_schemas()))
 
 
+def folder_name(overrides: str) -> str:
+    """A sweep job's folder name from its overrides (train.yaml's sweep.subdir): a value that holds a
+    path (data.root=/data/cats, init=runs/a/last.pt) would otherwise nest the folder at its slashes."""
+    return overrides.replace("/", "_")
+
+
 def _group_schemas() -> dict[str, list[type]]:
     return {group: [option.schema for option in registry] for group, registry in GROUPS.items()}
 
@@ -191,8 +197,9 @@ def _group_schemas() -> dict[str, list[type]]:
 def register_configs() -> None:
     """Store the schemas where the YAML files' defaults lists find them: schema/<command> and
     schema/<group>/<option> (configs/model/unet.yaml extends schema/model/unet, and so may a user's);
-    register the resolver that gives train.yaml the keys its sweep folder names leave out."""
+    register the resolvers that give train.yaml its sweep folder names and the keys they leave out."""
     OmegaConf.register_new_resolver("ddpm.unnamed_keys", unnamed_train_keys, replace=True)
+    OmegaConf.register_new_resolver("ddpm.folder_name", folder_name, replace=True)
     cs = ConfigStore.instance()
     for name, node in COMMANDS.items():
         cs.store(group="schema", name=name, node=node)

@@ -19,12 +19,13 @@ from ddpm.validate import validate_sample
 
 
 def sample(cfg: DictConfig) -> None:
-    """Draw cfg.n images from the checkpoint cfg.ckpt; every check runs before anything is written."""
+    """Draw cfg.n images (null: 64, or 8 of each class drawn) from the checkpoint cfg.ckpt; every check runs
+    before anything is written."""
     validate_sample(cfg)
     trained = load_trained(cfg.ckpt, Runtime.from_config(cfg).device, ema=cfg.ema)
     check_guidance(trained, cfg.guidance_scale)
     variance = trained.diffusion.resolve_variance(cfg.ddpm_variance)  # learned on a fixed model: refused
-    labels, ncol = sample_labels(trained, cfg.labels, cfg.n)
+    labels, ncol, n = sample_labels(trained, cfg.labels, cfg.n)
     out = Path(cfg.out) if cfg.out is not None else default_out(Path(cfg.ckpt), cfg.seed)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -33,10 +34,10 @@ def sample(cfg: DictConfig) -> None:
     sampling = SamplingOptions.from_config(cfg)
     if cfg.gif:
         images, frames = generate_with_frames(
-            trained, sampling, cfg.n, cfg.seed, cfg.batch_size, cfg.gif_frames, labels
+            trained, sampling, n, cfg.seed, cfg.batch_size, cfg.gif_frames, labels
         )
     else:
-        images = generate(trained, sampling, cfg.n, cfg.seed, cfg.batch_size, labels)
+        images = generate(trained, sampling, n, cfg.seed, cfg.batch_size, labels)
     try:
         save_grid(images, out / "grid.png", ncol)
         if cfg.save_images:
@@ -45,7 +46,7 @@ def sample(cfg: DictConfig) -> None:
             save_gif(frames, out / "denoise.gif", cfg.gif_frame_ms)
     except OSError as e:
         raise ConfigError(f"out={out} cannot be written: {e.strerror or e}") from e
-    where = f"{out / 'grid.png'}" + (f" and {cfg.n} images in {out / 'images'}" if cfg.save_images else "")
+    where = f"{out / 'grid.png'}" + (f" and {n} images in {out / 'images'}" if cfg.save_images else "")
     if cfg.gif:
         where += f" and {out / 'denoise.gif'} ({len(frames)} frames)"
     weights = {"ema": "EMA weights", "model": "raw weights"}[trained.weights]
@@ -63,7 +64,7 @@ def sample(cfg: DictConfig) -> None:
     if cfg.sampler == "ddpm":  # the other samplers read only the mean
         drawn += f", {variance.value} variance"
     print(
-        f"ddpm-sample: {cfg.n} samples from {cfg.ckpt} (step {trained.step}, {weights}, {asked}{drawn}) "
+        f"ddpm-sample: {n} samples from {cfg.ckpt} (step {trained.step}, {weights}, {asked}{drawn}) "
         f"-> {where}"
     )
 

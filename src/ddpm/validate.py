@@ -158,7 +158,8 @@ def check_ranks_fit(cfg: Any, runtime: Runtime) -> None:
 def validate_sample(cfg: Any) -> None:
     """Checks that need no checkpoint (sample_steps needs no T: it is at most T)."""
     check_sampling(cfg)
-    checks.at_least("n", cfg.n, 1)
+    if cfg.n is not None:
+        checks.at_least("n", cfg.n, 1)
     checks.at_least("batch_size", cfg.batch_size, 1)
     checks.at_least("gif_frames", cfg.gif_frames, 2)  # x_T and the images at least
     checks.at_least("gif_frame_ms", cfg.gif_frame_ms, 10)  # a GIF counts in hundredths of a second

@@ -40,6 +40,13 @@ def shell_override(key: str, value: object) -> str:
     return shlex.quote(f"{key}={quoted}") if re.search(r'["$`\\!]', quoted) else f'"{key}={quoted}"'
 
 
+def _as_typed(value: object) -> str:
+    """A config value as the command line spells it: true/false/null, not Python's True/False/None."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "null" if value is None else str(value)
+
+
 def _covers(key: str, path: str) -> bool:
     return key == "experiment" or path == key or path.startswith(key + ".")
 
@@ -69,7 +76,8 @@ def resumed_config(cfg: DictConfig, saved: dict[str, Any], overrides: Sequence[s
         if path not in resumable:
             may_change = described([k for k in resumable if k != "resume"], [k for k, *_ in train_keys()])
             raise ConfigError(
-                f"{path}={now} differs from the resumed run's {path}={then}: a resumed run keeps the config "
+                f"{path}={_as_typed(now)} differs from the resumed run's {path}={_as_typed(then)}: a resumed "
+                "run keeps the config "
                 f"its weights were trained with (it may change {may_change})"
             )
         merged[path] = now
