@@ -19,7 +19,8 @@ import torch
 from omegaconf import OmegaConf
 
 from ddpm.diffusion.generate import generate
-from ddpm.diffusion.sampling import SamplingOptions
+from ddpm.diffusion.sampling import SAMPLERS, SamplingOptions
+from ddpm.errors import DdpmError
 from ddpm.evaluation.evaluate import Scorer, real_data_config
 from ddpm.trained import load_trained
 
@@ -27,7 +28,13 @@ SETTINGS = ["ddpm:all", "ddpm:100", "ddpm:50", "ddpm:25", "ddim:50", "ddim:100",
 
 
 def options(setting: str) -> SamplingOptions:
-    sampler, steps = setting.split(":")
+    """``sampler:steps`` (steps: all or N >= 1), or a one-line exit naming the choices."""
+    sampler, _, steps = setting.partition(":")
+    if sampler not in SAMPLERS or not (steps == "all" or (steps.isdigit() and int(steps) >= 1)):
+        raise SystemExit(
+            f"--settings {setting!r} is not sampler:steps with a sampler of {', '.join(SAMPLERS)} "
+            "and steps all or N >= 1"
+        )
     return SamplingOptions(sampler=sampler, sample_steps=None if steps == "all" else int(steps))
 
 
@@ -46,19 +53,29 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", default=SETTINGS, help="sampler:steps (steps: all or N)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--out", type=Path, default=Path("sampling_quality.md"))
+    parser.add_argument(
+        "--scoring-overrides",
+        nargs="+",
+        default=[],
+        help="scoring/default.yaml keys, e.g. classifier_cache=DIR kid_subsets=10",
+    )
     args = parser.parse_args()
+    settings = [options(setting) for setting in args.settings]  # every setting checked before any work
 
     device = torch.device("cpu")
-    trained = load_trained(args.ckpt, device)
+    try:
+        trained = load_trained(args.ckpt, device)
+    except DdpmError as e:
+        raise SystemExit(str(e)) from None
     scoring = OmegaConf.load(Path(__file__).parents[1] / "configs/scoring/default.yaml")
+    scoring.merge_with_dotlist(args.scoring_overrides)
     scoring.n, scoring.n_real, scoring.seed = args.n, args.n_real, 0
     scorer = Scorer(scoring, real_data_config(trained.data), device, ["classifier", "pixels"])
 
     header = "| sampler | steps | s / sample set | FID classifier | KID classifier | FID pixels |"
     lines = [header, "| --- | --- | --- | --- | --- | --- |"]
     floors: dict[str, float] = {}
-    for setting in args.settings:
-        sampling = options(setting)
+    for sampling in settings:
         seconds, fids, kids, pixel_fids = [], [], [], []
         for seed in args.seeds:
             began = time.perf_counter()
@@ -73,14 +90,14 @@ def main() -> None:
 
         steps = sampling.steps(trained.diffusion.timesteps)
         line = (
-            f"| {sampling.sampler} | {steps} | {statistics.median(seconds):.1f} | {cell(fids, 2)} | "
-            f"{cell(kids, 4)} | {cell(pixel_fids, 2)} |"
+            f"| {sampling.sampler} | {steps} | {statistics.median(seconds):.1f} | {cell(fids, 3)} | "
+            f"{cell(kids, 4)} | {cell(pixel_fids, 3)} |"
         )
         lines.append(line)
         print(line, flush=True)
     floor = (
         f"real vs real ({args.n} other real images against the same {scorer.n_real}): FID classifier "
-        f"{floors['classifier']:.2f}, FID pixels {floors['pixels']:.2f}"
+        f"{floors['classifier']:.3f}, FID pixels {floors['pixels']:.3f}"
         if floors.get("classifier") is not None
         else "real vs real: the data set has too few images for a floor at this n"
     )
