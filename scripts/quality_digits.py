@@ -18,8 +18,8 @@ class accuracy.
         --ours-overrides lr_decay=none --reference --variances small,large,learned \\
         --sample-steps 10,25,50,all --bpd 500 --seeds 0,1,2
 
---ours-minutes 0 trains the config's steps, as ddpm-train runs the job; a budget in minutes needs
-lr_decay=none (the default's cosine decay needs a step count).
+--ours-minutes 0 (the default) trains the config's steps, as ddpm-train runs the job; a budget in minutes
+needs lr_decay=none (the default's cosine decay needs a step count).
 
 ddpm trains as ddpm-train does (fused Adam with the lr in a device tensor, the EMA written by at/apply,
 the U-Net under the config's precision and compile as the Runtime resolves them on the CPU), on random
