@@ -18,7 +18,7 @@ from ddpm.config import typed_train_config
 from ddpm.errors import CheckpointError, ConfigError
 from ddpm.interop.pipeline import load_source
 from ddpm.models import older_model_keys
-from ddpm.training.rundir.flat import flatten, nest, override_keys, plain_config
+from ddpm.training.rundir.flat import flatten, nest, override_keys, plain_config, shown
 
 # what the weights were trained as, besides model.*: a run that changes them would train other weights
 INHERITED = ("objective", "learn_sigma", "class_cond")
@@ -109,7 +109,7 @@ def fine_tuned_config(cfg: DictConfig, source: InitSource, overrides: Sequence[s
             continue
         if mine != theirs and _named(path, asked):
             raise ConfigError(
-                f"{path}={_shown(mine)} contradicts init={source.path}'s {path}={_shown(theirs)}: a "
+                f"{path}={shown(mine)} contradicts init={source.path}'s {path}={shown(theirs)}: a "
                 "fine-tuned run keeps the network, objective, variances and classes its weights were "
                 "trained with (model.dropout may differ)"
             )
@@ -123,11 +123,6 @@ def fine_tuned_config(cfg: DictConfig, source: InitSource, overrides: Sequence[s
         )
     merged["init"] = source.path
     return typed_train_config(nest(merged))
-
-
-def _shown(value: Any) -> str:
-    """A value as a command line writes it (true, not True)."""
-    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _shape(data: dict[str, Any], prefix: str = "") -> str:

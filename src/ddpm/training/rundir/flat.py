@@ -1,5 +1,6 @@
-"""A config as flat dotted keys and back, the keys a command line sets, and a resolved config as plain
-values: what a resumed or fine-tuned run compares its config with."""
+"""A config as flat dotted keys and back, the keys a command line sets, a resolved config as plain
+values, and a value as a command line spells it: what a resumed or fine-tuned run compares its config
+with, and says when it refuses one."""
 
 from __future__ import annotations
 
@@ -44,3 +45,10 @@ def plain_config(cfg: DictConfig) -> dict[str, Any]:
     config = OmegaConf.to_container(mine, resolve=True, enum_to_str=True)
     assert isinstance(config, dict)
     return config
+
+
+def shown(value: Any) -> str:
+    """A config value as a command line spells it: true/false/null, not Python's True/False/None."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return "null" if value is None else str(value)

@@ -20,7 +20,7 @@ from ddpm.keys import described
 from ddpm.models import older_model_keys
 from ddpm.training.finetune import InitSource, fine_tuned_config, init_path, read_init
 from ddpm.training.rundir.bookkeeping import refuse_existing_run, same_run
-from ddpm.training.rundir.flat import flatten, nest, override_keys, plain_config
+from ddpm.training.rundir.flat import flatten, nest, override_keys, plain_config, shown
 
 # flatten, override_keys and plain_config live in flat.py; the run's modules import them from here
 __all__ = ["RunPlan", "flatten", "override_keys", "plain_config", "plan_run", "resumed_config"]
@@ -38,13 +38,6 @@ def shell_override(key: str, value: object) -> str:
     escaped = re.sub(r"(\\*)('|$)", lambda m: 2 * m.group(1) + ("\\'" if m.group(2) else ""), text)
     quoted = f"'{escaped}'"
     return shlex.quote(f"{key}={quoted}") if re.search(r'["$`\\!]', quoted) else f'"{key}={quoted}"'
-
-
-def _as_typed(value: object) -> str:
-    """A config value as the command line spells it: true/false/null, not Python's True/False/None."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return "null" if value is None else str(value)
 
 
 def _covers(key: str, path: str) -> bool:
@@ -76,9 +69,8 @@ def resumed_config(cfg: DictConfig, saved: dict[str, Any], overrides: Sequence[s
         if path not in resumable:
             may_change = described([k for k in resumable if k != "resume"], [k for k, *_ in train_keys()])
             raise ConfigError(
-                f"{path}={_as_typed(now)} differs from the resumed run's {path}={_as_typed(then)}: a resumed "
-                "run keeps the config "
-                f"its weights were trained with (it may change {may_change})"
+                f"{path}={shown(now)} differs from the resumed run's {path}={shown(then)}: a resumed run "
+                f"keeps the config its weights were trained with (it may change {may_change})"
             )
         merged[path] = now
     return typed_train_config(nest(merged))
